@@ -1,0 +1,232 @@
+//! `cgroup/connect4` and `cgroup/connect6`: every `connect()` of an enrolled socket.
+//!
+//! TCP (and MPTCP, which is TCP to us) to a destination the agent may reach is rewritten to
+//! the local proxy, with the original destination recorded by socket cookie. UDP may only
+//! reach DNS. Everything else fails with EPERM and is reported to the daemon.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use enforcer_common::{
+    Addr, GlobalConfig, OrigDst, agent_flags, allow_flags, deny_reason, orig_flags,
+};
+
+use crate::{
+    common::{
+        AF_INET, AF_INET6, ALLOW_CALL, Counter, DENY_CALL, IPPROTO_TCP, IPPROTO_UDP, SOCK_DGRAM,
+        SOCK_STREAM, agent_state, allowlisted, caller, config, count, current_agent, killed,
+        now_boot_ns, report_deny,
+    },
+    maps::{DNS_SERVERS, ORIG_BY_COOKIE},
+};
+
+/// The hook family is a const generic (`V6`): the verifier only allows `user_ip4` in the
+/// *4 hooks and `user_ip6` in the *6 hooks, and rejects context reads at offsets chosen at run
+/// time, so each hook gets its own monomorphised code with no family branch.
+/// Reads `user_ip6` one word at a time at fixed offsets. A plain array copy becomes a memcpy
+/// loop over the context, which the verifier rejects.
+#[inline(always)]
+pub fn read_user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context pointer; only called from *6 hooks, where user_ip6 is readable.
+    unsafe {
+        [
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+        ]
+    }
+}
+
+/// Writes `user_ip6` one word at a time; see [`read_user_ip6`].
+#[inline(always)]
+pub fn write_user_ip6(ctx: &SockAddrContext, words: [u32; 4]) {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context pointer; only called from *6 hooks that may write user_ip6.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], words[0]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], words[1]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], words[2]);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], words[3]);
+    }
+}
+
+/// The destination the caller asked for, as an IPv4-mapped or native IPv6 address.
+#[inline(always)]
+pub fn requested<const V6: bool>(ctx: &SockAddrContext) -> (Addr, u16) {
+    // SAFETY: the context pointer is valid for the program's run; user_ip4/user_ip6 and
+    // user_port are readable in every sock_addr hook.
+    let sa = unsafe { &*ctx.sock_addr };
+    let addr = if V6 {
+        Addr {
+            words: read_user_ip6(ctx),
+        }
+    } else {
+        Addr::from_ipv4_word(sa.user_ip4)
+    };
+    // user_port holds the port in network order in its low 16 bits.
+    let port = u16::from_be(sa.user_port as u16);
+    (addr, port)
+}
+
+/// Rewrites the destination to `addr:port` on loopback. A mapped destination on an AF_INET6
+/// socket goes to `::ffff:127.0.0.1` so it reaches the IPv4 listener, like the original would.
+#[inline(always)]
+pub fn rewrite_to_loopback<const V6: bool>(ctx: &SockAddrContext, dst: &Addr, port: u16) {
+    // SAFETY: writes to user_ip4/user_ip6/user_port are allowed in connect and sendmsg hooks
+    // of the matching family.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let loopback_v4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    if !V6 {
+        sa.user_ip4 = loopback_v4;
+    } else if dst.is_ipv4_mapped() {
+        write_user_ip6(ctx, Addr::from_ipv4_word(loopback_v4).words);
+    } else {
+        write_user_ip6(ctx, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
+    }
+    sa.user_port = u32::from(port.to_be());
+}
+
+pub fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let (dst, port) = requested::<V6>(ctx);
+    // SAFETY: valid context pointer; type_ is readable.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ };
+    let proto = if sock_type == SOCK_DGRAM {
+        IPPROTO_UDP as u16
+    } else {
+        IPPROTO_TCP as u16
+    };
+
+    let Some(cfg) = config() else {
+        // Not configured yet: refuse rather than let anything through unjudged.
+        return Err(deny_reason::NOT_READY as i32);
+    };
+    let Some(agent) = current_agent() else {
+        report_deny(0, &dst, port, proto, deny_reason::NO_AGENT);
+        return Ok(DENY_CALL);
+    };
+    let Some(state) = agent_state(agent) else {
+        report_deny(agent, &dst, port, proto, deny_reason::NO_AGENT);
+        return Ok(DENY_CALL);
+    };
+    // SAFETY: plain helper call on a valid context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns != cfg.netns_cookie {
+        // The proxy and resolver live in the daemon's namespace; nothing else can be judged.
+        report_deny(agent, &dst, port, proto, deny_reason::OTHER_NETNS);
+        return Ok(DENY_CALL);
+    }
+    if killed(cfg, state) {
+        report_deny(agent, &dst, port, proto, deny_reason::KILLED);
+        return Ok(DENY_CALL);
+    }
+
+    match sock_type {
+        // MPTCP sockets are SOCK_STREAM too (protocol IPPROTO_MPTCP): same treatment as TCP.
+        SOCK_STREAM => connect_stream::<V6>(ctx, cfg, agent, state.flags, &dst, port),
+        SOCK_DGRAM => Ok(udp_verdict(cfg, agent, &dst, port)),
+        // Raw, SEQPACKET and anything else: nothing we can judge.
+        _ => {
+            report_deny(agent, &dst, port, proto, deny_reason::UDP);
+            Ok(DENY_CALL)
+        }
+    }
+}
+
+fn connect_stream<const V6: bool>(
+    ctx: &SockAddrContext,
+    cfg: &GlobalConfig,
+    agent: u32,
+    agent_flags_bits: u32,
+    dst: &Addr,
+    port: u16,
+) -> Result<i32, i32> {
+    // SAFETY: `sk` is a valid socket pointer in sock_addr hooks; bound_dev_if is readable.
+    let bound_dev = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).bound_dev_if };
+    if bound_dev != 0 {
+        // SO_BINDTODEVICE would send the rewritten connect out of that device, not to us.
+        report_deny(agent, dst, port, IPPROTO_TCP as u16, deny_reason::BOUND_TO_DEVICE);
+        return Ok(DENY_CALL);
+    }
+
+    let listed = allowlisted(agent, dst, port);
+    if dst.is_local() {
+        if port == cfg.proxy_port || port == cfg.dns_port {
+            // Straight to our own listeners: let it through unchanged, but mark the socket so
+            // the proxy closes it instead of trusting a stale record for its port.
+            record::<V6>(ctx, agent, dst, port, orig_flags::DIRECT);
+            return Ok(ALLOW_CALL);
+        }
+        // Other local services only when the policy names them explicitly.
+        match listed {
+            Some(v) if v.flags & allow_flags::EXPLICIT != 0 => {}
+            _ => {
+                report_deny(agent, dst, port, IPPROTO_TCP as u16, deny_reason::LOOPBACK);
+                return Ok(DENY_CALL);
+            }
+        }
+    } else if listed.is_none() && agent_flags_bits & agent_flags::REDIRECT_ALL_TCP == 0 {
+        report_deny(agent, dst, port, IPPROTO_TCP as u16, deny_reason::NOT_ALLOWED);
+        return Ok(DENY_CALL);
+    }
+
+    let flags = if listed.is_some() {
+        orig_flags::LISTED
+    } else {
+        0
+    };
+    if !record::<V6>(ctx, agent, dst, port, flags) {
+        // Without the record the proxy cannot know where to go: fail the connect now.
+        report_deny(agent, dst, port, IPPROTO_TCP as u16, deny_reason::NOT_READY);
+        return Ok(DENY_CALL);
+    }
+    rewrite_to_loopback::<V6>(ctx, dst, cfg.proxy_port);
+    count(agent, Counter::Redirected);
+    Ok(ALLOW_CALL)
+}
+
+/// UDP: only DNS, to the resolver port or to an upstream the daemon allows.
+#[inline(always)]
+pub fn udp_verdict(cfg: &GlobalConfig, agent: u32, dst: &Addr, port: u16) -> i32 {
+    if dst.is_local() && port == cfg.dns_port {
+        return ALLOW_CALL;
+    }
+    // SAFETY: value is not dereferenced.
+    if port == 53 && unsafe { DNS_SERVERS.get(dst) }.is_some() {
+        return ALLOW_CALL;
+    }
+    // Everything else, QUIC included: refused, so clients fall back to TCP.
+    report_deny(agent, dst, port, IPPROTO_UDP as u16, deny_reason::UDP);
+    DENY_CALL
+}
+
+/// Stores the original destination under the socket cookie. False if the map refused it.
+#[inline(always)]
+fn record<const V6: bool>(
+    ctx: &SockAddrContext,
+    agent: u32,
+    dst: &Addr,
+    port: u16,
+    flags: u32,
+) -> bool {
+    // SAFETY: plain helper call on a valid context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let (pid, uid, gid, comm) = caller();
+    let orig = OrigDst {
+        addr: *dst,
+        port,
+        family: if V6 { AF_INET6 } else { AF_INET },
+        agent,
+        pid,
+        uid,
+        gid,
+        flags,
+        comm,
+        created_boot_ns: now_boot_ns(),
+        cookie,
+    };
+    ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_ok()
+}

@@ -1,0 +1,85 @@
+//! Kernel side of enforcer. Each entry point below is attached to every enrolled cgroup and
+//! calls the `try_…` function of its hook module. The entry point is the one place where an
+//! error becomes a verdict, and that verdict always fails closed.
+#![no_std]
+#![no_main]
+
+mod common;
+mod connect;
+mod getpeername;
+mod maps;
+mod release;
+mod sendmsg;
+mod skb;
+mod sockops;
+
+use aya_ebpf::{
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+};
+
+use crate::common::DENY_CALL;
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    // An error means we could not judge the connect: refuse it (EPERM).
+    connect::try_connect::<false>(&ctx).unwrap_or(DENY_CALL)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    connect::try_connect::<true>(&ctx).unwrap_or(DENY_CALL)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn check_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sendmsg::try_sendmsg::<false>(&ctx).unwrap_or(DENY_CALL)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn check_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg::try_sendmsg::<true>(&ctx).unwrap_or(DENY_CALL)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn restore_getpeername4(ctx: SockAddrContext) -> i32 {
+    // getpeername hooks must return 1; a failure leaves the proxy's address visible, which
+    // reveals nothing and blocks nothing.
+    let _ = getpeername::try_getpeername::<false>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn restore_getpeername6(ctx: SockAddrContext) -> i32 {
+    let _ = getpeername::try_getpeername::<true>(&ctx);
+    1
+}
+
+#[sock_ops]
+pub fn track_connect(ctx: SockOpsContext) -> u32 {
+    // A failure here leaves the connection without a record; the proxy then closes it.
+    let _ = sockops::try_track(&ctx);
+    1
+}
+
+#[cgroup_sock(sock_release)]
+pub fn forget_released(ctx: SockContext) -> i32 {
+    release::try_release(&ctx);
+    1
+}
+
+#[cgroup_skb]
+pub fn filter_egress(ctx: SkBuffContext) -> i32 {
+    // A packet we cannot parse is dropped.
+    skb::try_egress(&ctx).unwrap_or(skb::DROP)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

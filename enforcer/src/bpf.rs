@@ -1,0 +1,638 @@
+//! Loading the kernel programs, attaching them to cgroups, and reading and writing their maps.
+//!
+//! Maps and links are pinned under the bpffs directory (`bpffs_dir`):
+//! - `maps/<NAME>`: every map but the log ring, so state outlives the daemon;
+//! - `links/<cgroup id>/<program>`: one link per program per enrolled cgroup.
+//!
+//! Enforcement therefore continues while the daemon is down: the programs stay attached and
+//! keep refusing, and redirected connects find no proxy and fail. A restarted daemon reuses the
+//! pinned maps (same agent ids, same allowlists) and never attaches a second copy to a cgroup
+//! whose pinned links are alive.
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{
+        CgroupAttachMode, CgroupSkbAttachType, Program,
+        links::{FdLink, Link as _, PinnedLink},
+    },
+};
+use enforcer_common::{
+    Addr, AgentCounters, AgentState, AllowKey, AllowValue, GlobalConfig, MAX_AGENTS, OrigDst,
+    SockKey, maps, programs,
+};
+
+/// The kernel object built by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const IPPROTO_TCP: u16 = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "this enforcer binary was built without its eBPF programs (AYA_BUILD_SKIP was set); \
+         rebuild it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error(
+        "loading the eBPF programs failed: {0}. enforcer needs root (CAP_BPF, CAP_NET_ADMIN, \
+         CAP_SYS_ADMIN) and a kernel with BPF, BTF and cgroup-bpf (Linux 5.8 or newer)"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("the eBPF object has no program {0}; the binary and enforcer-common disagree")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map {0}; the binary and enforcer-common disagree")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot prepare bpffs at {path}: {message}")]
+    Bpffs { path: PathBuf, message: String },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot pin {what} at {path}: {message}")]
+    Pin {
+        what: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("agent id {0} is out of range (at most {max} agents)", max = MAX_AGENTS - 1)]
+    AgentId(u32),
+}
+
+/// One allowlist entry: an address prefix and a port (`None` = any port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AllowEntry {
+    pub net: ipnet::IpNet,
+    pub port: Option<u16>,
+    /// `bpf_ktime_get_boot_ns` deadline; 0 = never expires.
+    pub expires_boot_ns: u64,
+    pub flags: u32,
+}
+
+/// What `attach_cgroup` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AttachOutcome {
+    pub attached: usize,
+    pub reused: usize,
+}
+
+struct ControlMaps {
+    config: Array<MapData, GlobalConfig>,
+    agents: Array<MapData, AgentState>,
+    cgroup_agent: HashMap<MapData, u64, u32>,
+    allow: LpmTrie<MapData, AllowKey, AllowValue>,
+    dns_servers: HashMap<MapData, Addr, u8>,
+}
+
+/// The loaded programs and their maps.
+pub struct Kernel {
+    dir: PathBuf,
+    ebpf: Mutex<Ebpf>,
+    control: Mutex<ControlMaps>,
+    orig: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    counters: PerCpuArray<MapData, AgentCounters>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+}
+
+impl Kernel {
+    /// Mounts bpffs if needed, loads the object reusing pinned maps, and loads every program
+    /// into the kernel (which runs the verifier).
+    pub fn open(dir: &Path, object: &[u8]) -> Result<Self, BpfError> {
+        if object.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        prepare_bpffs(dir)?;
+        let maps_dir = dir.join("maps");
+        mkdir(&maps_dir)?;
+        mkdir(&dir.join("links"))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(object)
+            .map_err(BpfError::Load)?;
+        if let Err(err) = aya_log::EbpfLogger::init(&mut ebpf) {
+            tracing::debug!("eBPF logging unavailable: {err}");
+        }
+        for name in programs::ALL {
+            load_program(&mut ebpf, name)?;
+        }
+
+        let control = ControlMaps {
+            config: take_map(&mut ebpf, maps::CONFIG)?,
+            agents: take_map(&mut ebpf, maps::AGENTS)?,
+            cgroup_agent: take_map(&mut ebpf, maps::CGROUP_AGENT)?,
+            allow: take_map(&mut ebpf, maps::ALLOW)?,
+            dns_servers: take_map(&mut ebpf, maps::DNS_SERVERS)?,
+        };
+        let orig = take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?;
+        let counters = take_map(&mut ebpf, maps::COUNTERS)?;
+        let events = take_map(&mut ebpf, maps::EVENTS)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            ebpf: Mutex::new(ebpf),
+            control: Mutex::new(control),
+            orig: Mutex::new(orig),
+            counters,
+            events: Mutex::new(Some(events)),
+        })
+    }
+
+    fn links_dir(&self, cgroup_id: u64) -> PathBuf {
+        self.dir.join("links").join(cgroup_id.to_string())
+    }
+
+    /// Attaches every program to `cgroup` (id `cgroup_id`) and pins the links. Programs whose
+    /// pinned link is alive are left as they are, so a restart never doubles them.
+    pub fn attach_cgroup(&self, cgroup: &Path, cgroup_id: u64) -> Result<AttachOutcome, BpfError> {
+        let dir = self.links_dir(cgroup_id);
+        mkdir(&dir)?;
+        let cgroup_file = std::fs::File::open(cgroup).map_err(|source| BpfError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let mut outcome = AttachOutcome::default();
+        let mut ebpf = lock(&self.ebpf);
+        for name in programs::ALL {
+            let pin = dir.join(name);
+            if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
+                outcome.reused += 1;
+                continue;
+            }
+            // A stale pin (the link is gone) is replaced.
+            let _ = std::fs::remove_file(&pin);
+            let link = attach_program(&mut ebpf, name, cgroup_file.as_fd())?;
+            link.pin(&pin).map_err(|e| BpfError::Pin {
+                what: format!("link {name}"),
+                path: pin.clone(),
+                message: e.to_string(),
+            })?;
+            outcome.attached += 1;
+        }
+        Ok(outcome)
+    }
+
+    /// Detaches every program from a cgroup by removing its pinned links.
+    pub fn detach_cgroup(&self, cgroup_id: u64) -> Result<(), BpfError> {
+        let dir = self.links_dir(cgroup_id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BpfError::Pin {
+                what: "links".into(),
+                path: dir,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Cgroup ids with pinned links.
+    pub fn attached_cgroups(&self) -> Vec<u64> {
+        std::fs::read_dir(self.dir.join("links"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Names of the programs whose pinned link for `cgroup_id` is present.
+    pub fn pinned_programs(&self, cgroup_id: u64) -> Vec<&'static str> {
+        let dir = self.links_dir(cgroup_id);
+        programs::ALL
+            .into_iter()
+            .filter(|name| PinnedLink::from_pin(dir.join(name)).is_ok())
+            .collect()
+    }
+
+    pub fn config(&self) -> Result<GlobalConfig, BpfError> {
+        let control = lock(&self.control);
+        control
+            .config
+            .get(&0, 0)
+            .map_err(|source| BpfError::Map { name: maps::CONFIG, source })
+    }
+
+    pub fn set_config(&self, cfg: GlobalConfig) -> Result<(), BpfError> {
+        let mut control = lock(&self.control);
+        control
+            .config
+            .set(0, cfg, 0)
+            .map_err(|source| BpfError::Map { name: maps::CONFIG, source })
+    }
+
+    /// Reads, changes and writes the global config under one lock.
+    pub fn update_config(&self, f: impl FnOnce(&mut GlobalConfig)) -> Result<(), BpfError> {
+        let mut control = lock(&self.control);
+        let mut cfg = control
+            .config
+            .get(&0, 0)
+            .map_err(|source| BpfError::Map { name: maps::CONFIG, source })?;
+        f(&mut cfg);
+        control
+            .config
+            .set(0, cfg, 0)
+            .map_err(|source| BpfError::Map { name: maps::CONFIG, source })
+    }
+
+    pub fn agent_flags(&self, agent: u32) -> Result<u32, BpfError> {
+        check_agent(agent)?;
+        let control = lock(&self.control);
+        control
+            .agents
+            .get(&agent, 0)
+            .map(|s| s.flags)
+            .map_err(|source| BpfError::Map { name: maps::AGENTS, source })
+    }
+
+    pub fn set_agent_flags(&self, agent: u32, flags: u32) -> Result<(), BpfError> {
+        check_agent(agent)?;
+        let mut control = lock(&self.control);
+        control
+            .agents
+            .set(agent, AgentState { flags, _pad0: 0 }, 0)
+            .map_err(|source| BpfError::Map { name: maps::AGENTS, source })
+    }
+
+    pub fn map_cgroup(&self, cgroup_id: u64, agent: u32) -> Result<(), BpfError> {
+        check_agent(agent)?;
+        let mut control = lock(&self.control);
+        control
+            .cgroup_agent
+            .insert(cgroup_id, agent, 0)
+            .map_err(|source| BpfError::Map { name: maps::CGROUP_AGENT, source })
+    }
+
+    pub fn unmap_cgroup(&self, cgroup_id: u64) -> Result<(), BpfError> {
+        let mut control = lock(&self.control);
+        match control.cgroup_agent.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(BpfError::Map { name: maps::CGROUP_AGENT, source }),
+        }
+    }
+
+    /// Cgroup id → agent id, as the kernel holds it.
+    pub fn cgroup_agents(&self) -> Vec<(u64, u32)> {
+        let control = lock(&self.control);
+        control.cgroup_agent.iter().flatten().collect()
+    }
+
+    /// Makes the agent's allowlist exactly `entries`: adds what is new, removes what is gone.
+    /// Entries are replaced in place, so there is no moment where a kept entry is missing.
+    pub fn replace_allowlist(&self, agent: u32, entries: &[AllowEntry]) -> Result<(), BpfError> {
+        check_agent(agent)?;
+        let mut control = lock(&self.control);
+        let wanted: Vec<(Key<AllowKey>, AllowValue)> =
+            entries.iter().map(|e| allow_key_value(agent, e)).collect();
+        let existing: Vec<Key<AllowKey>> = control
+            .allow
+            .keys()
+            .flatten()
+            .filter(|k| k.data().agent == agent)
+            .collect();
+        for (key, value) in &wanted {
+            control
+                .allow
+                .insert(key, *value, 0)
+                .map_err(|source| BpfError::Map { name: maps::ALLOW, source })?;
+        }
+        for key in existing {
+            let keep = wanted
+                .iter()
+                .any(|(k, _)| k.prefix_len() == key.prefix_len() && k.data() == key.data());
+            if !keep {
+                let _ = control.allow.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds or refreshes entries without touching the others.
+    pub fn upsert_allow(&self, agent: u32, entries: &[AllowEntry]) -> Result<(), BpfError> {
+        check_agent(agent)?;
+        let mut control = lock(&self.control);
+        for e in entries {
+            let (key, value) = allow_key_value(agent, e);
+            control
+                .allow
+                .insert(&key, value, 0)
+                .map_err(|source| BpfError::Map { name: maps::ALLOW, source })?;
+        }
+        Ok(())
+    }
+
+    /// Removes one entry.
+    pub fn remove_allow(&self, agent: u32, entry: &AllowEntry) {
+        let mut control = lock(&self.control);
+        let (key, _) = allow_key_value(agent, entry);
+        let _ = control.allow.remove(&key);
+    }
+
+    /// The agent's allowlist as the kernel holds it.
+    pub fn allowlist(&self, agent: u32) -> Vec<AllowEntry> {
+        let control = lock(&self.control);
+        control
+            .allow
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.data().agent == agent)
+            .map(|(k, v)| {
+                let data = k.data();
+                let bits = k.prefix_len().saturating_sub(AllowKey::FIXED_PREFIX_BITS) as u8;
+                AllowEntry {
+                    net: addr_net(&data.addr, bits),
+                    port: (data.port != 0).then_some(data.port),
+                    expires_boot_ns: v.expires_boot_ns,
+                    flags: v.flags,
+                }
+            })
+            .collect()
+    }
+
+    /// The upstream DNS servers enrolled sockets may reach on port 53.
+    pub fn set_dns_servers(&self, servers: &[IpAddr]) -> Result<(), BpfError> {
+        let mut control = lock(&self.control);
+        let wanted: Vec<Addr> = servers.iter().map(|ip| addr_of(*ip)).collect();
+        let existing: Vec<Addr> = control.dns_servers.keys().flatten().collect();
+        for addr in &wanted {
+            control
+                .dns_servers
+                .insert(addr, 1, 0)
+                .map_err(|source| BpfError::Map { name: maps::DNS_SERVERS, source })?;
+        }
+        for addr in existing.iter().filter(|a| !wanted.contains(a)) {
+            let _ = control.dns_servers.remove(addr);
+        }
+        Ok(())
+    }
+
+    /// Takes (reads and deletes) the record of a redirected TCP connection whose client end,
+    /// as the proxy sees it, is `peer`.
+    pub fn take_orig(&self, peer: SocketAddr) -> Option<OrigDst> {
+        let key = SockKey {
+            addr: addr_of(peer.ip()),
+            port: peer.port(),
+            proto: IPPROTO_TCP,
+        };
+        let mut orig = lock(&self.orig);
+        let value = orig.get(&key, 0).ok()?;
+        let _ = orig.remove(&key);
+        Some(value)
+    }
+
+    /// The agent's counters summed over CPUs.
+    pub fn counters(&self, agent: u32) -> AgentCounters {
+        let mut sum = AgentCounters::default();
+        if let Ok(per_cpu) = self.counters.get(&agent, 0) {
+            for c in per_cpu.iter() {
+                sum.redirected += c.redirected;
+                sum.refused += c.refused;
+                sum.dropped_packets += c.dropped_packets;
+                sum.dns_redirected += c.dns_redirected;
+            }
+        }
+        sum
+    }
+
+    /// The deny-event ring; it can be taken once.
+    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
+        lock(&self.events).take()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain map handles behind; they stay usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn check_agent(agent: u32) -> Result<(), BpfError> {
+    if agent == 0 || agent >= MAX_AGENTS {
+        return Err(BpfError::AgentId(agent));
+    }
+    Ok(())
+}
+
+/// The 16-byte form of an address (IPv4 as IPv4-mapped IPv6).
+pub fn addr_of(ip: IpAddr) -> Addr {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    Addr::from_octets(v6.octets())
+}
+
+/// The address of a 16-byte form (IPv4-mapped back to IPv4).
+pub fn ip_of(addr: &Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr.octets());
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn addr_net(addr: &Addr, bits: u8) -> ipnet::IpNet {
+    let ip = ip_of(addr);
+    let bits = if ip.is_ipv4() { bits.saturating_sub(96) } else { bits };
+    ipnet::IpNet::new(ip, bits).unwrap_or_else(|_| ipnet::IpNet::from(ip))
+}
+
+fn allow_key_value(agent: u32, e: &AllowEntry) -> (Key<AllowKey>, AllowValue) {
+    let net = e.net.trunc();
+    let bits = match net {
+        ipnet::IpNet::V4(n) => 96 + u32::from(n.prefix_len()),
+        ipnet::IpNet::V6(n) => u32::from(n.prefix_len()),
+    };
+    let key = Key::new(
+        AllowKey::FIXED_PREFIX_BITS + bits,
+        AllowKey {
+            agent,
+            port: e.port.unwrap_or(0),
+            _pad0: 0,
+            addr: addr_of(net.addr()),
+        },
+    );
+    let value = AllowValue {
+        expires_boot_ns: e.expires_boot_ns,
+        flags: e.flags,
+        _pad0: 0,
+    };
+    (key, value)
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| BpfError::Map { name, source })
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::MissingProgram(name))?;
+    let result = match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
+        _ => return Err(BpfError::MissingProgram(name)),
+    };
+    result.map_err(|source| BpfError::Program { name, source })
+}
+
+/// Attaches one program to a cgroup and hands back its link, detached from aya's bookkeeping
+/// so that dropping the `Ebpf` does not detach it.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+) -> Result<FdLink, BpfError> {
+    // aya attaches through BPF_LINK_CREATE, which takes no flags for cgroups (a cgroup
+    // bpf_link is always multi-attach, so it coexists with systemd's own programs); `Single`
+    // is the mode that passes 0.
+    let mode = CgroupAttachMode::Single;
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::MissingProgram(name))?;
+    let err = |source| BpfError::Program { name, source };
+    let link: FdLink = match program {
+        Program::CgroupSockAddr(p) => {
+            let id = p.attach(cgroup, mode).map_err(err)?;
+            p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+        }
+        Program::SockOps(p) => {
+            let id = p.attach(cgroup, mode).map_err(err)?;
+            p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+        }
+        Program::CgroupSock(p) => {
+            let id = p.attach(cgroup, mode).map_err(err)?;
+            p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+        }
+        Program::CgroupSkb(p) => {
+            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode).map_err(err)?;
+            p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+        }
+        _ => return Err(BpfError::MissingProgram(name)),
+    };
+    let _ = link.id();
+    Ok(link)
+}
+
+fn link_err(name: &'static str) -> impl Fn(aya::programs::links::LinkError) -> BpfError {
+    move |e| BpfError::Pin {
+        what: format!("link {name}"),
+        path: PathBuf::new(),
+        message: format!("the kernel attached it without a bpf_link ({e}); Linux 5.7+ is needed"),
+    }
+}
+
+fn mkdir(path: &Path) -> Result<(), BpfError> {
+    std::fs::create_dir_all(path).map_err(|e| BpfError::Bpffs {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Makes sure `dir` lies on a bpffs, mounting one on its parent when the parent is not.
+fn prepare_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let is_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .unwrap_or(false)
+    };
+    if dir.exists() {
+        if is_bpffs(dir) {
+            return Ok(());
+        }
+    } else if is_bpffs(parent) {
+        return Ok(());
+    }
+    if !parent.exists() {
+        return Err(BpfError::Bpffs {
+            path: dir.to_owned(),
+            message: format!("{} does not exist", parent.display()),
+        });
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        parent,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| BpfError::Bpffs {
+        path: parent.to_owned(),
+        message: format!("`mount -t bpf bpf {}` failed: {e}", parent.display()),
+    })?;
+    tracing::info!(path = %parent.display(), "mounted bpffs");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_the_kernel_form() {
+        for s in ["127.0.0.6", "10.1.2.3", "::1", "2001:db8::5", "::ffff:127.0.0.6"] {
+            let ip: IpAddr = s.parse().unwrap();
+            let back = ip_of(&addr_of(ip));
+            let expect = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+                v4 => v4,
+            };
+            assert_eq!(back, expect, "{s}");
+        }
+    }
+
+    #[test]
+    fn allow_keys_cover_agent_port_and_prefix() {
+        let e = AllowEntry {
+            net: "10.0.0.0/8".parse().unwrap(),
+            port: Some(443),
+            expires_boot_ns: 0,
+            flags: 1,
+        };
+        let (k, v) = allow_key_value(7, &e);
+        assert_eq!(k.prefix_len(), 64 + 96 + 8);
+        assert_eq!(k.data().agent, 7);
+        assert_eq!(k.data().port, 443);
+        assert_eq!(v.flags, 1);
+        assert_eq!(addr_net(&k.data().addr, 96 + 8), e.net);
+        let e6 = AllowEntry {
+            net: "2001:db8::/32".parse().unwrap(),
+            port: None,
+            expires_boot_ns: 0,
+            flags: 0,
+        };
+        let (k6, _) = allow_key_value(7, &e6);
+        assert_eq!(k6.prefix_len(), 64 + 32);
+        assert_eq!(k6.data().port, 0);
+    }
+}

@@ -1,0 +1,423 @@
+//! The daemon's configuration file (YAML).
+//!
+//! One struct, every key optional with its default documented on the field. Unknown keys are
+//! rejected with their line and column. Relative paths are resolved against the directory of
+//! the config file. Every subcommand honours `--config FILE` and `ENFORCER_CONFIG`.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Where the daemon looks when neither `--config` nor `ENFORCER_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/enforcer/enforcer.yaml";
+/// Largest config file accepted.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}; pass --config FILE or set ENFORCER_CONFIG")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is larger than 1 MiB; is it the right file?")]
+    TooLarge { path: PathBuf },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// What to do when enforcer itself fails (an internal error, an unwritable audit log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityMode {
+    /// Internal errors deny (the default).
+    #[default]
+    Strict,
+    /// Internal errors are logged and traffic passes.
+    Permissive,
+}
+
+/// How the proxy treats TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Intercept hosts whose rules need L7 inspection; splice the rest after an SNI check.
+    #[default]
+    Auto,
+    /// Never intercept: SNI-level decisions only.
+    Sni,
+    /// Intercept every host.
+    Intercept,
+}
+
+/// `tls:` section.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// `auto` (default), `sni` or `intercept`.
+    pub mode: TlsMode,
+    /// Extra PEM files of CAs trusted for upstream connections, besides the system roots.
+    /// Default: none.
+    pub extra_upstream_roots: Vec<PathBuf>,
+    /// Hosts never intercepted (mTLS clients, pinned certificates). Default: none.
+    pub passthrough_hosts: Vec<String>,
+}
+
+/// `dns:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Upstream resolvers (`IP` or `IP:PORT`). Default: the nameservers in
+    /// `/etc/resolv.conf`, read by the daemon at start.
+    pub upstream: Vec<String>,
+    /// Static answers: name → addresses. Consulted before any upstream. Default: empty.
+    #[serde(rename = "static")]
+    pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Longest time a learned address stays in the kernel allowlist, in seconds. Default: 300.
+    pub max_ttl: u32,
+    /// CIDRs that wildcard-matched names may resolve to despite the rebinding guard.
+    /// Default: none.
+    pub allow_internal_answers: Vec<ipnet::IpNet>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            upstream: Vec::new(),
+            static_hosts: BTreeMap::new(),
+            max_ttl: 300,
+            allow_internal_answers: Vec::new(),
+        }
+    }
+}
+
+/// One `agents:` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Agent name: `[A-Za-z0-9_.-]`, 1 to 64 characters. Required.
+    pub name: String,
+    /// Policy file. Required.
+    pub policy: PathBuf,
+    /// Existing cgroups (absolute, or relative to the cgroup2 mount) enrolled at start, such
+    /// as a systemd service or slice. Default: none.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
+    /// Cgroup for processes started with `enforcer exec`. Default:
+    /// `enforcer.slice/<name>` under the cgroup2 mount.
+    #[serde(default)]
+    pub exec_cgroup: Option<PathBuf>,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Persistent state: ad-hoc agents, enrolments, CA, audit key. Default: `/var/lib/enforcer`.
+    pub state_dir: PathBuf,
+    /// Runtime files: the admin socket and the pid file. Default: `/run/enforcer`.
+    pub runtime_dir: PathBuf,
+    /// bpffs directory for pinned maps and links. Default: `/sys/fs/bpf/enforcer`.
+    pub bpffs_dir: PathBuf,
+    /// Group whose members may enrol their own processes through the admin socket.
+    /// Default: none (root only).
+    pub admin_group: Option<String>,
+    /// Transparent proxy port on 127.0.0.1 and [::1]. Default: 1001 (below 1024, so no
+    /// unprivileged user can take it while the daemon restarts).
+    pub proxy_port: u16,
+    /// Local DNS resolver port on 127.0.0.1 and [::1]. Default: 1002.
+    pub dns_port: u16,
+    /// Prometheus metrics and health. Default: `127.0.0.1:15090`.
+    pub metrics_listen: SocketAddr,
+    /// Global kill-switch file. Default: `<state_dir>/killswitch`.
+    pub kill_switch: Option<PathBuf>,
+    /// Audit log (JSON Lines). Default: `/var/log/enforcer/audit.jsonl`.
+    pub audit_log: PathBuf,
+    /// Ed25519 signing key for audit checkpoints. Default: `<state_dir>/audit.key`.
+    pub audit_key: Option<PathBuf>,
+    /// Rotate the audit log when it grows past this many bytes. Default: 104857600 (100 MiB).
+    pub audit_rotate_bytes: u64,
+    /// Write a signed checkpoint after this many records (and at least every second).
+    /// Default: 1000.
+    pub audit_checkpoint_records: u64,
+    /// `strict` (default): internal errors deny. `permissive`: they log and pass.
+    pub security_mode: SecurityMode,
+    /// TLS handling.
+    pub tls: TlsConfig,
+    /// DNS resolver.
+    pub dns: DnsConfig,
+    /// Configured agents. Default: none.
+    pub agents: Vec<AgentConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/enforcer"),
+            runtime_dir: PathBuf::from("/run/enforcer"),
+            bpffs_dir: PathBuf::from("/sys/fs/bpf/enforcer"),
+            admin_group: None,
+            proxy_port: 1001,
+            dns_port: 1002,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 15090)),
+            kill_switch: None,
+            audit_log: PathBuf::from("/var/log/enforcer/audit.jsonl"),
+            audit_key: None,
+            audit_rotate_bytes: 100 << 20,
+            audit_checkpoint_records: 1000,
+            security_mode: SecurityMode::Strict,
+            tls: TlsConfig::default(),
+            dns: DnsConfig::default(),
+            agents: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, path, &base)
+    }
+
+    /// Parses config text; `base` is the directory relative paths are resolved against.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|err| ConfigError::Parse {
+                path: path.to_owned(),
+                message: describe_yaml_error(&err),
+            })?
+        };
+        config.resolve_paths(base);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.state_dir);
+        abs(&mut self.runtime_dir);
+        abs(&mut self.bpffs_dir);
+        abs(&mut self.audit_log);
+        if let Some(p) = self.kill_switch.as_mut() {
+            abs(p);
+        }
+        if let Some(p) = self.audit_key.as_mut() {
+            abs(p);
+        }
+        for p in &mut self.tls.extra_upstream_roots {
+            abs(p);
+        }
+        for agent in &mut self.agents {
+            abs(&mut agent.policy);
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if self.proxy_port == 0 || self.dns_port == 0 {
+            return Err(invalid(
+                "proxy_port and dns_port must be set to a real port (1-65535)".into(),
+            ));
+        }
+        if self.proxy_port == self.dns_port {
+            return Err(invalid(format!(
+                "proxy_port and dns_port are both {}; give each its own port",
+                self.proxy_port
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for agent in &self.agents {
+            validate_agent_name(&agent.name).map_err(|m| invalid(format!("agents: {m}")))?;
+            if !seen.insert(agent.name.as_str()) {
+                return Err(invalid(format!(
+                    "agents: '{}' is listed twice; agent names must be unique",
+                    agent.name
+                )));
+            }
+        }
+        for upstream in &self.dns.upstream {
+            parse_dns_upstream(upstream).map_err(|m| invalid(format!("dns.upstream: {m}")))?;
+        }
+        Ok(())
+    }
+
+    /// The global kill-switch file.
+    pub fn kill_switch_path(&self) -> PathBuf {
+        self.kill_switch
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("killswitch"))
+    }
+
+    /// The per-agent kill-switch file.
+    pub fn agent_kill_path(&self, agent: &str) -> PathBuf {
+        self.state_dir.join("kill").join(agent)
+    }
+
+    /// The audit signing key.
+    pub fn audit_key_path(&self) -> PathBuf {
+        self.audit_key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit.key"))
+    }
+
+    /// The admin API socket.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.runtime_dir.join("admin.sock")
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&AgentConfig> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+
+    /// Upstream DNS servers: the configured ones, or `/etc/resolv.conf`'s.
+    pub fn dns_upstreams(&self) -> Vec<SocketAddr> {
+        if self.dns.upstream.is_empty() {
+            return system_nameservers();
+        }
+        self.dns
+            .upstream
+            .iter()
+            .filter_map(|u| parse_dns_upstream(u).ok())
+            .collect()
+    }
+}
+
+/// Checks an agent name: `[A-Za-z0-9_.-]{1,64}`, not `.` or `..`. Names become file and
+/// cgroup names, so nothing else is allowed.
+pub fn validate_agent_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name == "." || name == ".." {
+        return Err(format!(
+            "agent name '{name}' is invalid: use 1 to 64 characters from A-Z a-z 0-9 _ . -"
+        ));
+    }
+    Ok(())
+}
+
+/// `IP` or `IP:PORT` (`[v6]:PORT` for IPv6 with a port).
+pub fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    Err(format!(
+        "'{s}' is not an address; write an IP such as 192.0.2.53 or IP:PORT such as [2001:db8::53]:53"
+    ))
+}
+
+/// The `nameserver` lines of `/etc/resolv.conf`.
+fn system_nameservers() -> Vec<SocketAddr> {
+    let Ok(text) = std::fs::read_to_string("/etc/resolv.conf") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+        })
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// Turns a serde_yaml error into "line L column C: message".
+pub fn describe_yaml_error(err: &serde_yaml::Error) -> String {
+    match err.location() {
+        Some(loc) => format!("line {} column {}: {err}", loc.line(), loc.column()),
+        None => err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/enforcer/enforcer.yaml"), Path::new("/etc/enforcer"))
+    }
+
+    #[test]
+    fn empty_config_gets_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.proxy_port, 1001);
+        assert_eq!(c.dns_port, 1002);
+        assert_eq!(c.state_dir, Path::new("/var/lib/enforcer"));
+        assert_eq!(c.kill_switch_path(), Path::new("/var/lib/enforcer/killswitch"));
+        assert_eq!(c.audit_key_path(), Path::new("/var/lib/enforcer/audit.key"));
+        assert_eq!(c.security_mode, SecurityMode::Strict);
+        assert_eq!(c.tls.mode, TlsMode::Auto);
+        assert_eq!(c.dns.max_ttl, 300);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_location() {
+        let err = parse("proxy_port: 1001\nproxy_prot: 3\n").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("proxy_prot"), "{err}");
+        let err = parse("agents:\n  - name: a\n    policy: p.yaml\n    cgroup: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cgroup"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let c = parse("state_dir: state\nagents:\n  - name: demo\n    policy: policies/demo.yaml\n")
+            .unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/enforcer/state"));
+        assert_eq!(c.agents[0].policy, Path::new("/etc/enforcer/policies/demo.yaml"));
+    }
+
+    #[test]
+    fn bad_agents_are_rejected() {
+        assert!(parse("agents:\n  - {name: 'a/b', policy: p}\n").is_err());
+        assert!(parse("agents:\n  - {name: a, policy: p}\n  - {name: a, policy: q}\n").is_err());
+        assert!(parse("proxy_port: 5\ndns_port: 5\n").is_err());
+        assert!(parse("dns: {upstream: [not-an-ip]}\n").is_err());
+    }
+
+    #[test]
+    fn dns_upstream_forms() {
+        assert_eq!(parse_dns_upstream("127.0.0.53").unwrap().port(), 53);
+        assert_eq!(parse_dns_upstream("127.0.0.53:5353").unwrap().port(), 5353);
+        assert_eq!(parse_dns_upstream("[::1]:5353").unwrap().port(), 5353);
+    }
+}
