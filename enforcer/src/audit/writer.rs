@@ -1,0 +1,682 @@
+//! [`AuditLog`]: a cheap handle that enqueues events, and the writer thread that gives them
+//! `seq`, `timestamp` and `prev_hash`, appends them, checkpoints, rotates and recovers.
+
+use std::{
+    collections::VecDeque,
+    fs::File,
+    io::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use ed25519_dalek::SigningKey;
+
+use super::{
+    AuditError, AuditOptions,
+    aggregate::KernelDenyAggregator,
+    chain::{key_id, line_hash, render_checkpoint, render_event, timestamp_now},
+    event::{Action, AuditEvent, EventKind},
+    key::{fsync_parent, load_signing_key},
+    recover::{self, open_live, rotated_file_name},
+};
+
+/// Events that may wait for the writer before `record` refuses more.
+const QUEUE_CAPACITY: usize = 65_536;
+/// Events already queued when the log started failing that are kept for the retry.
+const RETRY_CAPACITY: usize = 65_536;
+/// How often a failing log retries.
+const RETRY_INTERVAL: Duration = Duration::from_millis(250);
+/// How often kernel refusals are drained into records.
+const DENY_WINDOW: Duration = Duration::from_secs(1);
+/// How long to wait before retrying a rotation that failed.
+const ROTATE_RETRY: Duration = Duration::from_secs(10);
+
+/// What the writer has done, for `enforcer status` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AuditStats {
+    /// Records written by this process, checkpoints included.
+    pub records_written: u64,
+    /// `seq` of the last record in the chain (0 before the first record ever).
+    pub last_seq: u64,
+    /// Hash of the last record: the value an external anchor should keep.
+    pub head_hash: String,
+    /// Checkpoints written by this process.
+    pub checkpoints: u64,
+    /// `seq` of the last checkpoint written by this process.
+    pub last_checkpoint_seq: Option<u64>,
+    /// Whether writes are failing now.
+    pub failing: bool,
+    /// Records refused by [`AuditLog::record`] (failing log or full queue).
+    pub refused: u64,
+    /// Records lost: queued before a failure, beyond what the retry keeps.
+    pub lost: u64,
+}
+
+/// The audit log. Clones share one writer; every method is callable from any thread and
+/// none needs a tokio runtime. [`record`](Self::record) never blocks; [`flush`](Self::flush)
+/// and [`close`](Self::close) do (call them from `spawn_blocking` in async code).
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    failing: AtomicBool,
+    closed: AtomicBool,
+    /// Set when the writer thread ends, including by a panic.
+    stopped: AtomicBool,
+    refused: AtomicU64,
+    stats: Mutex<AuditStats>,
+    last_error: Mutex<String>,
+    denies: KernelDenyAggregator,
+}
+
+impl Shared {
+    fn stats(&self) -> std::sync::MutexGuard<'_, AuditStats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+enum Msg {
+    Record(Box<AuditEvent>),
+    Flush(mpsc::Sender<Result<(), AuditError>>),
+    Close,
+}
+
+impl AuditLog {
+    /// Reads the key, opens (creating the directory and file if needed) and locks the live
+    /// file, seals off a torn final record (see the module docs), recovers the chain head,
+    /// and starts the writer thread.
+    pub fn open(opts: AuditOptions) -> Result<AuditLog, AuditError> {
+        let key = load_signing_key(&opts.key_path)?;
+        let live = open_live(&opts.path)?;
+        let shared = Arc::new(Shared {
+            failing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+            stats: Mutex::new(AuditStats {
+                last_seq: live.next_seq - 1,
+                head_hash: live.head.clone(),
+                ..AuditStats::default()
+            }),
+            last_error: Mutex::new(String::new()),
+            denies: KernelDenyAggregator::new(),
+        });
+        let now = Instant::now();
+        let mut writer = Writer {
+            key_id: key_id(&key.verifying_key()),
+            key,
+            file: live.file,
+            file_len: live.len,
+            file_first_seq: live.first_seq,
+            next_seq: live.next_seq,
+            head: live.head,
+            since_checkpoint: 0,
+            pending_since: None,
+            needs_truncate: false,
+            needs_sync: false,
+            needs_reopen: false,
+            retry: VecDeque::new(),
+            lost: 0,
+            failing_since: None,
+            next_retry: now,
+            next_deny_drain: now + DENY_WINDOW,
+            rotate_not_before: now,
+            shared: Arc::clone(&shared),
+            opts,
+        };
+        if let Some(sealed) = &live.sealed {
+            let reason = sealed.describe();
+            tracing::warn!(path = %writer.opts.path.display(), "audit log: {reason}");
+            let event = AuditEvent::new(EventKind::Daemon)
+                .action(Action::Sealed)
+                .reason(reason);
+            writer
+                .write_event(&event)
+                .and_then(|()| writer.checkpoint())
+                .map_err(|e| AuditError::Recover {
+                    path: writer.opts.path.clone(),
+                    message: format!("cannot record the sealed torn record: {e}"),
+                })?;
+        }
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(AuditError::Spawn)?;
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Enqueues an event without blocking, after scrubbing it (see [`AuditEvent::scrub`]).
+    /// Errs when the log is failing, its queue is full or it is closed, so that strict mode
+    /// can deny; the event is then not recorded.
+    pub fn record(&self, mut event: AuditEvent) -> Result<(), AuditError> {
+        let shared = &self.inner.shared;
+        if shared.closed.load(Ordering::Acquire) || shared.stopped.load(Ordering::Acquire) {
+            return Err(AuditError::Closed);
+        }
+        if event.event == EventKind::Checkpoint {
+            return Err(AuditError::Reserved);
+        }
+        if shared.failing.load(Ordering::Acquire) {
+            shared.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(AuditError::Failing {
+                reason: shared
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+            });
+        }
+        event.scrub();
+        match self.inner.tx.try_send(Msg::Record(Box::new(event))) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                Err(AuditError::Backlog {
+                    capacity: QUEUE_CAPACITY,
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => Err(AuditError::Closed),
+        }
+    }
+
+    /// Notes one kernel connect refusal; the writer turns each second's refusals into one
+    /// `kernel_deny` record per agent and destination, with `count`.
+    pub fn kernel_deny(&self, agent_id: &str, pid: u32, comm: &str, dest: SocketAddr) {
+        self.inner.shared.denies.note(agent_id, pid, comm, dest);
+    }
+
+    /// Whether records are being written: not failing, not closed.
+    pub fn healthy(&self) -> bool {
+        let shared = &self.inner.shared;
+        !shared.failing.load(Ordering::Acquire)
+            && !shared.closed.load(Ordering::Acquire)
+            && !shared.stopped.load(Ordering::Acquire)
+    }
+
+    pub fn stats(&self) -> AuditStats {
+        let shared = &self.inner.shared;
+        let mut stats = shared.stats().clone();
+        stats.failing = shared.failing.load(Ordering::Acquire);
+        stats.refused = shared.refused.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Blocks until every event enqueued before the call is written, checkpointed and
+    /// fsynced. Errs if the log is failing or closed.
+    pub fn flush(&self) -> Result<(), AuditError> {
+        let (ack_tx, ack_rx) = mpsc::channel();
+        self.inner
+            .tx
+            .send(Msg::Flush(ack_tx))
+            .map_err(|_| AuditError::Closed)?;
+        ack_rx.recv().map_err(|_| AuditError::Closed)?
+    }
+
+    /// Writes a final checkpoint, fsyncs, and stops the writer. Idempotent; later
+    /// [`record`](Self::record) calls return [`AuditError::Closed`].
+    pub fn close(&self) {
+        self.inner.close();
+    }
+}
+
+impl Inner {
+    fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            // Errs only if the writer is gone already; join either way.
+            let _ = self.tx.send(Msg::Close);
+            if handle.join().is_err() {
+                tracing::error!(
+                    "audit writer thread panicked; the log may lack a final checkpoint"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Marks the writer stopped when its thread ends, whether it returns or unwinds.
+struct StoppedGuard(Arc<Shared>);
+
+impl Drop for StoppedGuard {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
+    }
+}
+
+/// A failure in progress.
+#[derive(Clone)]
+struct Failure {
+    since: Instant,
+    error: String,
+    /// `refused` when it began, so the `resumed` record counts this failure's refusals.
+    refused_before: u64,
+    lost_before: u64,
+}
+
+struct Writer {
+    opts: AuditOptions,
+    key: SigningKey,
+    key_id: String,
+    file: File,
+    /// Bytes of whole records in `file`; after a failed write the file is cut back to it.
+    file_len: u64,
+    file_first_seq: Option<u64>,
+    next_seq: u64,
+    head: String,
+    /// Records (not checkpoints) since the last checkpoint.
+    since_checkpoint: u64,
+    /// When the oldest unsealed record was written.
+    pending_since: Option<Instant>,
+    needs_truncate: bool,
+    needs_sync: bool,
+    needs_reopen: bool,
+    /// Events queued before a failure, waiting for the retry.
+    retry: VecDeque<AuditEvent>,
+    lost: u64,
+    failing_since: Option<Failure>,
+    next_retry: Instant,
+    next_deny_drain: Instant,
+    rotate_not_before: Instant,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let _guard = StoppedGuard(Arc::clone(&self.shared));
+        'outer: loop {
+            let timeout = self.next_wakeup().saturating_duration_since(Instant::now());
+            match rx.recv_timeout(timeout) {
+                Ok(msg) => {
+                    if !self.handle(msg) {
+                        break;
+                    }
+                    // Take what else is queued before looking at the clock again.
+                    for _ in 0..1024 {
+                        match rx.try_recv() {
+                            Ok(msg) => {
+                                if !self.handle(msg) {
+                                    break 'outer;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.tick(Instant::now());
+        }
+        // Close: what is still queued, the last refusals, a final checkpoint, fsync.
+        while let Ok(msg) = rx.try_recv() {
+            if let Msg::Record(event) = msg {
+                self.append(*event);
+            }
+        }
+        self.drain_denies();
+        if self.failing() {
+            self.retry_now();
+        }
+        if !self.failing()
+            && let Err(e) = self.checkpoint().and_then(|()| self.file.sync_all())
+        {
+            self.fail(&e);
+        }
+        if self.failing() {
+            tracing::error!(
+                path = %self.opts.path.display(),
+                pending = self.retry.len(),
+                "audit log closed while failing; the queued records were not written"
+            );
+        }
+    }
+
+    /// Handles one message; false means stop.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Record(event) => {
+                self.append(*event);
+                true
+            }
+            Msg::Flush(ack) => {
+                self.drain_denies();
+                if self.failing() {
+                    self.retry_now();
+                }
+                let result = if self.failing() {
+                    Err(self.failing_error())
+                } else {
+                    match self.checkpoint().and_then(|()| self.sync()) {
+                        Ok(()) => Ok(()),
+                        Err(e) => {
+                            self.fail(&e);
+                            Err(self.failing_error())
+                        }
+                    }
+                };
+                let _ = ack.send(result);
+                true
+            }
+            Msg::Close => false,
+        }
+    }
+
+    fn next_wakeup(&self) -> Instant {
+        let mut at = self.next_deny_drain;
+        if self.failing() {
+            // The checkpoint waits for the retry.
+            at = at.min(self.next_retry);
+        } else if let Some(since) = self.pending_since {
+            at = at.min(since + self.opts.checkpoint_interval);
+        }
+        at
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if now >= self.next_deny_drain {
+            self.next_deny_drain = now + DENY_WINDOW;
+            self.drain_denies();
+        }
+        if self.failing() {
+            if now >= self.next_retry {
+                self.retry_now();
+            }
+            return;
+        }
+        if self
+            .pending_since
+            .is_some_and(|since| now >= since + self.opts.checkpoint_interval)
+            && let Err(e) = self.checkpoint()
+        {
+            self.fail(&e);
+        }
+    }
+
+    fn drain_denies(&mut self) {
+        for event in self.shared.denies.drain() {
+            self.append(event);
+        }
+    }
+
+    /// Writes one event, or keeps it for the retry when the log is failing.
+    fn append(&mut self, event: AuditEvent) {
+        if self.failing() {
+            self.keep_for_retry(event);
+            return;
+        }
+        if let Err(e) = self.write_event(&event) {
+            self.fail(&e);
+            self.keep_for_retry(event);
+            return;
+        }
+        if self.opts.checkpoint_records > 0
+            && self.since_checkpoint >= self.opts.checkpoint_records
+            && let Err(e) = self.checkpoint()
+        {
+            self.fail(&e);
+            return;
+        }
+        self.maybe_rotate();
+    }
+
+    fn keep_for_retry(&mut self, event: AuditEvent) {
+        if self.retry.len() < RETRY_CAPACITY {
+            self.retry.push_back(event);
+        } else {
+            self.lost += 1;
+            self.shared.stats().lost = self.lost;
+        }
+    }
+
+    /// Appends one record (not a checkpoint).
+    fn write_event(&mut self, event: &AuditEvent) -> std::io::Result<()> {
+        let line = render_event(self.next_seq, &timestamp_now(), event, &self.head);
+        self.write_line(line)?;
+        self.since_checkpoint += 1;
+        self.pending_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Appends a signed checkpoint over the records since the last one, and fsyncs.
+    fn checkpoint(&mut self) -> std::io::Result<()> {
+        if self.since_checkpoint == 0 {
+            return self.sync();
+        }
+        let seq = self.next_seq;
+        let line = render_checkpoint(seq, &timestamp_now(), &self.head, &self.key, &self.key_id);
+        self.write_line(line)?;
+        self.since_checkpoint = 0;
+        self.pending_since = None;
+        {
+            let mut stats = self.shared.stats();
+            stats.checkpoints += 1;
+            stats.last_checkpoint_seq = Some(seq);
+        }
+        self.needs_sync = true;
+        self.sync()
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.needs_sync {
+            self.file.sync_data()?;
+            self.needs_sync = false;
+        }
+        Ok(())
+    }
+
+    /// Appends `line` and a newline as record `next_seq`, and moves the head on. On failure
+    /// the file is cut back to its last whole record (now, or before the next write).
+    fn write_line(&mut self, mut line: Vec<u8>) -> std::io::Result<()> {
+        if self.needs_reopen {
+            return Err(std::io::Error::other(
+                "the live file could not be reopened after rotation",
+            ));
+        }
+        if self.needs_truncate {
+            self.file.set_len(self.file_len)?;
+            self.needs_truncate = false;
+        }
+        let hash = line_hash(&line);
+        line.push(b'\n');
+        if let Err(e) = self.file.write_all(&line) {
+            self.needs_truncate = self.file.set_len(self.file_len).is_err();
+            return Err(e);
+        }
+        if self.file_len == 0 {
+            self.file_first_seq = Some(self.next_seq);
+        }
+        self.file_len += line.len() as u64;
+        self.needs_sync = true;
+        let mut stats = self.shared.stats();
+        stats.records_written += 1;
+        stats.last_seq = self.next_seq;
+        stats.head_hash.clone_from(&hash);
+        drop(stats);
+        self.head = hash;
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    fn maybe_rotate(&mut self) {
+        let now = Instant::now();
+        if self.opts.rotate_bytes == 0
+            || self.file_len < self.opts.rotate_bytes
+            || now < self.rotate_not_before
+            || self.failing()
+        {
+            return;
+        }
+        if let Err(e) = self.checkpoint() {
+            self.fail(&e);
+            return;
+        }
+        let first = self.file_first_seq.unwrap_or(self.next_seq - 1);
+        let target = rotated_file_name(&self.opts.path, first);
+        if target.exists() {
+            tracing::warn!(
+                target = %target.display(),
+                "audit log not rotated: the rotated file name is taken; move it aside"
+            );
+            self.rotate_not_before = now + ROTATE_RETRY;
+            return;
+        }
+        if let Err(e) =
+            std::fs::rename(&self.opts.path, &target).and_then(|()| fsync_parent(&target))
+        {
+            tracing::warn!(path = %self.opts.path.display(), "audit log not rotated: {e}");
+            self.rotate_not_before = now + ROTATE_RETRY;
+            return;
+        }
+        if let Err(e) = self.reopen() {
+            // The old file is already renamed; nothing is written until a new one opens.
+            self.needs_reopen = true;
+            self.fail(&std::io::Error::other(format!(
+                "cannot create a new audit log after rotating to {}: {e}",
+                target.display()
+            )));
+        }
+    }
+
+    fn reopen(&mut self) -> Result<(), AuditError> {
+        let file = recover::open_locked(&self.opts.path)?;
+        fsync_parent(&self.opts.path).map_err(|source| AuditError::Open {
+            path: self.opts.path.clone(),
+            source,
+        })?;
+        self.file = file;
+        self.file_len = 0;
+        self.file_first_seq = None;
+        self.needs_truncate = false;
+        self.needs_reopen = false;
+        self.needs_sync = false;
+        Ok(())
+    }
+
+    fn failing(&self) -> bool {
+        self.failing_since.is_some()
+    }
+
+    fn failing_error(&self) -> AuditError {
+        AuditError::Failing {
+            reason: self
+                .failing_since
+                .as_ref()
+                .map(|f| f.error.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn fail(&mut self, err: &std::io::Error) {
+        let message = format!("{}: {err}", self.opts.path.display());
+        if self.failing_since.is_none() {
+            tracing::error!("audit log writes failing: {message}; records are refused");
+            self.failing_since = Some(Failure {
+                since: Instant::now(),
+                error: message.clone(),
+                refused_before: self.shared.refused.load(Ordering::Relaxed),
+                lost_before: self.lost,
+            });
+        }
+        *self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = message;
+        self.shared.failing.store(true, Ordering::Release);
+        self.next_retry = Instant::now() + RETRY_INTERVAL;
+    }
+
+    /// Tries to write again: cut the file back, fsync, write what was kept, then a `resumed`
+    /// record, and checkpoint. Stays failing at the first error.
+    fn retry_now(&mut self) {
+        self.next_retry = Instant::now() + RETRY_INTERVAL;
+        let Some(failure) = self.failing_since.clone() else {
+            return;
+        };
+        let result = (|| -> std::io::Result<()> {
+            if self.needs_reopen {
+                self.reopen().map_err(std::io::Error::other)?;
+            }
+            if self.needs_truncate {
+                self.file.set_len(self.file_len)?;
+                self.needs_truncate = false;
+            }
+            self.sync()?;
+            while let Some(event) = self.retry.front() {
+                let event = event.clone();
+                self.write_event(&event)?;
+                self.retry.pop_front();
+            }
+            let refused = self.shared.refused.load(Ordering::Relaxed) - failure.refused_before;
+            let reason = format!(
+                "audit log writes failed for {:.1} s ({}); {refused} records were refused and \
+                 {} lost meanwhile",
+                failure.since.elapsed().as_secs_f64(),
+                failure.error,
+                self.lost - failure.lost_before,
+            );
+            self.write_event(
+                &AuditEvent::new(EventKind::Daemon)
+                    .action(Action::Resumed)
+                    .reason(reason),
+            )?;
+            self.checkpoint()
+        })();
+        match result {
+            Ok(()) => {
+                tracing::info!(path = %self.opts.path.display(), "audit log writes resumed");
+                self.failing_since = None;
+                self.shared.failing.store(false, Ordering::Release);
+                self.maybe_rotate();
+            }
+            Err(e) => {
+                *self
+                    .shared
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
+                    format!("{}: {e}", self.opts.path.display());
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
