@@ -49,7 +49,7 @@ pub fn current_agent() -> Option<u32> {
             break;
         }
         // SAFETY: the value is a plain u32 copied out immediately.
-        if let Some(agent) = unsafe { CGROUP_AGENT.get(&id) } {
+        if let Some(agent) = unsafe { CGROUP_AGENT.get(id) } {
             found = Some(*agent);
         }
         level += 1;

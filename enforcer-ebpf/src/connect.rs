@@ -148,7 +148,13 @@ fn connect_stream<const V6: bool>(
     let bound_dev = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).bound_dev_if };
     if bound_dev != 0 {
         // SO_BINDTODEVICE would send the rewritten connect out of that device, not to us.
-        report_deny(agent, dst, port, IPPROTO_TCP as u16, deny_reason::BOUND_TO_DEVICE);
+        report_deny(
+            agent,
+            dst,
+            port,
+            IPPROTO_TCP as u16,
+            deny_reason::BOUND_TO_DEVICE,
+        );
         return Ok(DENY_CALL);
     }
 
@@ -169,7 +175,13 @@ fn connect_stream<const V6: bool>(
             }
         }
     } else if listed.is_none() && agent_flags_bits & agent_flags::REDIRECT_ALL_TCP == 0 {
-        report_deny(agent, dst, port, IPPROTO_TCP as u16, deny_reason::NOT_ALLOWED);
+        report_deny(
+            agent,
+            dst,
+            port,
+            IPPROTO_TCP as u16,
+            deny_reason::NOT_ALLOWED,
+        );
         return Ok(DENY_CALL);
     }
 
@@ -228,5 +240,5 @@ fn record<const V6: bool>(
         created_boot_ns: now_boot_ns(),
         cookie,
     };
-    ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_ok()
+    ORIG_BY_COOKIE.insert(cookie, orig, 0).is_ok()
 }

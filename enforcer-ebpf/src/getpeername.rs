@@ -11,7 +11,7 @@ pub fn try_getpeername<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> 
     // SAFETY: plain helper call on a valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out before use.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }) else {
         return Ok(());
     };
     if orig.flags & orig_flags::DIRECT != 0 {

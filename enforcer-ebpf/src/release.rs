@@ -12,5 +12,5 @@ pub fn try_release(ctx: &SockContext) {
     // SAFETY: plain helper call on a valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A miss is the common case (sockets that were never redirected).
-    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    let _ = ORIG_BY_COOKIE.remove(cookie);
 }

@@ -6,7 +6,9 @@
 //! Identity comes from the skb's socket (`bpf_skb_ancestor_cgroup_id`), never from the current
 //! task: this runs in softirq context too (retransmits, ACKs), where the task is unrelated.
 
-use aya_ebpf::{EbpfContext, helpers::generated::bpf_skb_ancestor_cgroup_id, programs::SkBuffContext};
+use aya_ebpf::{
+    EbpfContext, helpers::generated::bpf_skb_ancestor_cgroup_id, programs::SkBuffContext,
+};
 use enforcer_common::{Addr, GlobalConfig, MAX_CGROUP_DEPTH};
 
 use crate::{
@@ -32,7 +34,7 @@ fn socket_agent(ctx: &SkBuffContext) -> Option<u32> {
             break;
         }
         // SAFETY: the value is copied out immediately.
-        if let Some(agent) = unsafe { CGROUP_AGENT.get(&id) } {
+        if let Some(agent) = unsafe { CGROUP_AGENT.get(id) } {
             found = Some(*agent);
         }
         level += 1;
@@ -61,8 +63,8 @@ pub fn try_egress(ctx: &SkBuffContext) -> Result<i32, i64> {
 /// Destination address, L4 protocol and destination port of the packet.
 #[inline(always)]
 fn parse(ctx: &SkBuffContext) -> Result<Option<(Addr, u32, u16)>, i64> {
-    // SAFETY: reading the skb's protocol field is always allowed.
-    let l3 = u32::from_be(unsafe { (*ctx.skb.skb).protocol });
+    // SAFETY: reading the skb's protocol field is always allowed. It holds a be16.
+    let l3 = u32::from(u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16));
     let (dst, proto, l4_offset) = if l3 == ETH_P_IP {
         let version_ihl: u8 = ctx.load(0)?;
         let frag: u16 = u16::from_be(ctx.load(6)?);
@@ -98,7 +100,7 @@ fn packet_verdict(ctx: &SkBuffContext, cfg: &GlobalConfig) -> Result<i32, i64> {
     let allowed = match proto {
         IPPROTO_TCP => to_us,
         // SAFETY: value is not dereferenced.
-        IPPROTO_UDP => to_us || (port == 53 && unsafe { DNS_SERVERS.get(&dst) }.is_some()),
+        IPPROTO_UDP => to_us || (port == 53 && unsafe { DNS_SERVERS.get(dst) }.is_some()),
         _ => false,
     };
     Ok(if allowed { PASS } else { DROP })

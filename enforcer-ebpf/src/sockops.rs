@@ -20,7 +20,7 @@ pub fn try_track(ctx: &SockOpsContext) -> Result<(), i64> {
     // SAFETY: plain helper call on a valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out before use.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }) else {
         return Ok(());
     };
     let orig = *orig;
@@ -50,5 +50,5 @@ pub fn try_track(ctx: &SockOpsContext) -> Result<(), i64> {
         port: ctx.local_port() as u16,
         proto: IPPROTO_TCP as u16,
     };
-    ORIG_BY_TUPLE.insert(&key, &orig, 0).map_err(i64::from)
+    ORIG_BY_TUPLE.insert(key, orig, 0).map_err(i64::from)
 }

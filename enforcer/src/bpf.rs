@@ -231,10 +231,10 @@ impl Kernel {
 
     pub fn config(&self) -> Result<GlobalConfig, BpfError> {
         let control = lock(&self.control);
-        control
-            .config
-            .get(&0, 0)
-            .map_err(|source| BpfError::Map { name: maps::CONFIG, source })
+        control.config.get(&0, 0).map_err(|source| BpfError::Map {
+            name: maps::CONFIG,
+            source,
+        })
     }
 
     pub fn set_config(&self, cfg: GlobalConfig) -> Result<(), BpfError> {
@@ -242,21 +242,27 @@ impl Kernel {
         control
             .config
             .set(0, cfg, 0)
-            .map_err(|source| BpfError::Map { name: maps::CONFIG, source })
+            .map_err(|source| BpfError::Map {
+                name: maps::CONFIG,
+                source,
+            })
     }
 
     /// Reads, changes and writes the global config under one lock.
     pub fn update_config(&self, f: impl FnOnce(&mut GlobalConfig)) -> Result<(), BpfError> {
         let mut control = lock(&self.control);
-        let mut cfg = control
-            .config
-            .get(&0, 0)
-            .map_err(|source| BpfError::Map { name: maps::CONFIG, source })?;
+        let mut cfg = control.config.get(&0, 0).map_err(|source| BpfError::Map {
+            name: maps::CONFIG,
+            source,
+        })?;
         f(&mut cfg);
         control
             .config
             .set(0, cfg, 0)
-            .map_err(|source| BpfError::Map { name: maps::CONFIG, source })
+            .map_err(|source| BpfError::Map {
+                name: maps::CONFIG,
+                source,
+            })
     }
 
     pub fn agent_flags(&self, agent: u32) -> Result<u32, BpfError> {
@@ -266,7 +272,10 @@ impl Kernel {
             .agents
             .get(&agent, 0)
             .map(|s| s.flags)
-            .map_err(|source| BpfError::Map { name: maps::AGENTS, source })
+            .map_err(|source| BpfError::Map {
+                name: maps::AGENTS,
+                source,
+            })
     }
 
     pub fn set_agent_flags(&self, agent: u32, flags: u32) -> Result<(), BpfError> {
@@ -275,7 +284,10 @@ impl Kernel {
         control
             .agents
             .set(agent, AgentState { flags, _pad0: 0 }, 0)
-            .map_err(|source| BpfError::Map { name: maps::AGENTS, source })
+            .map_err(|source| BpfError::Map {
+                name: maps::AGENTS,
+                source,
+            })
     }
 
     pub fn map_cgroup(&self, cgroup_id: u64, agent: u32) -> Result<(), BpfError> {
@@ -284,14 +296,20 @@ impl Kernel {
         control
             .cgroup_agent
             .insert(cgroup_id, agent, 0)
-            .map_err(|source| BpfError::Map { name: maps::CGROUP_AGENT, source })
+            .map_err(|source| BpfError::Map {
+                name: maps::CGROUP_AGENT,
+                source,
+            })
     }
 
     pub fn unmap_cgroup(&self, cgroup_id: u64) -> Result<(), BpfError> {
         let mut control = lock(&self.control);
         match control.cgroup_agent.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map { name: maps::CGROUP_AGENT, source }),
+            Err(source) => Err(BpfError::Map {
+                name: maps::CGROUP_AGENT,
+                source,
+            }),
         }
     }
 
@@ -318,7 +336,10 @@ impl Kernel {
             control
                 .allow
                 .insert(key, *value, 0)
-                .map_err(|source| BpfError::Map { name: maps::ALLOW, source })?;
+                .map_err(|source| BpfError::Map {
+                    name: maps::ALLOW,
+                    source,
+                })?;
         }
         for key in existing {
             let keep = wanted
@@ -340,7 +361,10 @@ impl Kernel {
             control
                 .allow
                 .insert(&key, value, 0)
-                .map_err(|source| BpfError::Map { name: maps::ALLOW, source })?;
+                .map_err(|source| BpfError::Map {
+                    name: maps::ALLOW,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -382,7 +406,10 @@ impl Kernel {
             control
                 .dns_servers
                 .insert(addr, 1, 0)
-                .map_err(|source| BpfError::Map { name: maps::DNS_SERVERS, source })?;
+                .map_err(|source| BpfError::Map {
+                    name: maps::DNS_SERVERS,
+                    source,
+                })?;
         }
         for addr in existing.iter().filter(|a| !wanted.contains(a)) {
             let _ = control.dns_servers.remove(addr);
@@ -456,7 +483,11 @@ pub fn ip_of(addr: &Addr) -> IpAddr {
 
 fn addr_net(addr: &Addr, bits: u8) -> ipnet::IpNet {
     let ip = ip_of(addr);
-    let bits = if ip.is_ipv4() { bits.saturating_sub(96) } else { bits };
+    let bits = if ip.is_ipv4() {
+        bits.saturating_sub(96)
+    } else {
+        bits
+    };
     ipnet::IpNet::new(ip, bits).unwrap_or_else(|_| ipnet::IpNet::from(ip))
 }
 
@@ -523,19 +554,33 @@ fn attach_program(
     let link: FdLink = match program {
         Program::CgroupSockAddr(p) => {
             let id = p.attach(cgroup, mode).map_err(err)?;
-            p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+            p.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(link_err(name))?
         }
         Program::SockOps(p) => {
             let id = p.attach(cgroup, mode).map_err(err)?;
-            p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+            p.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(link_err(name))?
         }
         Program::CgroupSock(p) => {
             let id = p.attach(cgroup, mode).map_err(err)?;
-            p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+            p.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(link_err(name))?
         }
         Program::CgroupSkb(p) => {
-            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode).map_err(err)?;
-            p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+            let id = p
+                .attach(cgroup, CgroupSkbAttachType::Egress, mode)
+                .map_err(err)?;
+            p.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(link_err(name))?
         }
         _ => return Err(BpfError::MissingProgram(name)),
     };
@@ -563,7 +608,7 @@ fn prepare_bpffs(dir: &Path) -> Result<(), BpfError> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     let is_bpffs = |p: &Path| {
         nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
             .unwrap_or(false)
     };
     if dir.exists() {
@@ -600,7 +645,13 @@ mod tests {
 
     #[test]
     fn addresses_round_trip_through_the_kernel_form() {
-        for s in ["127.0.0.6", "10.1.2.3", "::1", "2001:db8::5", "::ffff:127.0.0.6"] {
+        for s in [
+            "127.0.0.6",
+            "10.1.2.3",
+            "::1",
+            "2001:db8::5",
+            "::ffff:127.0.0.6",
+        ] {
             let ip: IpAddr = s.parse().unwrap();
             let back = ip_of(&addr_of(ip));
             let expect = match ip {

@@ -55,8 +55,9 @@ impl Hierarchy {
     pub fn discover() -> Result<Self, CgroupError> {
         let text = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| CgroupError::MountInfo(e.to_string()))?;
-        let infos = <procfs::process::MountInfos as procfs::FromBufRead>::from_buf_read(text.as_bytes())
-            .map_err(|e| CgroupError::MountInfo(e.to_string()))?;
+        let infos =
+            <procfs::process::MountInfos as procfs::FromBufRead>::from_buf_read(text.as_bytes())
+                .map_err(|e| CgroupError::MountInfo(e.to_string()))?;
         infos
             .into_iter()
             .find(|m| m.fs_type == "cgroup2")
@@ -169,10 +170,10 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(all) = procfs::process::all_processes() {
         for proc in all.flatten() {
-            if let Ok(stat) = proc.stat() {
-                if let (Ok(p), Ok(pp)) = (u32::try_from(stat.pid), u32::try_from(stat.ppid)) {
-                    parents.push((p, pp));
-                }
+            if let Ok(stat) = proc.stat()
+                && let (Ok(p), Ok(pp)) = (u32::try_from(stat.pid), u32::try_from(stat.ppid))
+            {
+                parents.push((p, pp));
             }
         }
     }
@@ -225,7 +226,10 @@ mod tests {
 
     #[test]
     fn process_tree_contains_children() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let tree = process_tree(std::process::id());
         assert!(tree.contains(&child.id()), "{tree:?}");
         child.kill().unwrap();

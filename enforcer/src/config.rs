@@ -371,7 +371,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, Path::new("/etc/enforcer/enforcer.yaml"), Path::new("/etc/enforcer"))
+        Config::parse(
+            text,
+            Path::new("/etc/enforcer/enforcer.yaml"),
+            Path::new("/etc/enforcer"),
+        )
     }
 
     #[test]
@@ -380,7 +384,10 @@ mod tests {
         assert_eq!(c.proxy_port, 1001);
         assert_eq!(c.dns_port, 1002);
         assert_eq!(c.state_dir, Path::new("/var/lib/enforcer"));
-        assert_eq!(c.kill_switch_path(), Path::new("/var/lib/enforcer/killswitch"));
+        assert_eq!(
+            c.kill_switch_path(),
+            Path::new("/var/lib/enforcer/killswitch")
+        );
         assert_eq!(c.audit_key_path(), Path::new("/var/lib/enforcer/audit.key"));
         assert_eq!(c.security_mode, SecurityMode::Strict);
         assert_eq!(c.tls.mode, TlsMode::Auto);
@@ -389,7 +396,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_with_location() {
-        let err = parse("proxy_port: 1001\nproxy_prot: 3\n").unwrap_err().to_string();
+        let err = parse("proxy_port: 1001\nproxy_prot: 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("proxy_prot"), "{err}");
         let err = parse("agents:\n  - name: a\n    policy: p.yaml\n    cgroup: []\n")
@@ -400,10 +409,14 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_against_the_config_directory() {
-        let c = parse("state_dir: state\nagents:\n  - name: demo\n    policy: policies/demo.yaml\n")
-            .unwrap();
+        let c =
+            parse("state_dir: state\nagents:\n  - name: demo\n    policy: policies/demo.yaml\n")
+                .unwrap();
         assert_eq!(c.state_dir, Path::new("/etc/enforcer/state"));
-        assert_eq!(c.agents[0].policy, Path::new("/etc/enforcer/policies/demo.yaml"));
+        assert_eq!(
+            c.agents[0].policy,
+            Path::new("/etc/enforcer/policies/demo.yaml")
+        );
     }
 
     #[test]

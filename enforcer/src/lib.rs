@@ -10,9 +10,16 @@
 //! - [`policy`]: the policy language: parsing, compilation and evaluation.
 //! - [`audit`]: the hash-chained, Ed25519-signed audit log and its verifier.
 //! - [`cmd`]: the CLI subcommands; `main.rs` only parses arguments and dispatches.
+pub mod admin;
+pub mod agents;
 pub mod audit;
 pub mod bpf;
 pub mod cgroup;
+pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod daemon;
+pub mod dns;
+pub mod enrol;
 pub mod policy;
+pub mod proxy;

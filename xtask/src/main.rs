@@ -1,1 +1,202 @@
-fn main() {}
+//! `cargo xtask`: build, run, test and benchmark enforcer, installing the toolchain pieces a
+//! fresh machine lacks (idempotently, saying what it does).
+//!
+//! - `cargo xtask build [--release]`
+//! - `cargo xtask run [--release]`: build, then `enforcer daemon` on an embedded default
+//!   configuration (state under `.enforcer-run/`, listeners on loopback, agent `demo`).
+//! - `cargo xtask test`: fmt, clippy `-D warnings`, unit tests, the privileged end-to-end
+//!   tests and `policy check` of every shipped policy.
+//! - `cargo xtask bench`: the benchmarks, written to `BENCHMARKS.md`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+mod bootstrap;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, run and test enforcer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing, then build enforcer (with its eBPF programs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `enforcer daemon` on the embedded default configuration.
+    Run {
+        #[arg(long)]
+        release: bool,
+    },
+    /// fmt, clippy -D warnings, unit tests, privileged end-to-end tests, policy checks.
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Build { release } => {
+            bootstrap::ensure_toolchain()?;
+            build(release)?;
+        }
+        Cmd::Run { release } => {
+            bootstrap::ensure_toolchain()?;
+            build(release)?;
+            run(&root, release)?;
+        }
+        Cmd::Test => {
+            bootstrap::ensure_toolchain()?;
+            bootstrap::ensure_test_tools()?;
+            test(&root)?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
+}
+
+/// Runs a command, failing with its command line when it fails.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+pub fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "enforcer", "-p", "enforcer-tests"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_cmd(&mut cmd)
+}
+
+/// The configuration `cargo xtask run` starts the daemon with. Paths are relative to the
+/// config file, which lives in `.enforcer-run/`.
+const RUN_CONFIG: &str = "\
+# Written by `cargo xtask run`: a local, loopback-only daemon for trying enforcer out.
+state_dir: state
+runtime_dir: run
+bpffs_dir: /sys/fs/bpf/enforcer-dev
+audit_log: audit.jsonl
+proxy_port: 1001
+dns_port: 1002
+metrics_listen: 127.0.0.1:15090
+agents:
+  - name: demo
+    policy: ../policies/demo.yaml
+";
+
+fn run(root: &Path, release: bool) -> anyhow::Result<()> {
+    let dir = root.join(".enforcer-run");
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("enforcer.yaml");
+    std::fs::write(&config, RUN_CONFIG)?;
+    let bin = root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("enforcer");
+    let sudo = if is_root() { "" } else { "sudo " };
+    eprintln!();
+    eprintln!("xtask: starting enforcer daemon with {}", config.display());
+    eprintln!("xtask: in another terminal, run a command under the demo agent's policy:");
+    eprintln!();
+    eprintln!(
+        "    {sudo}{} --config {} exec --agent demo --user $(id -un) -- curl -sv https://example.com/",
+        bin.display(),
+        config.display()
+    );
+    eprintln!();
+    eprintln!(
+        "xtask: `{sudo}{} --config {} status` shows counters; the audit log is {}",
+        bin.display(),
+        config.display(),
+        dir.join("audit.jsonl").display()
+    );
+    eprintln!();
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        eprintln!("xtask: the daemon needs root; running it through sudo");
+        let mut c = Command::new("sudo");
+        c.arg(&bin);
+        c
+    };
+    cmd.arg("--config").arg(&config).arg("daemon");
+    run_cmd(&mut cmd)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn test(root: &Path) -> anyhow::Result<()> {
+    run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The default members: everything but the eBPF crate, which only builds for the BPF
+    // target and is linted for it below.
+    run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    bootstrap::clippy_ebpf()?;
+    build(false)?;
+    if !is_root() {
+        bail!(
+            "the end-to-end tests load eBPF programs and need root: run `sudo -E cargo xtask test` \
+             (the unit tests, fmt and clippy above passed)"
+        );
+    }
+    // The end-to-end tests fail, rather than skip, when their prerequisites are missing.
+    run_cmd(
+        cargo()
+            .args(["test", "--no-fail-fast"])
+            .env("ENFORCER_E2E", "require"),
+    )?;
+    let bin = root.join("target/debug/enforcer");
+    let mut policies: Vec<PathBuf> = std::fs::read_dir(root.join("policies"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    policies.sort();
+    run_cmd(
+        Command::new(&bin)
+            .arg("policy")
+            .arg("check")
+            .args(&policies),
+    )?;
+    eprintln!("xtask: all checks passed");
+    Ok(())
+}

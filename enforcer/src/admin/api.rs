@@ -1,0 +1,53 @@
+//! Request and response bodies of the admin API.
+
+use serde::{Deserialize, Serialize};
+
+/// What to enrol or unenrol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The calling process (`enforcer exec`).
+    SelfProcess,
+    /// A running process with its threads and descendants.
+    Pid(u32),
+    /// A cgroup, absolute or relative to the cgroup2 mount.
+    Cgroup(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    pub agent: String,
+    pub target: Target,
+    /// An ad-hoc agent's policy (the file's bytes), registering `agent` if it is not
+    /// configured.
+    #[serde(default)]
+    pub policy_yaml: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrolResponse {
+    pub agent: String,
+    /// Absolute cgroup path the target is now in (or that was enrolled).
+    pub cgroup: String,
+    /// Things the operator should know (sockets opened before enrolment).
+    pub warnings: Vec<String>,
+    /// PEM bundle of the system roots plus the enforcer CA, when interception is set up.
+    #[serde(default)]
+    pub ca_bundle: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnenrolRequest {
+    pub target: Target,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnenrolResponse {
+    /// Where the process went, or the cgroup that was released.
+    pub cgroup: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,393 @@
+//! Agents at run time: name, kernel id, current policy, rate-limit state, the addresses the
+//! policy's names resolve to, and the proxied connections that are open.
+//!
+//! Kernel ids are persisted in `<state_dir>/agent-ids.json`, so a restarted daemon gives every
+//! agent the id the pinned maps already use: no moment where a cgroup maps to the wrong agent.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use enforcer_common::MAX_AGENTS;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    bpf::AllowEntry,
+    policy::{Policy, RateLimiter},
+};
+
+pub mod allowlist;
+pub mod conns;
+
+pub use conns::ConnTracker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("no agent named '{name}'; configured agents: {known}")]
+    Unknown { name: String, known: String },
+    #[error("all {max} agent slots are in use; remove agents from the config or state dir", max = MAX_AGENTS - 1)]
+    Full,
+    #[error("cannot write {path}: {source}")]
+    Persist {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is corrupt ({message}); move it aside and restart the daemon")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// Where an agent's policy comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Listed in the config file.
+    Configured,
+    /// Registered by `enforcer exec --policy`, kept in `<state_dir>/agents/`.
+    AdHoc,
+}
+
+/// Result of the last (re)load of an agent's policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    /// RFC 3339.
+    pub at: String,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// One agent.
+pub struct Agent {
+    pub name: String,
+    pub id: u32,
+    pub origin: Origin,
+    pub policy_path: PathBuf,
+    /// Cgroup for `enforcer exec` (absolute).
+    pub exec_cgroup: PathBuf,
+    policy: ArcSwap<Policy>,
+    pub limiter: RateLimiter,
+    names: Mutex<Associations>,
+    /// Entries named explicitly by the policy (IP literals, exact names' addresses).
+    explicit: Mutex<Vec<AllowEntry>>,
+    pub conns: ConnTracker,
+    killed: AtomicBool,
+    reload: Mutex<ReloadStatus>,
+    last_eval: AtomicU64,
+}
+
+impl Agent {
+    pub fn new(
+        name: String,
+        id: u32,
+        origin: Origin,
+        policy_path: PathBuf,
+        exec_cgroup: PathBuf,
+        policy: Arc<Policy>,
+    ) -> Self {
+        Self {
+            name,
+            id,
+            origin,
+            policy_path,
+            exec_cgroup,
+            policy: ArcSwap::new(policy),
+            limiter: RateLimiter::new(),
+            names: Mutex::new(Associations::default()),
+            explicit: Mutex::new(Vec::new()),
+            conns: ConnTracker::default(),
+            killed: AtomicBool::new(false),
+            reload: Mutex::new(ReloadStatus {
+                at: jiff::Timestamp::now().to_string(),
+                ok: true,
+                message: "loaded at start".into(),
+            }),
+            last_eval: AtomicU64::new(0),
+        }
+    }
+
+    /// The current policy. Requests already holding the previous one finish under it.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Atomically swaps in a new policy.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        self.policy.store(policy);
+    }
+
+    pub fn set_reload_status(&self, ok: bool, message: String) {
+        *lock(&self.reload) = ReloadStatus {
+            at: jiff::Timestamp::now().to_string(),
+            ok,
+            message,
+        };
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        lock(&self.reload).clone()
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+
+    pub fn set_killed(&self, killed: bool) {
+        self.killed.store(killed, Ordering::SeqCst);
+    }
+
+    /// Notes that a decision was just made (for health reports).
+    pub fn touch_eval(&self) {
+        let now = jiff::Timestamp::now().as_millisecond();
+        self.last_eval
+            .store(u64::try_from(now).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Unix milliseconds of the last decision, 0 if none.
+    pub fn last_eval_ms(&self) -> u64 {
+        self.last_eval.load(Ordering::Relaxed)
+    }
+
+    /// Names the address is known to belong to (from the policy's exact names).
+    pub fn names_for(&self, ip: IpAddr) -> Vec<String> {
+        lock(&self.names).names_for(ip)
+    }
+
+    /// True when `name` was resolved for this agent (so its addresses are known).
+    pub fn knows_name(&self, name: &str) -> bool {
+        lock(&self.names).knows(name)
+    }
+
+    /// Replaces the associations learned from one source (e.g. resolve-at-load).
+    pub fn set_associations(&self, map: BTreeMap<String, BTreeSet<IpAddr>>) {
+        lock(&self.names).replace(map);
+    }
+
+    /// Records the destinations the policy names explicitly.
+    pub fn set_explicit(&self, entries: Vec<AllowEntry>) {
+        *lock(&self.explicit) = entries;
+    }
+
+    /// Does the policy name this destination explicitly (an IP literal, or the address of a
+    /// name written exactly)? Only such destinations may be internal ones.
+    pub fn is_explicit(&self, ip: IpAddr, port: u16) -> bool {
+        lock(&self.explicit).iter().any(|e| {
+            e.flags & enforcer_common::allow_flags::EXPLICIT != 0
+                && e.net.contains(&ip)
+                && e.port.is_none_or(|p| p == port)
+        })
+    }
+}
+
+/// Which names each address belongs to, as learned for one agent.
+#[derive(Debug, Default)]
+struct Associations {
+    by_ip: HashMap<IpAddr, BTreeSet<String>>,
+    names: BTreeSet<String>,
+}
+
+impl Associations {
+    fn replace(&mut self, map: BTreeMap<String, BTreeSet<IpAddr>>) {
+        self.by_ip.clear();
+        self.names.clear();
+        for (name, ips) in map {
+            for ip in ips {
+                self.by_ip.entry(ip).or_default().insert(name.clone());
+            }
+            self.names.insert(name);
+        }
+    }
+
+    fn names_for(&self, ip: IpAddr) -> Vec<String> {
+        self.by_ip
+            .get(&ip)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn knows(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+}
+
+/// All agents, by name and by kernel id.
+#[derive(Default)]
+pub struct Registry {
+    agents: RwLock<BTreeMap<String, Arc<Agent>>>,
+}
+
+impl Registry {
+    pub fn insert(&self, agent: Arc<Agent>) {
+        write(&self.agents).insert(agent.name.clone(), agent);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Agent>> {
+        write(&self.agents).remove(name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Agent>> {
+        read(&self.agents).get(name).cloned()
+    }
+
+    pub fn by_id(&self, id: u32) -> Option<Arc<Agent>> {
+        read(&self.agents).values().find(|a| a.id == id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Agent>> {
+        read(&self.agents).values().cloned().collect()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        read(&self.agents).keys().cloned().collect()
+    }
+
+    /// "a, b, c" or "(none)", for error messages.
+    pub fn names_list(&self) -> String {
+        let names = self.names();
+        if names.is_empty() {
+            "(none)".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+/// Persistent name → kernel id table.
+pub struct IdTable {
+    path: PathBuf,
+    ids: BTreeMap<String, u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdFile {
+    ids: BTreeMap<String, u32>,
+}
+
+impl IdTable {
+    pub fn load(state_dir: &Path) -> Result<Self, AgentError> {
+        let path = state_dir.join("agent-ids.json");
+        let ids = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: IdFile =
+                    serde_json::from_slice(&bytes).map_err(|e| AgentError::Corrupt {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                file.ids
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => return Err(AgentError::Persist { path, source }),
+        };
+        Ok(Self { path, ids })
+    }
+
+    /// The agent's id, allocating (and persisting) the smallest free one.
+    pub fn id_for(&mut self, name: &str) -> Result<u32, AgentError> {
+        if let Some(id) = self.ids.get(name) {
+            return Ok(*id);
+        }
+        let used: BTreeSet<u32> = self.ids.values().copied().collect();
+        let id = (1..MAX_AGENTS)
+            .find(|i| !used.contains(i))
+            .ok_or(AgentError::Full)?;
+        self.ids.insert(name.to_owned(), id);
+        self.save()?;
+        Ok(id)
+    }
+
+    /// Ids of names not in `keep`: their slots stay reserved until `forget` is called.
+    pub fn others(&self, keep: &[String]) -> Vec<(String, u32)> {
+        self.ids
+            .iter()
+            .filter(|(n, _)| !keep.contains(n))
+            .map(|(n, i)| (n.clone(), *i))
+            .collect()
+    }
+
+    pub fn forget(&mut self, name: &str) -> Result<(), AgentError> {
+        if self.ids.remove(name).is_some() {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Result<(), AgentError> {
+        let file = IdFile {
+            ids: self.ids.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).expect("id table serialises");
+        write_atomic(&self.path, &bytes).map_err(|source| AgentError::Persist {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Writes a file through a temporary sibling and a rename, so a crash leaves the old or the
+/// new content, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How often names from the policy are resolved again (resolve-at-load has no TTLs).
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_and_smallest_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = IdTable::load(dir.path()).unwrap();
+        assert_eq!(t.id_for("a").unwrap(), 1);
+        assert_eq!(t.id_for("b").unwrap(), 2);
+        assert_eq!(t.id_for("a").unwrap(), 1);
+        t.forget("a").unwrap();
+        assert_eq!(t.id_for("c").unwrap(), 1);
+        let mut again = IdTable::load(dir.path()).unwrap();
+        assert_eq!(again.id_for("b").unwrap(), 2);
+        assert_eq!(again.id_for("c").unwrap(), 1);
+    }
+
+    #[test]
+    fn associations_map_both_ways() {
+        let mut a = Associations::default();
+        let ip: IpAddr = "127.0.0.5".parse().unwrap();
+        a.replace(BTreeMap::from([(
+            "upstream.test".to_string(),
+            BTreeSet::from([ip]),
+        )]));
+        assert_eq!(a.names_for(ip), vec!["upstream.test".to_string()]);
+        assert!(a.knows("upstream.test"));
+        assert!(!a.knows("other.test"));
+    }
+}

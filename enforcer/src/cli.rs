@@ -1,0 +1,44 @@
+//! Command-line interface: the argument definitions. `main.rs` dispatches them to `cmd::*`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::cmd;
+
+/// Host egress enforcer for AI agents: eBPF on the agent's cgroup sends its traffic through a
+/// policy-judging proxy, refuses the rest in the kernel, and signs every decision into an
+/// audit log.
+#[derive(Parser, Debug)]
+#[command(name = "enforcer", version, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file [default: /etc/enforcer/enforcer.yaml, or built-in defaults when
+    /// that file does not exist].
+    #[arg(long, global = true, env = "ENFORCER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: load and attach the eBPF programs, serve the proxy and the admin API.
+    Daemon,
+    /// Run a command enrolled under an agent's policy (the whole process tree stays enrolled).
+    Exec(cmd::exec::ExecArgs),
+    /// Enrol a running process (with its threads and descendants) or an existing cgroup.
+    Enrol(cmd::enrol::EnrolArgs),
+    /// Release a process or cgroup enrolled with `enforcer enrol`.
+    Unenrol(cmd::enrol::UnenrolArgs),
+    /// Show agents, cgroups, policy hashes, counters and the kill-switch state.
+    Status(cmd::status::StatusArgs),
+    /// Check policies and explain decisions.
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
+    /// Verify and read the audit log.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
+    /// Create the audit signing key (config `audit_key`) and print its public half.
+    Keygen(cmd::audit::KeygenArgs),
+}

@@ -1,0 +1,542 @@
+//! The kernel enforcement path, end to end: real daemon, real eBPF on real cgroups, loopback
+//! upstreams. Needs root (see the harness docs).
+
+use std::{net::TcpStream, time::Duration};
+
+use enforcer_tests::{Counter, Lines, TestDaemon, Upstream, prerequisites, reap, stderr, stdout};
+
+/// A policy allowing GETs to `upstream.test` (port fixed per test) and the literal
+/// 127.0.0.6 on any port.
+fn policy(port: u16) -> String {
+    format!(
+        "agent: test\ndefault: deny\nrules:\n\
+         \x20 - name: upstream-get\n    allow: {{ method: [GET], url: \"upstream.test:{port}/**\" }}\n\
+         \x20 - name: literal\n    allow: {{ url: \"127.0.0.6:*\" }}\n"
+    )
+}
+
+#[test]
+fn allowed_upstream_is_reached_through_the_proxy_and_getpeername_shows_the_original() {
+    // Scenario: an enrolled process connects to a destination its policy names; the kernel
+    // redirects it to the proxy, which splices it to the upstream, and getpeername still
+    // reports the upstream's address.
+    let Some(()) = prerequisites("allowed_upstream") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.5", "up5");
+    let d = TestDaemon::start(
+        &[("a", &policy(up.addr.port()))],
+        &[("upstream.test", "127.0.0.5")],
+        "",
+    );
+    let out = d.probe(
+        "a",
+        &[
+            "tcp",
+            &up.addr.to_string(),
+            &format!("upstream.test:{}", up.addr.port()),
+        ],
+    );
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "probe failed: {text} {}\n{}",
+        stderr(&out),
+        d.log()
+    );
+    assert!(
+        text.contains(&format!("peer {}", up.addr)),
+        "getpeername must show the original destination: {text}"
+    );
+    assert!(
+        text.contains("200 OK") && text.contains("hello from up5"),
+        "{text}"
+    );
+    assert_eq!(up.hits().len(), 1);
+    assert_eq!(
+        up.hits()[0].host,
+        format!("upstream.test:{}", up.addr.port())
+    );
+    let counters = &d.agent_status("a")["counters"];
+    assert!(counters["redirected"].as_u64().unwrap() >= 1, "{counters}");
+    // The decision is in the audit log, with the agent, process and rule.
+    let audit = d.audit_log();
+    assert!(
+        audit.lines().any(|l| l.contains("\"event\":\"connection\"")
+            && l.contains("\"policy_result\":\"allow\"")
+            && l.contains("\"matched_rule\":\"upstream-get\"")
+            && l.contains("\"comm\":\"enforcer-probe\"")),
+        "{audit}"
+    );
+}
+
+#[test]
+fn connect_to_an_address_the_policy_does_not_name_fails_with_eperm_and_reaches_nothing() {
+    // Scenario: 127.0.0.7 is in no rule: connect() fails with EPERM in the kernel, and the
+    // listener there never sees a connection.
+    let Some(()) = prerequisites("unlisted_address") else {
+        return;
+    };
+    let target = Counter::new("127.0.0.7");
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let out = d.probe("a", &["tcp", &target.addr.to_string()]);
+    let text = stdout(&out);
+    assert!(!out.status.success());
+    assert!(text.contains("os error 1"), "expected EPERM: {text}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(target.accepted(), 0, "the upstream must see nothing");
+    assert!(d.agent_status("a")["counters"]["refused"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn a_process_outside_the_cgroup_is_unaffected() {
+    // Scenario: with a daemon enforcing an agent, the test process itself (not enrolled)
+    // still reaches an address the agent may not.
+    let Some(()) = prerequisites("outside_unaffected") else {
+        return;
+    };
+    let target = Counter::new("127.0.0.7");
+    let _d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let conn = TcpStream::connect_timeout(&target.addr, Duration::from_secs(5));
+    assert!(conn.is_ok(), "{conn:?}");
+}
+
+#[test]
+fn ipv4_mapped_ipv6_gets_the_verdict_of_its_ipv4_form() {
+    // Scenario: [::ffff:127.0.0.6] is allowed like 127.0.0.6, and [::ffff:127.0.0.7] is
+    // refused like 127.0.0.7.
+    let Some(()) = prerequisites("mapped_ipv6") else {
+        return;
+    };
+    let allowed = Upstream::http("127.0.0.6", "up6");
+    let denied = Counter::new("127.0.0.7");
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let v4 = d.probe("a", &["tcp", &allowed.addr.to_string()]);
+    let mapped_addr = format!("[::ffff:127.0.0.6]:{}", allowed.addr.port());
+    let mapped = d.probe("a", &["tcp", &mapped_addr]);
+    assert!(v4.status.success(), "{}", stdout(&v4));
+    assert!(mapped.status.success(), "{}\n{}", stdout(&mapped), d.log());
+    assert!(
+        stdout(&mapped).contains("hello from up6"),
+        "{}\n{}",
+        stdout(&mapped),
+        d.log()
+    );
+    assert!(
+        stdout(&mapped).contains(&format!("peer {mapped_addr}")),
+        "{}",
+        stdout(&mapped)
+    );
+    let denied_v4 = d.probe("a", &["tcp", &denied.addr.to_string()]);
+    let denied_mapped = d.probe(
+        "a",
+        &["tcp", &format!("[::ffff:127.0.0.7]:{}", denied.addr.port())],
+    );
+    assert!(
+        stdout(&denied_v4).contains("os error 1"),
+        "{}",
+        stdout(&denied_v4)
+    );
+    assert!(
+        stdout(&denied_mapped).contains("os error 1"),
+        "{}",
+        stdout(&denied_mapped)
+    );
+    assert_eq!(denied.accepted(), 0);
+}
+
+#[test]
+fn udp_to_a_port_other_than_53_fails() {
+    let Some(()) = prerequisites("udp_refused") else {
+        return;
+    };
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let sink = std::net::UdpSocket::bind("127.0.0.5:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let out = d.probe("a", &["udp", &sink.local_addr().unwrap().to_string()]);
+    assert!(
+        stdout(&out).contains("os error 1"),
+        "expected EPERM: {}",
+        stdout(&out)
+    );
+    let mut buf = [0u8; 16];
+    assert!(
+        sink.recv_from(&mut buf).is_err(),
+        "the datagram must not arrive"
+    );
+    // Also for an address the TCP policy allows.
+    let out = d.probe("a", &["udp", "127.0.0.6:9999"]);
+    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+}
+
+#[test]
+fn children_of_the_enrolled_command_are_enrolled_too() {
+    // Scenario: the probe spawns a child; the child is in the agent's cgroup and its
+    // disallowed connect is refused like the parent's would be.
+    let Some(()) = prerequisites("children_enrolled") else {
+        return;
+    };
+    let target = Counter::new("127.0.0.7");
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let out = d.probe("a", &["child", "tcp", &target.addr.to_string()]);
+    let text = stdout(&out);
+    let cgroup = d.cgroup("a");
+    let rel = cgroup.file_name().unwrap().to_str().unwrap();
+    assert!(
+        text.contains(&format!("child cgroup /enforcer.slice/{rel}")),
+        "{text}"
+    );
+    assert!(text.contains("os error 1"), "{text}");
+    assert_eq!(target.accepted(), 0);
+}
+
+#[test]
+fn raw_and_ping_sockets_from_inside_get_nothing_out() {
+    // Scenario: a root process inside the cgroup sends ICMP echo on a raw socket; a nobody
+    // process sends it on a ping socket in a network namespace where ping sockets are open.
+    // Neither gets a reply, while the same probes outside the cgroup do (so the check is not
+    // vacuous).
+    let Some(()) = prerequisites("raw_and_ping") else {
+        return;
+    };
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let probe = enforcer_tests::probe_bin();
+    let outside = std::process::Command::new(&probe)
+        .args(["raw-icmp", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&outside).contains("reply"),
+        "control: {}",
+        stdout(&outside)
+    );
+
+    let mut cmd = std::process::Command::new(enforcer_tests::enforcer_bin());
+    cmd.arg("--config")
+        .arg(&d.config)
+        .args(["exec", "--agent", d.agent("a"), "--allow-root", "--"])
+        .arg(&probe)
+        .args(["raw-icmp", "127.0.0.1"]);
+    let inside = cmd.output().unwrap();
+    assert!(
+        !stdout(&inside).contains("reply"),
+        "raw ICMP escaped: {}",
+        stdout(&inside)
+    );
+    assert!(
+        d.agent_status("a")["counters"]["dropped_packets"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
+    // Ping sockets, in a namespace of our own with ping_group_range open.
+    let ns = enforcer_tests::unique("enfping");
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !ip(&["netns", "add", &ns]) {
+        panic!("`ip netns add` failed; install iproute2 (cargo xtask test does)");
+    }
+    struct NetnsGuard(String);
+    impl Drop for NetnsGuard {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _guard = NetnsGuard(ns.clone());
+    assert!(ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]));
+    assert!(ip(&[
+        "netns",
+        "exec",
+        &ns,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ping_group_range=0 2147483647"
+    ]));
+    let control = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .arg(&probe)
+        .args(["ping", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&control).contains("reply"),
+        "control ping as nobody: {} {}",
+        stdout(&control),
+        stderr(&control)
+    );
+    let inside = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(enforcer_tests::enforcer_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["exec", "--agent", d.agent("a"), "--user", "nobody", "--"])
+        .arg(&probe)
+        .args(["ping", "127.0.0.1"])
+        .env_remove("SUDO_UID")
+        .output()
+        .unwrap();
+    assert!(inside.status.code().is_some(), "{}", stderr(&inside));
+    assert!(
+        !stdout(&inside).contains("reply"),
+        "ping socket escaped: {} {}",
+        stdout(&inside),
+        stderr(&inside)
+    );
+}
+
+#[test]
+fn a_connection_to_the_proxy_port_that_was_not_redirected_is_closed() {
+    // Scenario: a process outside any cgroup talks to the proxy port directly; with no
+    // kernel record for it the proxy closes the connection without forwarding anything.
+    let Some(()) = prerequisites("unredirected_proxy") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.5", "up");
+    let d = TestDaemon::start(
+        &[("a", &policy(up.addr.port()))],
+        &[("upstream.test", "127.0.0.5")],
+        "",
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", d.proxy_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    use std::io::{Read as _, Write as _};
+    let _ = s.write_all(
+        format!(
+            "GET / HTTP/1.1\r\nHost: upstream.test:{}\r\n\r\n",
+            up.addr.port()
+        )
+        .as_bytes(),
+    );
+    let mut buf = Vec::new();
+    let n = s.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty(),
+        "got a response: {:?} {}",
+        n,
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(up.accepted(), 0);
+}
+
+#[test]
+fn after_sigkill_enrolled_processes_reach_nothing_and_a_restart_restores_everything() {
+    // Scenario: an enrolled loop fetches the upstream every 100 ms. SIGKILL of the daemon
+    // leaves the programs attached: every attempt fails (no proxy), none reaches the
+    // upstream directly. A restarted daemon reuses the pinned state; the same process
+    // (never re-enrolled) succeeds again, and no second copy of the programs is attached.
+    let Some(()) = prerequisites("sigkill_fail_closed") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.5", "up");
+    let mut d = TestDaemon::start(
+        &[("a", &policy(up.addr.port()))],
+        &[("upstream.test", "127.0.0.5")],
+        "",
+    );
+    let host = format!("upstream.test:{}", up.addr.port());
+    let mut child = d.probe_spawn("a", &["loop", &up.addr.to_string(), &host, "100"]);
+    let lines = Lines::of(&mut child);
+    assert!(
+        lines
+            .wait_for(Duration::from_secs(10), |l| l.starts_with("ok "))
+            .is_some(),
+        "{}",
+        d.log()
+    );
+
+    d.kill9();
+    // Drain what was in flight, then every attempt must fail.
+    std::thread::sleep(Duration::from_millis(300));
+    while lines.next(Duration::from_millis(10)).is_some() {}
+    let hits_before = up.hits().len();
+    for _ in 0..5 {
+        let line = lines.next(Duration::from_secs(10)).expect("loop output");
+        assert!(
+            line.starts_with("fail "),
+            "reached something with the daemon dead: {line}"
+        );
+    }
+    assert_eq!(
+        up.hits().len(),
+        hits_before,
+        "the upstream must see nothing while the daemon is dead"
+    );
+
+    d.spawn();
+    assert!(
+        lines
+            .wait_for(Duration::from_secs(10), |l| l.starts_with("ok "))
+            .is_some(),
+        "the enrolled process did not recover after restart:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("attached=0 reused=9"),
+        "restart must reuse pinned links:\n{}",
+        d.log()
+    );
+    reap(child);
+}
+
+#[test]
+fn an_enrolled_process_cannot_unenrol_itself() {
+    // Scenario: even as root (--allow-root), a process inside the cgroup asking the admin
+    // socket to unenrol it is refused.
+    let Some(()) = prerequisites("no_self_unenrol") else {
+        return;
+    };
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let mut cmd = std::process::Command::new(enforcer_tests::enforcer_bin());
+    cmd.arg("--config")
+        .arg(&d.config)
+        .args([
+            "exec",
+            "--agent",
+            d.agent("a"),
+            "--allow-root",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "{} --config {} unenrol --pid $$",
+            enforcer_tests::enforcer_bin().display(),
+            d.config.display()
+        ));
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("inside an enrolled cgroup"),
+        "{}",
+        stderr(&out)
+    );
+    // The status call from inside is refused too.
+    let mut cmd = std::process::Command::new(enforcer_tests::enforcer_bin());
+    cmd.arg("--config")
+        .arg(&d.config)
+        .args(["exec", "--agent", d.agent("a"), "--allow-root", "--"])
+        .arg(enforcer_tests::enforcer_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .arg("status");
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{}", stdout(&out));
+}
+
+#[test]
+fn exec_as_root_needs_user_or_allow_root_and_user_nobody_gets_no_new_privs() {
+    let Some(()) = prerequisites("exec_identity") else {
+        return;
+    };
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let mut cmd = std::process::Command::new(enforcer_tests::enforcer_bin());
+    cmd.arg("--config")
+        .arg(&d.config)
+        .args(["exec", "--agent", d.agent("a"), "--", "true"])
+        .env_remove("SUDO_UID");
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--allow-root"), "{}", stderr(&out));
+
+    let out = d.probe("a", &["whoami"]);
+    assert_eq!(stdout(&out).trim(), "uid 65534 no_new_privs 1");
+
+    // env(1)-style exit codes.
+    let out = d.exec_cmd("a", &["no-such-command-xyz"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    let out = d.exec_cmd("a", &["/etc/hostname"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    let out = d.exec_cmd("a", &["sh", "-c", "exit 7"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    // An unknown agent lists the configured ones.
+    let mut cmd = d.exec_cmd("a", &["true"]);
+    let _ = &mut cmd;
+    let out = std::process::Command::new(enforcer_tests::enforcer_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["exec", "--agent", "nope", "--user", "nobody", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains(d.agent("a")), "{}", stderr(&out));
+}
+
+#[test]
+fn the_policy_decides_at_host_level_in_the_proxy() {
+    // Scenario: the kernel redirects everything for a wildcard policy; the proxy applies the
+    // policy to the Host header: allowed hosts reach the upstream, others get a readable 403
+    // naming the reason, and a deny rule wins over an allow whatever the order.
+    let Some(()) = prerequisites("proxy_policy") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.5", "up");
+    let port = up.addr.port();
+    let policy = format!(
+        "default: deny\nrules:\n\
+         \x20 - name: block-evil\n    deny: {{ url: \"evil.test:{port}\" }}\n\
+         \x20 - name: any-test\n    allow: {{ url: \"*.test:{port}\" }}\n\
+         \x20 - name: internal-ok\n    allow: {{ url: \"127.0.0.5:{port}\" }}\n"
+    );
+    let d = TestDaemon::start(&[("a", &policy)], &[], "");
+    let ok = d.probe(
+        "a",
+        &["tcp", &up.addr.to_string(), &format!("good.test:{port}")],
+    );
+    assert!(
+        stdout(&ok).contains("hello from up"),
+        "{}\n{}",
+        stdout(&ok),
+        d.log()
+    );
+    let evil = d.probe(
+        "a",
+        &["tcp", &up.addr.to_string(), &format!("evil.test:{port}")],
+    );
+    let text = stdout(&evil);
+    assert!(text.contains("403 Forbidden"), "{text}");
+    assert!(text.contains("\"rule\":\"block-evil\""), "{text}");
+    assert!(text.contains("denied by rule 'block-evil'"), "{text}");
+    let other = d.probe(
+        "a",
+        &[
+            "tcp",
+            &up.addr.to_string(),
+            &format!("other.example:{port}"),
+        ],
+    );
+    assert!(
+        stdout(&other).contains("403 Forbidden"),
+        "{}",
+        stdout(&other)
+    );
+    assert_eq!(
+        up.hits().len(),
+        1,
+        "only the allowed request reached the upstream"
+    );
+    let audit = d.audit_log();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"policy_result\":\"deny\"") && l.contains("block-evil")),
+        "{audit}"
+    );
+}
