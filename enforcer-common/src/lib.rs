@@ -380,10 +380,12 @@ mod tests {
         assert_eq!(size_of::<AllowKey>(), 24);
         assert_eq!(size_of::<AllowValue>(), 16);
         assert_eq!(size_of::<SockKey>(), 20);
-        assert_eq!(size_of::<OrigDst>(), 16 + 4 + 4 * 6 + 16 + 8 + 8);
+        // addr, port + family, agent/pid/uid/gid/flags, comm, two u64s.
+        assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 + 8);
         assert_eq!(size_of::<DnsClient>(), 8 + 16 + 8 + 16);
         assert_eq!(size_of::<AgentCounters>(), 32);
-        assert_eq!(size_of::<DenyEvent>(), 16 + 4 + 4 * 4 + 16);
+        // addr, port + proto, agent/pid/uid/reason/pad, comm.
+        assert_eq!(size_of::<DenyEvent>(), 16 + 2 + 2 + 4 * 5 + 16);
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub trait Handler: Send + Sync + 'static {
         peer: &Peer,
         req: api::UnenrolRequest,
     ) -> Result<api::UnenrolResponse, String>;
-    fn reload(&self) -> Result<serde_json::Value, String>;
+    fn reload(&self)
+    -> impl std::future::Future<Output = Result<serde_json::Value, String>> + Send;
 }
 
 /// Binds the admin socket: mode 0660, group `admin_group` when given.
@@ -250,7 +251,7 @@ async fn route<H: Handler>(
             if !peer.is_root() {
                 return error(StatusCode::FORBIDDEN, "only root may reload".into());
             }
-            match handler.reload() {
+            match handler.reload().await {
                 Ok(v) => json(StatusCode::OK, &v),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }

@@ -159,6 +159,25 @@ pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
     }
 }
 
+/// The ids of a cgroup and every cgroup below it.
+pub fn subtree_ids(path: &Path) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(id) = cgroup_id(&dir) {
+            out.push(id);
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// True if `inner` is `outer` or lies below it.
 pub fn is_within(inner: &Path, outer: &Path) -> bool {
     inner.starts_with(outer)

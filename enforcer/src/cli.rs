@@ -33,6 +33,11 @@ pub enum Command {
     Unenrol(cmd::enrol::UnenrolArgs),
     /// Show agents, cgroups, policy hashes, counters and the kill-switch state.
     Status(cmd::status::StatusArgs),
+    /// Engage the kill switch (global, or one agent's): new connections are refused in the
+    /// kernel and open streams are cut.
+    Kill(cmd::kill::KillArgs),
+    /// Lift the kill switch engaged by `enforcer kill`.
+    Revive(cmd::kill::KillArgs),
     /// Check policies and explain decisions.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),

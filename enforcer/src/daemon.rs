@@ -19,16 +19,19 @@ use enforcer_common::{
 };
 use tokio::net::{TcpListener, TcpSocket};
 
+use sha2::Digest as _;
+
 use crate::{
     admin::{
         self, Peer,
         api::{EnrolRequest, EnrolResponse, Target, UnenrolRequest, UnenrolResponse},
     },
     agents::{Agent, IdTable, Origin, RESOLVE_INTERVAL, Registry, allowlist},
-    audit::{Action, AuditEvent, AuditLog, AuditOptions, EventKind},
+    audit::{Action, AuditEvent, AuditLog, AuditOptions, EventKind, Scope},
     bpf::{Kernel, ip_of},
     cgroup::Hierarchy,
-    config::{Config, validate_agent_name},
+    config::{AgentConfig, Config, validate_agent_name},
+    control::killswitch::{KillFiles, KillState, changes},
     enrol::Enroller,
     policy::Policy,
     proxy::{self, ProxyContext, deputy::Deputy},
@@ -37,12 +40,21 @@ use crate::{
 /// Everything the running daemon holds.
 pub struct Daemon {
     pub config: Config,
+    /// The file `config` came from, watched for agent-list changes.
+    pub config_path: Option<PathBuf>,
     pub kernel: Arc<Kernel>,
     pub registry: Arc<Registry>,
     pub enroller: Arc<Enroller>,
     pub audit: AuditLog,
     ids: Mutex<IdTable>,
     started: jiff::Timestamp,
+    /// The agent list currently in force (the config's, as last loaded successfully).
+    agent_configs: Mutex<Vec<AgentConfig>>,
+    /// SHA-256 of the config file as last loaded.
+    config_sha: Mutex<Option<String>>,
+    kill_files: KillFiles,
+    /// The kill-switch state currently applied; the async lock serialises changes.
+    kill_state: tokio::sync::Mutex<KillState>,
 }
 
 /// Checks what the daemon cannot run without, naming what is missing and what to do.
@@ -57,12 +69,21 @@ pub fn preflight() -> anyhow::Result<Hierarchy> {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let hierarchy = preflight()?;
     for dir in [&config.state_dir, &config.runtime_dir] {
         create_private_dir(dir)?;
     }
     create_private_dir(&config.state_dir.join("agents"))?;
+    let kill_files = KillFiles {
+        global: config.kill_switch_path(),
+        agent_dir: config.state_dir.join("kill"),
+    };
+    create_private_dir(&kill_files.agent_dir)?;
+    // Read before anything is attached: a switch engaged at start holds from the first
+    // instant.
+    let names: Vec<String> = config.agents.iter().map(|a| a.name.clone()).collect();
+    let initial_kill = kill_files.read(&names);
 
     let audit = open_audit(&config)?;
     let kernel = Arc::new(Kernel::open(&config.bpffs_dir, crate::bpf::EBPF_OBJECT)?);
@@ -74,22 +95,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.state_dir,
     )?);
     let ids = Mutex::new(IdTable::load(&config.state_dir)?);
+    let config_sha = config_path
+        .as_deref()
+        .and_then(|p| std::fs::read(p).ok())
+        .map(|b| hex::encode(sha2::Sha256::digest(b)));
     let daemon = Arc::new(Daemon {
+        agent_configs: Mutex::new(config.agents.clone()),
         config,
+        config_path,
         kernel,
         registry,
         enroller,
         audit,
         ids,
         started: jiff::Timestamp::now(),
+        config_sha: Mutex::new(config_sha),
+        kill_files,
+        kill_state: tokio::sync::Mutex::new(initial_kill.clone()),
     });
 
     // Kernel-wide settings first. READY stays as it was (set by a previous run, or clear on
     // a first start, which refuses everything) until the proxy listens.
     let previous = daemon.kernel.config().unwrap_or_default();
+    let mut flags = previous.flags & global_flags::READY;
+    if initial_kill.global {
+        flags |= global_flags::KILLED;
+        tracing::warn!(file = %daemon.kill_files.global.display(), "global kill switch engaged at start");
+    }
     daemon.kernel.set_config(GlobalConfig {
         layout_version: LAYOUT_VERSION,
-        flags: previous.flags & global_flags::READY,
+        flags,
         proxy_port: daemon.config.proxy_port,
         dns_port: daemon.config.dns_port,
         _pad0: 0,
@@ -130,6 +165,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     tokio::spawn(refresh_names(daemon.clone()));
+    tokio::spawn(crate::control::run(daemon.clone()));
 
     daemon
         .kernel
@@ -341,6 +377,12 @@ impl Daemon {
             exec_cgroup,
             policy,
         ));
+        // The kill state is set before the agent's flags reach the kernel.
+        let killed = match self.kill_state.try_lock() {
+            Ok(state) => state.kills(name),
+            Err(_) => self.kill_files.read(&[name.to_owned()]).kills(name),
+        };
+        agent.set_killed(killed);
         self.apply_policy(&agent).await?;
         self.registry.insert(agent.clone());
         self.enroller.enrol_exec_cgroup(&agent)?;
@@ -548,6 +590,366 @@ impl Daemon {
     }
 }
 
+/// Result of reloading one agent.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadResult {
+    pub agent: String,
+    pub ok: bool,
+    pub message: String,
+}
+
+impl Daemon {
+    /// Directories the control loop watches: the kill-switch files', the config's and every
+    /// configured policy's.
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = self.kill_files.dirs();
+        if let Some(dir) = self.config_path.as_deref().and_then(Path::parent) {
+            dirs.push(dir.to_owned());
+        }
+        for a in lock(&self.agent_configs).iter() {
+            if let Some(dir) = a.policy.parent() {
+                dirs.push(dir.to_owned());
+            }
+        }
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    /// Is `path` the config file or a configured policy file?
+    pub fn is_watched_config(&self, path: &Path) -> bool {
+        self.config_path.as_deref() == Some(path)
+            || lock(&self.agent_configs).iter().any(|a| a.policy == path)
+    }
+
+    /// Reads the kill-switch files and applies any change.
+    pub async fn check_kill_switch(&self) {
+        let mut current = self.kill_state.lock().await;
+        let names = self.registry.names();
+        let next = self.kill_files.read(&names);
+        if next == *current {
+            return;
+        }
+        let changed = changes(&current, &next, &names);
+        if next.global != current.global {
+            let global = next.global;
+            let result = self.kernel.update_config(|c| {
+                if global {
+                    c.flags |= global_flags::KILLED;
+                } else {
+                    c.flags &= !global_flags::KILLED;
+                }
+            });
+            if let Err(e) = result {
+                tracing::error!("cannot set the global kill flag in the kernel: {e}");
+            }
+        }
+        let mut cut = 0usize;
+        let mut cgroups = std::collections::HashSet::new();
+        for (name, killed) in &changed {
+            let Some(agent) = self.registry.get(name) else {
+                continue;
+            };
+            agent.set_killed(*killed);
+            // Kernel first: from here on new connects fail and egress is dropped.
+            let result = self.kernel.agent_flags(agent.id).and_then(|flags| {
+                let flags = if *killed {
+                    flags | agent_flags::KILLED
+                } else {
+                    flags & !agent_flags::KILLED
+                };
+                self.kernel.set_agent_flags(agent.id, flags)
+            });
+            if let Err(e) = result {
+                tracing::error!(agent = %name, "cannot set the kill flag in the kernel: {e}");
+            }
+            if *killed {
+                // Then every open proxied stream, mid-flight, with a reset.
+                cut += agent.conns.kill_all();
+                for e in self.enroller.list().iter().filter(|e| &e.agent == name) {
+                    cgroups.extend(crate::cgroup::subtree_ids(&e.path));
+                }
+            }
+        }
+        // Then any other TCP socket of those cgroups (accepted, DNS over TCP, ...).
+        let destroyed = if cgroups.is_empty() {
+            0
+        } else {
+            match tokio::task::spawn_blocking(move || {
+                crate::control::sockdiag::destroy_tcp_in(&cgroups)
+            })
+            .await
+            {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    tracing::error!("destroying sockets of killed cgroups failed: {e}");
+                    0
+                }
+                Err(e) => {
+                    tracing::error!("sock_diag task failed: {e}");
+                    0
+                }
+            }
+        };
+        self.audit_kill(&current, &next, &changed, cut, destroyed);
+        *current = next;
+    }
+
+    fn audit_kill(
+        &self,
+        before: &KillState,
+        after: &KillState,
+        changed: &std::collections::BTreeMap<String, bool>,
+        cut: usize,
+        destroyed: usize,
+    ) {
+        let action = |on: bool| if on { Action::Engaged } else { Action::Lifted };
+        if before.global != after.global {
+            tracing::warn!(
+                engaged = after.global,
+                connections_cut = cut,
+                sockets_destroyed = destroyed,
+                "global kill switch {}",
+                if after.global { "ENGAGED" } else { "lifted" }
+            );
+            let _ = self.audit.record(
+                AuditEvent::new(EventKind::KillSwitch)
+                    .action(action(after.global))
+                    .scope(Scope::Global)
+                    .detail(format!(
+                        "{}; {cut} connections cut, {destroyed} sockets destroyed",
+                        self.kill_files.global.display()
+                    )),
+            );
+        }
+        for name in &after.agents ^ &before.agents {
+            let on = after.agents.contains(&name);
+            tracing::warn!(agent = %name, "kill switch {}", if on { "ENGAGED" } else { "lifted" });
+            let _ = self.audit.record(
+                AuditEvent::new(EventKind::KillSwitch)
+                    .action(action(on))
+                    .scope(Scope::Agent)
+                    .agent_id(name.clone())
+                    .detail(format!(
+                        "{}; {cut} connections cut, {destroyed} sockets destroyed",
+                        self.kill_files.agent(&name).display()
+                    )),
+            );
+        }
+        let _ = changed;
+    }
+
+    /// Reloads when the config file or a policy file changed content.
+    pub async fn reload_if_changed(&self) {
+        let config_changed = match self.config_path.as_deref() {
+            Some(p) => {
+                let now = std::fs::read(p)
+                    .ok()
+                    .map(|b| hex::encode(sha2::Sha256::digest(b)));
+                now.is_some() && now != *lock(&self.config_sha)
+            }
+            None => false,
+        };
+        let policy_changed = self.registry.all().iter().any(|a| {
+            a.origin == Origin::Configured
+                && std::fs::read(&a.policy_path)
+                    .map(|b| hex::encode(sha2::Sha256::digest(b)) != a.policy().sha256())
+                    .unwrap_or(false)
+        });
+        if config_changed || policy_changed {
+            self.reload("periodic check").await;
+        }
+    }
+
+    /// Re-reads the config's agent list and every configured policy. A valid changed policy is
+    /// swapped in atomically (requests in flight finish under the old one) and the kernel
+    /// allowlist follows; an invalid one is rejected and the previous one stays.
+    pub async fn reload(&self, why: &str) -> Vec<ReloadResult> {
+        let mut results = Vec::new();
+        if let Some(path) = self.config_path.clone() {
+            match Config::load(&path) {
+                Ok(new) => {
+                    *lock(&self.config_sha) = std::fs::read(&path)
+                        .ok()
+                        .map(|b| hex::encode(sha2::Sha256::digest(b)));
+                    results.extend(self.apply_agent_list(new.agents).await);
+                }
+                Err(e) => {
+                    tracing::warn!("config reload rejected, keeping the previous agent list: {e}");
+                    let _ = self.audit.record(
+                        AuditEvent::new(EventKind::Policy)
+                            .action(Action::Rejected)
+                            .reason(e.to_string())
+                            .detail(path.display().to_string()),
+                    );
+                    results.push(ReloadResult {
+                        agent: "(config)".into(),
+                        ok: false,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        for agent in self.registry.all() {
+            if agent.origin != Origin::Configured {
+                continue;
+            }
+            results.push(self.reload_policy(&agent, why).await);
+        }
+        results
+    }
+
+    async fn reload_policy(&self, agent: &Arc<Agent>, why: &str) -> ReloadResult {
+        let result = |ok, message: String| ReloadResult {
+            agent: agent.name.clone(),
+            ok,
+            message,
+        };
+        match Policy::load(&agent.policy_path) {
+            Err(e) => {
+                let message = e.to_string();
+                // Only report a rejection once per distinct error.
+                if agent.reload_status().message != message {
+                    tracing::warn!(agent = %agent.name, "policy reload rejected, keeping the previous policy: {message}");
+                    let _ = self.audit.record(
+                        AuditEvent::new(EventKind::Policy)
+                            .action(Action::Rejected)
+                            .agent_id(agent.name.clone())
+                            .policy_sha256(agent.policy().sha256())
+                            .reason(message.clone())
+                            .detail(agent.policy_path.display().to_string()),
+                    );
+                    agent.set_reload_status(false, message.clone());
+                }
+                result(false, message)
+            }
+            Ok(policy) if policy.sha256() == agent.policy().sha256() => {
+                if !agent.reload_status().ok {
+                    agent.set_reload_status(true, format!("unchanged ({why})"));
+                }
+                result(true, "unchanged".into())
+            }
+            Ok(policy) => {
+                let sha = policy.sha256().to_owned();
+                agent.set_policy(Arc::new(policy));
+                if let Err(e) = self.apply_policy(agent).await {
+                    tracing::error!(agent = %agent.name, "updating the kernel allowlist failed: {e:#}");
+                }
+                tracing::info!(agent = %agent.name, sha256 = %sha, "policy reloaded ({why})");
+                let _ = self.audit.record(
+                    AuditEvent::new(EventKind::Policy)
+                        .action(Action::Loaded)
+                        .agent_id(agent.name.clone())
+                        .policy_sha256(sha.clone())
+                        .detail(format!("{} ({why})", agent.policy_path.display())),
+                );
+                agent.set_reload_status(true, format!("reloaded ({why})"));
+                result(true, format!("reloaded, sha256 {sha}"))
+            }
+        }
+    }
+
+    /// Applies a new agent list: new agents are added, removed ones are cut off (their cgroups
+    /// stay attached and refuse everything), changed ones follow their new policy file and
+    /// cgroups.
+    async fn apply_agent_list(&self, new: Vec<AgentConfig>) -> Vec<ReloadResult> {
+        let old = lock(&self.agent_configs).clone();
+        let mut results = Vec::new();
+        for a in &new {
+            let before = old.iter().find(|o| o.name == a.name);
+            let known = self.registry.get(&a.name);
+            match (before, known) {
+                (Some(b), Some(agent)) if b.policy == a.policy => {
+                    for cg in a.cgroups.iter().filter(|c| !b.cgroups.contains(c)) {
+                        if let Err(e) = self.enroller.enrol_configured(cg, &agent) {
+                            tracing::warn!(agent = %a.name, "cannot enrol {}: {e}", cg.display());
+                        }
+                    }
+                }
+                (_, existing) => {
+                    if let Some(agent) = existing {
+                        if agent.origin == Origin::AdHoc {
+                            tracing::warn!(agent = %a.name, "ad-hoc agent is now configured; switching to the configured policy");
+                        }
+                        self.registry.remove(&a.name);
+                    }
+                    let exec = a
+                        .exec_cgroup
+                        .clone()
+                        .unwrap_or_else(|| default_exec_cgroup(&a.name));
+                    let outcome = match Policy::load(&a.policy) {
+                        Ok(p) => self
+                            .add_agent(
+                                &a.name,
+                                Origin::Configured,
+                                a.policy.clone(),
+                                exec,
+                                Arc::new(p),
+                            )
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match outcome {
+                        Ok(agent) => {
+                            for cg in &a.cgroups {
+                                if let Err(e) = self.enroller.enrol_configured(cg, &agent) {
+                                    tracing::warn!(agent = %a.name, "cannot enrol {}: {e}", cg.display());
+                                }
+                            }
+                            results.push(ReloadResult {
+                                agent: a.name.clone(),
+                                ok: true,
+                                message: "added".into(),
+                            });
+                        }
+                        Err(message) => {
+                            tracing::warn!(agent = %a.name, "new agent not added: {message}");
+                            let _ = self.audit.record(
+                                AuditEvent::new(EventKind::Policy)
+                                    .action(Action::Rejected)
+                                    .agent_id(a.name.clone())
+                                    .reason(message.clone()),
+                            );
+                            results.push(ReloadResult {
+                                agent: a.name.clone(),
+                                ok: false,
+                                message,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for gone in old.iter().filter(|o| !new.iter().any(|n| n.name == o.name)) {
+            if let Some(agent) = self.registry.remove(&gone.name) {
+                // Fail closed: the agent's cgroups keep their programs and refuse everything.
+                if let Err(e) = self.kernel.set_agent_flags(agent.id, 0) {
+                    tracing::error!(agent = %gone.name, "cannot deactivate in the kernel: {e}");
+                }
+                agent.conns.kill_all();
+                tracing::warn!(agent = %gone.name, "agent removed from the config: its cgroups now refuse all traffic until unenrolled");
+                let _ = self.audit.record(
+                    AuditEvent::new(EventKind::Policy)
+                        .action(Action::Rejected)
+                        .agent_id(gone.name.clone())
+                        .reason(
+                            "agent removed from the config; its cgroups refuse all traffic"
+                                .to_string(),
+                        ),
+                );
+                results.push(ReloadResult {
+                    agent: gone.name.clone(),
+                    ok: true,
+                    message: "removed".into(),
+                });
+            }
+        }
+        *lock(&self.agent_configs) = new;
+        results
+    }
+}
+
 impl admin::Handler for Daemon {
     fn peer_is_enrolled(&self, pid: u32) -> bool {
         match self.enroller.hierarchy.of_pid(pid) {
@@ -573,8 +975,11 @@ impl admin::Handler for Daemon {
         self.unenrol_request(req)
     }
 
-    fn reload(&self) -> Result<serde_json::Value, String> {
-        Err("reload is not available yet; restart the daemon".into())
+    fn reload(&self) -> impl Future<Output = Result<serde_json::Value, String>> + Send {
+        async move {
+            let results = Daemon::reload(self, "admin API").await;
+            Ok(serde_json::json!({ "agents": results }))
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod enrol;

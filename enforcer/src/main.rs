@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     if let Command::Policy(c) = cli.command {
         return cmd::policy::run(c);
     }
-    let config = match cmd::load_config(cli.config.as_deref()) {
+    let (config, config_path) = match cmd::load_config(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("enforcer: {e}");
@@ -40,7 +40,9 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Daemon => cmd::daemon::run(config),
+        Command::Daemon => cmd::daemon::run(config, config_path),
+        Command::Kill(args) => cmd::kill::kill(args, &config),
+        Command::Revive(args) => cmd::kill::revive(args, &config),
         Command::Exec(args) => cmd::exec::run(args, &config),
         Command::Enrol(args) => cmd::enrol::enrol(args, &config),
         Command::Unenrol(args) => cmd::enrol::unenrol(args, &config),

@@ -279,6 +279,13 @@ impl TestDaemon {
     /// Starts a daemon with these agents, `dns.static` entries and extra top-level config
     /// lines.
     pub fn start(agents: &[(&str, &str)], statics: &[(&str, &str)], extra: &str) -> TestDaemon {
+        let mut d = Self::new(agents, statics, extra);
+        d.spawn();
+        d
+    }
+
+    /// Writes the configuration without starting the daemon (call `spawn`).
+    pub fn new(agents: &[(&str, &str)], statics: &[(&str, &str)], extra: &str) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("enforcer-e2e-")
             .tempdir()
@@ -311,7 +318,7 @@ impl TestDaemon {
         }
         let config_path = dir.path().join("enforcer.yaml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut d = TestDaemon {
+        TestDaemon {
             dir,
             config: config_path,
             proxy_port,
@@ -319,9 +326,22 @@ impl TestDaemon {
             bpffs,
             agents: names,
             child: None,
-        };
-        d.spawn();
-        d
+        }
+    }
+
+    /// The policy file of a test agent (rewrite it to test reloads).
+    pub fn policy_path(&self, logical: &str) -> PathBuf {
+        self.dir.path().join(format!("{logical}.yaml"))
+    }
+
+    /// The global kill-switch file.
+    pub fn global_kill_path(&self) -> PathBuf {
+        self.dir.path().join("state/killswitch")
+    }
+
+    /// A test agent's kill-switch file.
+    pub fn agent_kill_path(&self, logical: &str) -> PathBuf {
+        self.dir.path().join("state/kill").join(self.agent(logical))
     }
 
     /// The real name of a test agent.

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
-pub fn run(config: Config) -> ExitCode {
+pub fn run(config: Config, config_path: Option<std::path::PathBuf>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -15,7 +15,7 @@ pub fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::daemon::run(config)) {
+    match runtime.block_on(crate::daemon::run(config, config_path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("enforcer: {e:#}");

@@ -10,6 +10,9 @@
 //! probe cgroup               print the cgroup v2 path
 //! probe child ARGS...        run `probe ARGS...` as a child and print its cgroup first
 //! probe loop ADDR HOST MS    connect-and-GET forever every MS ms, one line per attempt
+//! probe stream ADDR HOST     GET with keep-alive, print "connected", then read until the
+//!                            stream ends and print how ("ended reset", "ended eof", ...)
+//! probe hold ADDR            connect (no request), print "connected", read until it ends
 
 use std::{
     io::{Read as _, Write as _},
@@ -32,6 +35,8 @@ fn main() {
         }
         Some("child") => child(&args[1..]),
         Some("loop") => loop_get(&args[1], &args[2], args[3].parse().unwrap_or(100)),
+        Some("stream") => stream(&args[1], Some(&args[2])),
+        Some("hold") => stream(&args[1], None),
         _ => {
             eprintln!("usage: see the source");
             2
@@ -242,5 +247,57 @@ fn loop_get(addr: &str, host: &str, ms: u64) -> i32 {
         }
         let _ = std::io::stdout().flush();
         std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// Opens a connection (sending a keep-alive GET when `host` is given), then waits for it to
+/// end and says how. A reset shows as "ended reset", a sock_diag destroy as "ended aborted".
+fn stream(addr: &str, host: Option<&str>) -> i32 {
+    let addr: SocketAddr = addr.parse().expect("address");
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!(
+                "error connect: {e} (os error {})",
+                e.raw_os_error().unwrap_or(0)
+            );
+            return 1;
+        }
+    };
+    if let Some(host) = host {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        if s.write_all(req.as_bytes()).is_err() {
+            println!("error write");
+            return 1;
+        }
+        let mut first = [0u8; 512];
+        match s.read(&mut first) {
+            Ok(n) if n > 0 => {}
+            other => {
+                println!("error no response: {other:?}");
+                return 1;
+            }
+        }
+    }
+    println!("connected");
+    let _ = std::io::stdout().flush();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                println!("ended eof");
+                return 0;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let how = match e.kind() {
+                    std::io::ErrorKind::ConnectionReset => "reset".to_string(),
+                    std::io::ErrorKind::ConnectionAborted => "aborted".to_string(),
+                    _ => format!("error {e}"),
+                };
+                println!("ended {how}");
+                return 0;
+            }
+        }
     }
 }

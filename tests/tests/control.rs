@@ -1,0 +1,279 @@
+//! Kill switch and hot policy reload, end to end. Needs root (see the harness docs).
+
+use std::time::{Duration, Instant};
+
+use enforcer_tests::{Counter, Lines, TestDaemon, Upstream, prerequisites, reap, stdout};
+
+fn allow_literal(ip: &str) -> String {
+    format!("default: deny\nrules:\n  - name: lit\n    allow: {{ url: \"{ip}:*\" }}\n")
+}
+
+/// Polls `f` until it holds, at most `secs` seconds (a bound against hangs only).
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn kill_switch_resets_open_streams_refuses_new_connects_and_lifts() {
+    // Scenario: an enrolled process holds a proxied keep-alive stream. `enforcer kill` cuts it
+    // with a reset and new connects fail with EPERM; `enforcer revive` lets them through again.
+    let Some(()) = prerequisites("kill_switch") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "up6");
+    let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let mut child = d.probe_spawn("a", &["stream", &up.addr.to_string(), &up.addr.to_string()]);
+    let lines = Lines::of(&mut child);
+    assert_eq!(
+        lines.next(Duration::from_secs(10)).as_deref(),
+        Some("connected"),
+        "{}",
+        d.log()
+    );
+
+    let out = d.cli(&["kill", "--agent", d.agent("a")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ended = lines
+        .next(Duration::from_secs(5))
+        .expect("the stream must end");
+    assert_eq!(
+        ended,
+        "ended reset",
+        "the client must see a reset\n{}",
+        d.log()
+    );
+    let refused = d.probe("a", &["tcp", &up.addr.to_string()]);
+    assert!(
+        stdout(&refused).contains("os error 1"),
+        "{}",
+        stdout(&refused)
+    );
+    assert_eq!(d.agent_status("a")["killed"], true);
+    let audit = d.audit_log();
+    assert!(
+        audit.lines().any(
+            |l| l.contains("\"event\":\"kill_switch\"") && l.contains("\"action\":\"engaged\"")
+        ),
+        "{audit}"
+    );
+
+    let out = d.cli(&["revive", "--agent", d.agent("a")]);
+    assert!(out.status.success());
+    assert!(
+        eventually(5, || d
+            .probe("a", &["tcp", &up.addr.to_string()])
+            .status
+            .success()),
+        "connects must work again after revive"
+    );
+    assert!(d.audit_log().lines().any(|l| l.contains("\"event\":\"kill_switch\"") && l.contains("\"action\":\"lifted\"")));
+    reap(child);
+}
+
+#[test]
+fn a_per_agent_kill_leaves_other_agents_untouched() {
+    let Some(()) = prerequisites("per_agent_kill") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "up6");
+    let d = TestDaemon::start(
+        &[
+            ("a", &allow_literal("127.0.0.6")),
+            ("b", &allow_literal("127.0.0.6")),
+        ],
+        &[],
+        "",
+    );
+    let mut ca = d.probe_spawn("a", &["stream", &up.addr.to_string(), &up.addr.to_string()]);
+    let mut cb = d.probe_spawn("b", &["stream", &up.addr.to_string(), &up.addr.to_string()]);
+    let (la, lb) = (Lines::of(&mut ca), Lines::of(&mut cb));
+    assert_eq!(
+        la.next(Duration::from_secs(10)).as_deref(),
+        Some("connected")
+    );
+    assert_eq!(
+        lb.next(Duration::from_secs(10)).as_deref(),
+        Some("connected")
+    );
+    std::fs::create_dir_all(d.agent_kill_path("a").parent().unwrap()).unwrap();
+    std::fs::write(d.agent_kill_path("a"), b"").unwrap();
+    assert_eq!(
+        la.next(Duration::from_secs(5)).as_deref(),
+        Some("ended reset")
+    );
+    // b's stream is still open and b can still connect.
+    assert!(
+        lb.next(Duration::from_millis(500)).is_none(),
+        "b's stream must stay open"
+    );
+    let ok = d.probe("b", &["tcp", &up.addr.to_string()]);
+    assert!(ok.status.success(), "{}", stdout(&ok));
+    let refused = d.probe("a", &["tcp", &up.addr.to_string()]);
+    assert!(stdout(&refused).contains("os error 1"));
+    reap(ca);
+    reap(cb);
+}
+
+#[test]
+fn a_symlinked_kill_path_counts_as_engaged() {
+    // Scenario: the per-agent kill path is a dangling symlink. It is not followed, and it
+    // engages the switch all the same.
+    let Some(()) = prerequisites("symlink_kill") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "up6");
+    let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let path = d.agent_kill_path("a");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", &path).unwrap();
+    assert!(
+        eventually(5, || stdout(&d.probe("a", &["tcp", &up.addr.to_string()]))
+            .contains("os error 1")),
+        "a symlink must engage the switch"
+    );
+    assert_eq!(up.accepted(), 0);
+}
+
+#[test]
+fn a_global_kill_file_present_at_start_holds_from_the_first_instant() {
+    let Some(()) = prerequisites("kill_at_start") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "up6");
+    let mut d = TestDaemon::new(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    std::fs::create_dir_all(d.global_kill_path().parent().unwrap()).unwrap();
+    std::fs::write(d.global_kill_path(), b"").unwrap();
+    d.spawn();
+    let out = d.probe("a", &["tcp", &up.addr.to_string()]);
+    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    assert_eq!(d.status()["kill_switch"]["global"], true);
+    let out = d.cli(&["revive"]);
+    assert!(out.status.success());
+    assert!(eventually(5, || d
+        .probe("a", &["tcp", &up.addr.to_string()])
+        .status
+        .success()));
+}
+
+#[test]
+fn kill_destroys_other_tcp_sockets_of_the_cgroup() {
+    // Scenario: an enrolled process holds a TCP connection that does not go through the
+    // proxy (straight to the resolver port, where the test listens). Dropped packets alone
+    // would only stall it; the kill switch destroys it with sock_diag.
+    let Some(()) = prerequisites("kill_sock_destroy") else {
+        return;
+    };
+    let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let listener = std::net::TcpListener::bind(("127.0.0.1", d.dns_port)).unwrap();
+    let mut child = d.probe_spawn("a", &["hold", &format!("127.0.0.1:{}", d.dns_port)]);
+    let lines = Lines::of(&mut child);
+    assert_eq!(
+        lines.next(Duration::from_secs(10)).as_deref(),
+        Some("connected")
+    );
+    let (_held, _) = listener.accept().unwrap();
+    d.cli(&["kill", "--agent", d.agent("a")]);
+    let ended = lines
+        .next(Duration::from_secs(5))
+        .expect("the held socket must be destroyed");
+    assert!(
+        ended == "ended aborted" || ended == "ended reset",
+        "{ended}"
+    );
+    reap(child);
+}
+
+#[test]
+fn a_valid_policy_is_reloaded_and_an_invalid_one_is_rejected() {
+    // Scenario: the policy file is rewritten to allow 127.0.0.7: the kernel allowlist and the
+    // proxy follow without a restart. Then a broken policy is written: it is rejected, the
+    // previous one stays in force, status and the audit log say so.
+    let Some(()) = prerequisites("reload") else {
+        return;
+    };
+    let up7 = Upstream::http("127.0.0.7", "up7");
+    let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let before = d.agent_status("a")["policy_sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(stdout(&d.probe("a", &["tcp", &up7.addr.to_string()])).contains("os error 1"));
+
+    std::fs::write(d.policy_path("a"), allow_literal("127.0.0.7")).unwrap();
+    assert!(
+        eventually(10, || d
+            .probe("a", &["tcp", &up7.addr.to_string()])
+            .status
+            .success()),
+        "the new policy must take effect:\n{}",
+        d.log()
+    );
+    let st = d.agent_status("a");
+    assert_ne!(st["policy_sha256"].as_str().unwrap(), before);
+    assert_eq!(st["last_reload"]["ok"], true);
+
+    std::fs::write(
+        d.policy_path("a"),
+        "rules:\n  - name: x\n    allow: { url: \"a\", maxx: 1 }\n",
+    )
+    .unwrap();
+    assert!(
+        eventually(10, || d.agent_status("a")["last_reload"]["ok"] == false),
+        "the broken policy must be reported"
+    );
+    assert!(
+        d.probe("a", &["tcp", &up7.addr.to_string()])
+            .status
+            .success(),
+        "the previous policy must stay"
+    );
+    let audit = d.audit_log();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"event\":\"policy\"") && l.contains("\"action\":\"rejected\"")),
+        "{audit}"
+    );
+    assert!(
+        d.log().contains("policy reload rejected"),
+        "a WARN must give the error"
+    );
+}
+
+#[test]
+fn sighup_reloads_and_the_audit_log_of_a_run_verifies() {
+    let Some(()) = prerequisites("sighup") else {
+        return;
+    };
+    let target = Counter::new("127.0.0.7");
+    let mut d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    // Change the file and signal at once: the reload must not wait for the periodic check.
+    std::fs::write(d.policy_path("a"), allow_literal("127.0.0.7")).unwrap();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.pid().unwrap() as i32, libc::SIGHUP) };
+    assert!(eventually(5, || d
+        .probe("a", &["tcp", &target.addr.to_string()])
+        .status
+        .success()));
+    d.stop();
+    // The whole run's log verifies with the daemon's key.
+    let log = d.dir.path().join("audit/audit.jsonl");
+    let out = d.cli(&["audit", "verify", log.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
