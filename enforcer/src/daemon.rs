@@ -975,11 +975,9 @@ impl admin::Handler for Daemon {
         self.unenrol_request(req)
     }
 
-    fn reload(&self) -> impl Future<Output = Result<serde_json::Value, String>> + Send {
-        async move {
-            let results = Daemon::reload(self, "admin API").await;
-            Ok(serde_json::json!({ "agents": results }))
-        }
+    async fn reload(&self) -> Result<serde_json::Value, String> {
+        let results = Daemon::reload(self, "admin API").await;
+        Ok(serde_json::json!({ "agents": results }))
     }
 }
 

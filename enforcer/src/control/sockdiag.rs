@@ -121,14 +121,14 @@ fn dump(
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(out),
                 NetlinkPayload::Error(e) => return Err(SockDiagError::Dump(format!("{e:?}"))),
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    if cgroup_of(&r).is_some_and(|c| cgroups.contains(&c)) {
-                        out.push(Found {
-                            family,
-                            id: r.header.socket_id.clone(),
-                            states: r.header.state,
-                        });
-                    }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                    if cgroup_of(&r).is_some_and(|c| cgroups.contains(&c)) =>
+                {
+                    out.push(Found {
+                        family,
+                        id: r.header.socket_id.clone(),
+                        states: r.header.state,
+                    });
                 }
                 _ => {}
             }
