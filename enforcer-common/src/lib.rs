@@ -35,9 +35,7 @@ pub mod maps {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     /// `LruHashMap<SockKey, OrigDst>`: the same record, keyed by the client's local address.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
-    /// `HashMap<Addr, u8>`: upstream DNS servers enrolled sockets may send port-53 UDP to.
-    pub const DNS_SERVERS: &str = "DNS_SERVERS";
-    /// `LruHashMap<SockKey, DnsClient>`: which agent sent a DNS query from which address.
+    /// `LruHashMap<SockKey, DnsClient>`: which agent sent a UDP DNS query from which address.
     pub const DNS_CLIENTS: &str = "DNS_CLIENTS";
     /// `PerCpuArray<AgentCounters>` indexed by agent id.
     pub const COUNTERS: &str = "COUNTERS";
@@ -65,11 +63,13 @@ pub mod programs {
     /// Every program, in attach order. Attach order matters little (each hook is independent),
     /// but sock_ops and sock_release go first so no redirected socket misses its record, and
     /// the connect hooks come last.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         SOCK_OPS,
         SOCK_RELEASE,
         GETPEERNAME4,
         GETPEERNAME6,
+        RECVMSG4,
+        RECVMSG6,
         SENDMSG4,
         SENDMSG6,
         SKB_EGRESS,
@@ -175,7 +175,8 @@ pub mod global_flags {
     /// Programs are configured (set once the daemon has written the config). Until then
     /// everything is refused.
     pub const READY: u32 = 1 << 1;
-    /// Redirect enrolled DNS (port 53, UDP and TCP) to the local resolver.
+    /// The local resolver listens: enrolled DNS (port 53, UDP and TCP, any address) is
+    /// redirected to it. Without the flag, port-53 traffic is refused.
     pub const DNS_REDIRECT: u32 = 1 << 2;
 }
 
@@ -278,6 +279,9 @@ pub mod orig_flags {
     pub const DIRECT: u32 = 1 << 0;
     /// The destination is in the kernel allowlist (not only redirected by REDIRECT_ALL_TCP).
     pub const LISTED: u32 = 1 << 1;
+    /// A DNS query (port 53, or straight to the resolver port) redirected to the resolver;
+    /// `addr`/`port` are the server the client addressed.
+    pub const DNS: u32 = 1 << 2;
 }
 
 /// [`maps::DNS_CLIENTS`] value: which agent's socket sent a DNS query, and to which server.

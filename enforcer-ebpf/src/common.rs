@@ -109,6 +109,7 @@ pub enum Counter {
     Redirected,
     Refused,
     DroppedPacket,
+    DnsRedirected,
 }
 
 #[inline(always)]
@@ -122,6 +123,7 @@ pub fn count(agent: u32, counter: Counter) {
         Counter::Redirected => counters.redirected += 1,
         Counter::Refused => counters.refused += 1,
         Counter::DroppedPacket => counters.dropped_packets += 1,
+        Counter::DnsRedirected => counters.dns_redirected += 1,
     }
 }
 

@@ -1,8 +1,10 @@
 //! `cgroup/connect4` and `cgroup/connect6`: every `connect()` of an enrolled socket.
 //!
 //! TCP (and MPTCP, which is TCP to us) to a destination the agent may reach is rewritten to
-//! the local proxy, with the original destination recorded by socket cookie. UDP may only
-//! reach DNS. Everything else fails with EPERM and is reported to the daemon.
+//! the local proxy, with the original destination recorded by socket cookie. DNS (port 53,
+//! UDP or TCP, to any address) is rewritten to the local resolver; DNS over TLS (853) is
+//! refused. Other UDP is refused, so QUIC falls back to TCP. Everything refused fails with
+//! EPERM and is reported to the daemon.
 
 use aya_ebpf::{
     EbpfContext,
@@ -10,7 +12,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    Addr, GlobalConfig, OrigDst, agent_flags, allow_flags, deny_reason, orig_flags,
+    Addr, GlobalConfig, OrigDst, agent_flags, allow_flags, deny_reason, global_flags, orig_flags,
 };
 
 use crate::{
@@ -19,7 +21,7 @@ use crate::{
         SOCK_STREAM, agent_state, allowlisted, caller, config, count, current_agent, killed,
         now_boot_ns, report_deny,
     },
-    maps::{DNS_SERVERS, ORIG_BY_COOKIE},
+    maps::ORIG_BY_COOKIE,
 };
 
 /// The hook family is a const generic (`V6`): the verifier only allows `user_ip4` in the
@@ -127,7 +129,7 @@ pub fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     match sock_type {
         // MPTCP sockets are SOCK_STREAM too (protocol IPPROTO_MPTCP): same treatment as TCP.
         SOCK_STREAM => connect_stream::<V6>(ctx, cfg, agent, state.flags, &dst, port),
-        SOCK_DGRAM => Ok(udp_verdict(cfg, agent, &dst, port)),
+        SOCK_DGRAM => Ok(udp_verdict::<V6>(ctx, cfg, agent, &dst, port)),
         // Raw, SEQPACKET and anything else: nothing we can judge.
         _ => {
             report_deny(agent, &dst, port, proto, deny_reason::UDP);
@@ -158,12 +160,39 @@ fn connect_stream<const V6: bool>(
         return Ok(DENY_CALL);
     }
 
+    if port == 853 {
+        // DNS over TLS would carry names past the resolver.
+        report_deny(
+            agent,
+            dst,
+            port,
+            IPPROTO_TCP as u16,
+            deny_reason::DNS_OVER_TLS,
+        );
+        return Ok(DENY_CALL);
+    }
+    if port == 53 {
+        return Ok(redirect_dns::<V6>(
+            ctx,
+            cfg,
+            agent,
+            dst,
+            port,
+            IPPROTO_TCP as u16,
+        ));
+    }
     let listed = allowlisted(agent, dst, port);
     if dst.is_local() {
         if port == cfg.proxy_port || port == cfg.dns_port {
             // Straight to our own listeners: let it through unchanged, but mark the socket so
-            // the proxy closes it instead of trusting a stale record for its port.
-            record::<V6>(ctx, agent, dst, port, orig_flags::DIRECT);
+            // the proxy closes it instead of trusting a stale record for its port. The
+            // resolver still learns the agent from it.
+            let flags = if port == cfg.dns_port {
+                orig_flags::DIRECT | orig_flags::DNS
+            } else {
+                orig_flags::DIRECT
+            };
+            record::<V6>(ctx, agent, dst, port, flags);
             return Ok(ALLOW_CALL);
         }
         // Other local services only when the policy names them explicitly.
@@ -200,19 +229,54 @@ fn connect_stream<const V6: bool>(
     Ok(ALLOW_CALL)
 }
 
-/// UDP: only DNS, to the resolver port or to an upstream the daemon allows.
+/// UDP: only DNS. Port 53 to any address goes to the local resolver; the resolver port itself
+/// is reachable directly.
 #[inline(always)]
-pub fn udp_verdict(cfg: &GlobalConfig, agent: u32, dst: &Addr, port: u16) -> i32 {
-    if dst.is_local() && port == cfg.dns_port {
-        return ALLOW_CALL;
+pub fn udp_verdict<const V6: bool>(
+    ctx: &SockAddrContext,
+    cfg: &GlobalConfig,
+    agent: u32,
+    dst: &Addr,
+    port: u16,
+) -> i32 {
+    if port == 53 {
+        return redirect_dns::<V6>(ctx, cfg, agent, dst, port, IPPROTO_UDP as u16);
     }
-    // SAFETY: value is not dereferenced.
-    if port == 53 && unsafe { DNS_SERVERS.get(dst) }.is_some() {
+    if dst.is_local() && port == cfg.dns_port {
+        if !record::<V6>(ctx, agent, dst, port, orig_flags::DNS | orig_flags::DIRECT) {
+            report_deny(agent, dst, port, IPPROTO_UDP as u16, deny_reason::NOT_READY);
+            return DENY_CALL;
+        }
         return ALLOW_CALL;
     }
     // Everything else, QUIC included: refused, so clients fall back to TCP.
     report_deny(agent, dst, port, IPPROTO_UDP as u16, deny_reason::UDP);
     DENY_CALL
+}
+
+/// Sends a DNS query (UDP or TCP port 53, any address) to the local resolver, remembering
+/// the server the client addressed so replies and getpeername can name it.
+#[inline(always)]
+fn redirect_dns<const V6: bool>(
+    ctx: &SockAddrContext,
+    cfg: &GlobalConfig,
+    agent: u32,
+    dst: &Addr,
+    port: u16,
+    proto: u16,
+) -> i32 {
+    if cfg.flags & global_flags::DNS_REDIRECT == 0 {
+        // No resolver to send it to: refuse rather than let a query out unjudged.
+        report_deny(agent, dst, port, proto, deny_reason::NOT_READY);
+        return DENY_CALL;
+    }
+    if !record::<V6>(ctx, agent, dst, port, orig_flags::DNS) {
+        report_deny(agent, dst, port, proto, deny_reason::NOT_READY);
+        return DENY_CALL;
+    }
+    rewrite_to_loopback::<V6>(ctx, dst, cfg.dns_port);
+    count(agent, Counter::DnsRedirected);
+    ALLOW_CALL
 }
 
 /// Stores the original destination under the socket cookie. False if the map refused it.

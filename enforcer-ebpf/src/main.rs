@@ -8,6 +8,7 @@ mod common;
 mod connect;
 mod getpeername;
 mod maps;
+mod recvmsg;
 mod release;
 mod sendmsg;
 mod skb;
@@ -52,6 +53,20 @@ pub fn restore_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn restore_getpeername6(ctx: SockAddrContext) -> i32 {
     let _ = getpeername::try_getpeername::<true>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn restore_recvmsg4(ctx: SockAddrContext) -> i32 {
+    // recvmsg hooks must return 1; a failure leaves the resolver's address visible, and the
+    // client library discards the reply (a retry, never a leak).
+    let _ = recvmsg::try_recvmsg::<false>(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn restore_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let _ = recvmsg::try_recvmsg::<true>(&ctx);
     1
 }
 

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Addr, AgentCounters, AgentState, AllowKey, AllowValue, DnsClient, GlobalConfig, MAX_AGENTS,
-    OrigDst, SockKey,
+    AgentCounters, AgentState, AllowKey, AllowValue, DnsClient, GlobalConfig, MAX_AGENTS, OrigDst,
+    SockKey,
 };
 
 /// Element 0: ports, global flags (kill, ready) and the daemon's netns cookie. Host order
@@ -40,12 +40,8 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 
 #[map]
 pub static ORIG_BY_TUPLE: LruHashMap<SockKey, OrigDst> = LruHashMap::pinned(65536, 0);
 
-/// Upstream DNS server addresses (network order, IPv4-mapped) enrolled sockets may send
-/// port-53 UDP to. Value unused.
-#[map]
-pub static DNS_SERVERS: HashMap<Addr, u8> = HashMap::pinned(64, 0);
-
-/// Client (address, port, proto) of a DNS query → agent and the server it addressed.
+/// Client (address, port, proto) of a UDP DNS query, as the resolver sees its peer → agent,
+/// process and the server the client addressed. Written by the egress hook.
 #[map]
 pub static DNS_CLIENTS: LruHashMap<SockKey, DnsClient> = LruHashMap::pinned(16384, 0);
 

@@ -32,5 +32,5 @@ pub fn try_sendmsg<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         report_deny(agent, &dst, port, proto, deny_reason::KILLED);
         return Ok(DENY_CALL);
     }
-    Ok(udp_verdict(cfg, agent, &dst, port))
+    Ok(udp_verdict::<V6>(ctx, cfg, agent, &dst, port))
 }

@@ -153,19 +153,46 @@ impl Agent {
         self.last_eval.load(Ordering::Relaxed)
     }
 
-    /// Names the address is known to belong to (from the policy's exact names).
+    /// Names the address was learned for (unexpired).
     pub fn names_for(&self, ip: IpAddr) -> Vec<String> {
-        lock(&self.names).names_for(ip)
+        lock(&self.names).names_for(ip, crate::bpf::boot_ns())
     }
 
-    /// True when `name` was resolved for this agent (so its addresses are known).
-    pub fn knows_name(&self, name: &str) -> bool {
-        lock(&self.names).knows(name)
+    /// Records that `name` resolved to `ip` until `expires_boot_ns`. `exact`: the policy
+    /// names `name` exactly (it may then be an internal address).
+    pub fn learn(&self, name: &str, ip: IpAddr, expires_boot_ns: u64, exact: bool) {
+        lock(&self.names).learn(name, ip, expires_boot_ns, exact);
     }
 
-    /// Replaces the associations learned from one source (e.g. resolve-at-load).
-    pub fn set_associations(&self, map: BTreeMap<String, BTreeSet<IpAddr>>) {
-        lock(&self.names).replace(map);
+    /// Drops expired associations.
+    pub fn sweep(&self, now_boot_ns: u64) {
+        lock(&self.names).sweep(now_boot_ns);
+    }
+
+    /// Every unexpired learned association: (name, address, expiry, exact).
+    pub fn learned(&self) -> Vec<LearnedName> {
+        let now = crate::bpf::boot_ns();
+        let names = lock(&self.names);
+        names
+            .by_ip
+            .iter()
+            .flat_map(|(ip, m)| {
+                m.iter()
+                    .filter(|(_, l)| l.expires_boot_ns > now)
+                    .map(|(n, l)| LearnedName {
+                        name: n.clone(),
+                        ip: *ip,
+                        expires_boot_ns: l.expires_boot_ns,
+                        exact: l.exact,
+                    })
+            })
+            .collect()
+    }
+
+    /// Forgets learned addresses whose names the current policy no longer allows; returns
+    /// the addresses left without any allowed name.
+    pub fn forget_disallowed(&self, allowed: impl Fn(&str) -> bool) -> Vec<IpAddr> {
+        lock(&self.names).retain_names(allowed)
     }
 
     /// Records the destinations the policy names explicitly.
@@ -173,45 +200,126 @@ impl Agent {
         *lock(&self.explicit) = entries;
     }
 
-    /// Does the policy name this destination explicitly (an IP literal, or the address of a
-    /// name written exactly)? Only such destinations may be internal ones.
+    /// Does the policy name this destination explicitly (an IP literal, or the address a
+    /// name written exactly resolved to)? Only such destinations may be internal ones.
     pub fn is_explicit(&self, ip: IpAddr, port: u16) -> bool {
-        lock(&self.explicit).iter().any(|e| {
+        let literal = lock(&self.explicit).iter().any(|e| {
             e.flags & enforcer_common::allow_flags::EXPLICIT != 0
                 && e.net.contains(&ip)
                 && e.port.is_none_or(|p| p == port)
-        })
+        });
+        literal || lock(&self.names).exact_for(ip, crate::bpf::boot_ns())
     }
 }
 
-/// Which names each address belongs to, as learned for one agent.
-#[derive(Debug, Default)]
-struct Associations {
-    by_ip: HashMap<IpAddr, BTreeSet<String>>,
-    names: BTreeSet<String>,
+/// One learned association, as saved across daemon restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LearnedName {
+    pub name: String,
+    pub ip: IpAddr,
+    pub expires_boot_ns: u64,
+    pub exact: bool,
 }
 
-impl Associations {
-    fn replace(&mut self, map: BTreeMap<String, BTreeSet<IpAddr>>) {
-        self.by_ip.clear();
-        self.names.clear();
-        for (name, ips) in map {
-            for ip in ips {
-                self.by_ip.entry(ip).or_default().insert(name.clone());
-            }
-            self.names.insert(name);
-        }
+/// The learned names of every agent, saved so a restarted daemon keeps honouring addresses
+/// the kernel still allows. Tied to the boot: `bpf_ktime_get_boot_ns` restarts at a reboot.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct LearnedFile {
+    pub boot_id: String,
+    pub agents: BTreeMap<String, Vec<LearnedName>>,
+}
+
+impl LearnedFile {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("learned.json")
     }
 
-    fn names_for(&self, ip: IpAddr) -> Vec<String> {
-        self.by_ip
-            .get(&ip)
-            .map(|s| s.iter().cloned().collect())
+    /// This boot's id.
+    pub fn current_boot_id() -> String {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
             .unwrap_or_default()
     }
 
-    fn knows(&self, name: &str) -> bool {
-        self.names.contains(name)
+    /// The saved names of this boot (nothing from another boot, or from a corrupt file).
+    pub fn load(state_dir: &Path) -> LearnedFile {
+        let Ok(bytes) = std::fs::read(Self::path(state_dir)) else {
+            return LearnedFile::default();
+        };
+        match serde_json::from_slice::<LearnedFile>(&bytes) {
+            Ok(f) if f.boot_id == Self::current_boot_id() && !f.boot_id.is_empty() => f,
+            _ => LearnedFile::default(),
+        }
+    }
+
+    pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        write_atomic(&Self::path(state_dir), &bytes)
+    }
+}
+
+/// Which names each address belongs to, as learned from DNS answers for one agent.
+#[derive(Debug, Default)]
+struct Associations {
+    by_ip: HashMap<IpAddr, HashMap<String, Learned>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    expires_boot_ns: u64,
+    exact: bool,
+}
+
+impl Associations {
+    fn learn(&mut self, name: &str, ip: IpAddr, expires_boot_ns: u64, exact: bool) {
+        let e = self
+            .by_ip
+            .entry(ip)
+            .or_default()
+            .entry(name.to_owned())
+            .or_insert(Learned {
+                expires_boot_ns,
+                exact,
+            });
+        e.expires_boot_ns = e.expires_boot_ns.max(expires_boot_ns);
+        e.exact |= exact;
+    }
+
+    fn names_for(&self, ip: IpAddr, now: u64) -> Vec<String> {
+        self.by_ip
+            .get(&ip)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, l)| l.expires_boot_ns > now)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn exact_for(&self, ip: IpAddr, now: u64) -> bool {
+        self.by_ip
+            .get(&ip)
+            .is_some_and(|m| m.values().any(|l| l.exact && l.expires_boot_ns > now))
+    }
+
+    fn sweep(&mut self, now: u64) {
+        self.by_ip.retain(|_, names| {
+            names.retain(|_, l| l.expires_boot_ns > now);
+            !names.is_empty()
+        });
+    }
+
+    fn retain_names(&mut self, allowed: impl Fn(&str) -> bool) -> Vec<IpAddr> {
+        let mut orphaned = Vec::new();
+        self.by_ip.retain(|ip, names| {
+            names.retain(|n, _| allowed(n));
+            if names.is_empty() {
+                orphaned.push(*ip);
+            }
+            !names.is_empty()
+        });
+        orphaned
     }
 }
 
@@ -379,15 +487,18 @@ mod tests {
     }
 
     #[test]
-    fn associations_map_both_ways() {
+    fn learned_names_expire_and_follow_the_policy() {
         let mut a = Associations::default();
-        let ip: IpAddr = "127.0.0.5".parse().unwrap();
-        a.replace(BTreeMap::from([(
-            "upstream.test".to_string(),
-            BTreeSet::from([ip]),
-        )]));
-        assert_eq!(a.names_for(ip), vec!["upstream.test".to_string()]);
-        assert!(a.knows("upstream.test"));
-        assert!(!a.knows("other.test"));
+        let ip: IpAddr = "192.0.2.5".parse().unwrap();
+        a.learn("a.svc.test", ip, 100, false);
+        a.learn("db.test", ip, 50, true);
+        assert_eq!(a.names_for(ip, 10).len(), 2);
+        assert!(a.exact_for(ip, 10));
+        assert!(!a.exact_for(ip, 60), "the exact name expired");
+        assert_eq!(a.names_for(ip, 60), vec!["a.svc.test".to_string()]);
+        a.sweep(200);
+        assert!(a.names_for(ip, 0).is_empty());
+        a.learn("a.svc.test", ip, 100, false);
+        assert_eq!(a.retain_names(|n| n != "a.svc.test"), vec![ip]);
     }
 }

@@ -28,8 +28,8 @@ use aya::{
     },
 };
 use enforcer_common::{
-    Addr, AgentCounters, AgentState, AllowKey, AllowValue, GlobalConfig, MAX_AGENTS, OrigDst,
-    SockKey, maps, programs,
+    Addr, AgentCounters, AgentState, AllowKey, AllowValue, DnsClient, GlobalConfig, MAX_AGENTS,
+    OrigDst, SockKey, allow_flags, maps, programs,
 };
 
 /// The kernel object built by `build.rs`.
@@ -37,6 +37,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const IPPROTO_TCP: u16 = 6;
+const IPPROTO_UDP: u16 = 17;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -105,7 +106,6 @@ struct ControlMaps {
     agents: Array<MapData, AgentState>,
     cgroup_agent: HashMap<MapData, u64, u32>,
     allow: LpmTrie<MapData, AllowKey, AllowValue>,
-    dns_servers: HashMap<MapData, Addr, u8>,
 }
 
 /// The loaded programs and their maps.
@@ -114,6 +114,7 @@ pub struct Kernel {
     ebpf: Mutex<Ebpf>,
     control: Mutex<ControlMaps>,
     orig: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    dns_clients: HashMap<MapData, SockKey, DnsClient>,
     counters: PerCpuArray<MapData, AgentCounters>,
     events: Mutex<Option<RingBuf<MapData>>>,
 }
@@ -146,9 +147,9 @@ impl Kernel {
             agents: take_map(&mut ebpf, maps::AGENTS)?,
             cgroup_agent: take_map(&mut ebpf, maps::CGROUP_AGENT)?,
             allow: take_map(&mut ebpf, maps::ALLOW)?,
-            dns_servers: take_map(&mut ebpf, maps::DNS_SERVERS)?,
         };
         let orig = take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?;
+        let dns_clients = take_map(&mut ebpf, maps::DNS_CLIENTS)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let events = take_map(&mut ebpf, maps::EVENTS)?;
         Ok(Self {
@@ -156,6 +157,7 @@ impl Kernel {
             ebpf: Mutex::new(ebpf),
             control: Mutex::new(control),
             orig: Mutex::new(orig),
+            dns_clients,
             counters,
             events: Mutex::new(Some(events)),
         })
@@ -319,8 +321,9 @@ impl Kernel {
         control.cgroup_agent.iter().flatten().collect()
     }
 
-    /// Makes the agent's allowlist exactly `entries`: adds what is new, removes what is gone.
-    /// Entries are replaced in place, so there is no moment where a kept entry is missing.
+    /// Makes the agent's static allowlist (entries not learned from DNS) exactly `entries`:
+    /// adds what is new, removes what is gone. Entries are replaced in place, so there is no
+    /// moment where a kept entry is missing. Learned entries are left alone.
     pub fn replace_allowlist(&self, agent: u32, entries: &[AllowEntry]) -> Result<(), BpfError> {
         check_agent(agent)?;
         let mut control = lock(&self.control);
@@ -328,9 +331,10 @@ impl Kernel {
             entries.iter().map(|e| allow_key_value(agent, e)).collect();
         let existing: Vec<Key<AllowKey>> = control
             .allow
-            .keys()
+            .iter()
             .flatten()
-            .filter(|k| k.data().agent == agent)
+            .filter(|(k, v)| k.data().agent == agent && v.flags & allow_flags::LEARNED == 0)
+            .map(|(k, _)| k)
             .collect();
         for (key, value) in &wanted {
             control
@@ -369,6 +373,41 @@ impl Kernel {
         Ok(())
     }
 
+    /// Learns an address from a DNS answer: allowed (any port) until `expires_boot_ns`. A
+    /// static entry for the same address is kept as it is (it never expires); a learned one is
+    /// extended, never shortened.
+    pub fn learn_allow(
+        &self,
+        agent: u32,
+        ip: IpAddr,
+        expires_boot_ns: u64,
+        exact: bool,
+    ) -> Result<(), BpfError> {
+        check_agent(agent)?;
+        let entry = AllowEntry {
+            net: ipnet::IpNet::from(ip),
+            port: None,
+            expires_boot_ns,
+            flags: allow_flags::LEARNED | if exact { allow_flags::EXPLICIT } else { 0 },
+        };
+        let (key, mut value) = allow_key_value(agent, &entry);
+        let mut control = lock(&self.control);
+        if let Ok(existing) = control.allow.get(&key, 0) {
+            if existing.expires_boot_ns == 0 {
+                return Ok(());
+            }
+            value.expires_boot_ns = value.expires_boot_ns.max(existing.expires_boot_ns);
+            value.flags |= existing.flags & allow_flags::EXPLICIT;
+        }
+        control
+            .allow
+            .insert(&key, value, 0)
+            .map_err(|source| BpfError::Map {
+                name: maps::ALLOW,
+                source,
+            })
+    }
+
     /// Removes one entry.
     pub fn remove_allow(&self, agent: u32, entry: &AllowEntry) {
         let mut control = lock(&self.control);
@@ -397,24 +436,43 @@ impl Kernel {
             .collect()
     }
 
-    /// The upstream DNS servers enrolled sockets may reach on port 53.
-    pub fn set_dns_servers(&self, servers: &[IpAddr]) -> Result<(), BpfError> {
+    /// Removes every entry whose expiry has passed; returns what was removed, per agent.
+    pub fn sweep_expired(&self, now_boot_ns: u64) -> Vec<(u32, AllowEntry)> {
         let mut control = lock(&self.control);
-        let wanted: Vec<Addr> = servers.iter().map(|ip| addr_of(*ip)).collect();
-        let existing: Vec<Addr> = control.dns_servers.keys().flatten().collect();
-        for addr in &wanted {
-            control
-                .dns_servers
-                .insert(addr, 1, 0)
-                .map_err(|source| BpfError::Map {
-                    name: maps::DNS_SERVERS,
-                    source,
-                })?;
+        let expired: Vec<(Key<AllowKey>, AllowValue)> = control
+            .allow
+            .iter()
+            .flatten()
+            .filter(|(_, v)| v.expires_boot_ns != 0 && v.expires_boot_ns <= now_boot_ns)
+            .collect();
+        let mut out = Vec::new();
+        for (key, value) in expired {
+            if control.allow.remove(&key).is_ok() {
+                let data = key.data();
+                let bits = key.prefix_len().saturating_sub(AllowKey::FIXED_PREFIX_BITS) as u8;
+                out.push((
+                    data.agent,
+                    AllowEntry {
+                        net: addr_net(&data.addr, bits),
+                        port: (data.port != 0).then_some(data.port),
+                        expires_boot_ns: value.expires_boot_ns,
+                        flags: value.flags,
+                    },
+                ));
+            }
         }
-        for addr in existing.iter().filter(|a| !wanted.contains(a)) {
-            let _ = control.dns_servers.remove(addr);
-        }
-        Ok(())
+        out
+    }
+
+    /// Who sent the UDP DNS query the resolver received from `peer` (not consumed: one socket
+    /// asks several questions).
+    pub fn dns_client(&self, peer: SocketAddr) -> Option<DnsClient> {
+        let key = SockKey {
+            addr: addr_of(peer.ip()),
+            port: peer.port(),
+            proto: IPPROTO_UDP,
+        };
+        self.dns_clients.get(&key, 0).ok()
     }
 
     /// Takes (reads and deletes) the record of a redirected TCP connection whose client end,
@@ -637,6 +695,14 @@ fn prepare_bpffs(dir: &Path) -> Result<(), BpfError> {
     })?;
     tracing::info!(path = %parent.display(), "mounted bpffs");
     Ok(())
+}
+
+/// `bpf_ktime_get_boot_ns` from user space: CLOCK_BOOTTIME in nanoseconds.
+pub fn boot_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("CLOCK_BOOTTIME is always available on Linux");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -26,12 +26,13 @@ use crate::{
         self, Peer,
         api::{EnrolRequest, EnrolResponse, Target, UnenrolRequest, UnenrolResponse},
     },
-    agents::{Agent, IdTable, Origin, RESOLVE_INTERVAL, Registry, allowlist},
+    agents::{Agent, IdTable, LearnedFile, Origin, Registry, allowlist},
     audit::{Action, AuditEvent, AuditLog, AuditOptions, EventKind, Scope},
     bpf::{Kernel, ip_of},
     cgroup::Hierarchy,
     config::{AgentConfig, Config, validate_agent_name},
     control::killswitch::{KillFiles, KillState, changes},
+    dns::{self, server::Resolver},
     enrol::Enroller,
     policy::Policy,
     proxy::{self, ProxyContext, deputy::Deputy},
@@ -55,6 +56,8 @@ pub struct Daemon {
     kill_files: KillFiles,
     /// The kill-switch state currently applied; the async lock serialises changes.
     kill_state: tokio::sync::Mutex<KillState>,
+    /// Names learned by the previous run, handed to agents as they are added.
+    saved_learned: Mutex<std::collections::BTreeMap<String, Vec<crate::agents::LearnedName>>>,
 }
 
 /// Checks what the daemon cannot run without, naming what is missing and what to do.
@@ -95,6 +98,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         &config.state_dir,
     )?);
     let ids = Mutex::new(IdTable::load(&config.state_dir)?);
+    let config_state_dir = config.state_dir.clone();
     let config_sha = config_path
         .as_deref()
         .and_then(|p| std::fs::read(p).ok())
@@ -112,6 +116,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         config_sha: Mutex::new(config_sha),
         kill_files,
         kill_state: tokio::sync::Mutex::new(initial_kill.clone()),
+        saved_learned: Mutex::new(LearnedFile::load(&config_state_dir).agents),
     });
 
     // Kernel-wide settings first. READY stays as it was (set by a previous run, or clear on
@@ -130,13 +135,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         _pad0: 0,
         netns_cookie: netns_cookie()?,
     })?;
-    let dns_servers: Vec<IpAddr> = daemon
-        .config
-        .dns_upstreams()
-        .iter()
-        .map(|s| s.ip())
-        .collect();
-    daemon.kernel.set_dns_servers(&dns_servers)?;
 
     daemon.load_agents().await?;
 
@@ -164,7 +162,31 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
             daemon.audit.clone(),
         ));
     }
-    tokio::spawn(refresh_names(daemon.clone()));
+    let resolver = Arc::new(Resolver::new(
+        daemon.kernel.clone(),
+        daemon.registry.clone(),
+        daemon.audit.clone(),
+        &daemon.config.dns.static_hosts,
+        daemon.config.dns_upstreams(),
+        daemon.config.dns.max_ttl,
+        daemon.config.dns.allow_internal_answers.clone(),
+    ));
+    let dns_port = daemon.config.dns_port;
+    for ip in [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ] {
+        let addr = SocketAddr::new(ip, dns_port);
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding the resolver to udp {addr}; is dns_port taken?"))?;
+        tokio::spawn(dns::server::serve_udp(udp, resolver.clone()));
+        tokio::spawn(dns::server::serve_tcp(listen(addr)?, resolver.clone()));
+    }
+    daemon
+        .kernel
+        .update_config(|c| c.flags |= global_flags::DNS_REDIRECT)?;
+    tokio::spawn(sweep_learned(daemon.clone()));
     tokio::spawn(crate::control::run(daemon.clone()));
 
     daemon
@@ -377,6 +399,18 @@ impl Daemon {
             exec_cgroup,
             policy,
         ));
+        // Names learned before a restart, for addresses the kernel may still allow.
+        if let Some(saved) = self
+            .saved_learned
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(name))
+        {
+            let now = crate::bpf::boot_ns();
+            for l in saved.into_iter().filter(|l| l.expires_boot_ns > now) {
+                agent.learn(&l.name, l.ip, l.expires_boot_ns, l.exact);
+            }
+        }
         // The kill state is set before the agent's flags reach the kernel.
         let killed = match self.kill_state.try_lock() {
             Ok(state) => state.kills(name),
@@ -400,14 +434,25 @@ impl Daemon {
     /// change never opens more than either policy allows.
     pub async fn apply_policy(&self, agent: &Agent) -> anyhow::Result<()> {
         let policy = agent.policy();
-        let upstreams = self.config.dns_upstreams();
-        let computed = allowlist::compute(&policy, &self.config.dns.static_hosts, &upstreams).await;
-        for (name, why) in &computed.unresolved {
-            tracing::warn!(agent = %agent.name, "cannot resolve {name}: {why}; connections to it are refused until it resolves");
-        }
+        let computed = allowlist::compute(&policy);
         self.kernel.replace_allowlist(agent.id, &computed.entries)?;
-        agent.set_associations(computed.associations);
         agent.set_explicit(computed.entries);
+        // Addresses learned for names this policy no longer allows go at once.
+        let dry_run = policy.mode() == crate::policy::Mode::DryRun;
+        let orphaned = agent.forget_disallowed(|name| {
+            dry_run || policy.host_match(name) != crate::policy::HostMatch::None
+        });
+        for ip in orphaned {
+            self.kernel.remove_allow(
+                agent.id,
+                &crate::bpf::AllowEntry {
+                    net: ipnet::IpNet::from(ip),
+                    port: None,
+                    expires_boot_ns: 0,
+                    flags: 0,
+                },
+            );
+        }
         let mut flags = agent_flags::ACTIVE;
         if computed.redirect_all {
             flags |= agent_flags::REDIRECT_ALL_TCP;
@@ -1056,16 +1101,37 @@ fn reason_name(reason: u32) -> &'static str {
     }
 }
 
-/// Re-resolves the names in every agent's policy before their addresses go stale.
-async fn refresh_names(daemon: Arc<Daemon>) {
-    let mut tick = tokio::time::interval(RESOLVE_INTERVAL);
-    tick.tick().await;
+/// Removes learned addresses whose TTL ran out, from the kernel and the name tables (open
+/// connections are unaffected; new connects to those addresses are refused), and saves the
+/// learned names so a restarted daemon keeps honouring what the kernel still allows.
+async fn sweep_learned(daemon: Arc<Daemon>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut last_saved = None;
     loop {
         tick.tick().await;
+        let now = crate::bpf::boot_ns();
+        let removed = daemon.kernel.sweep_expired(now);
+        let mut file = LearnedFile {
+            boot_id: LearnedFile::current_boot_id(),
+            ..LearnedFile::default()
+        };
         for agent in daemon.registry.all() {
-            if let Err(e) = daemon.apply_policy(&agent).await {
-                tracing::warn!(agent = %agent.name, "refreshing the allowlist failed: {e:#}");
+            agent.sweep(now);
+            let mut learned = agent.learned();
+            learned.sort_by(|a, b| (&a.name, a.ip).cmp(&(&b.name, b.ip)));
+            if !learned.is_empty() {
+                file.agents.insert(agent.name.clone(), learned);
             }
+        }
+        if !removed.is_empty() {
+            tracing::debug!(count = removed.len(), "expired learned addresses removed");
+        }
+        let snapshot = serde_json::to_string(&file.agents).unwrap_or_default();
+        if last_saved.as_ref() != Some(&snapshot) {
+            if let Err(e) = file.save(&daemon.config.state_dir) {
+                tracing::warn!("cannot save learned names: {e}");
+            }
+            last_saved = Some(snapshot);
         }
     }
 }

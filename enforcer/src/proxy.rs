@@ -201,7 +201,7 @@ fn deny_decision(mode: &crate::policy::Mode, reason: String) -> Decision {
 }
 
 /// The SNI/Host must name the address the agent connected to: an IP literal must be that
-/// address, and a name resolved for this agent must have resolved to it. Returns the
+/// address, and a name must be one the agent's DNS answers associated with it. Returns the
 /// canonical host.
 fn host_matches_address(agent: &Agent, host: &str, dst: IpAddr) -> Result<String, String> {
     let canonical = canonical_host(host).map_err(|e| e.to_string())?;
@@ -215,9 +215,10 @@ fn host_matches_address(agent: &Agent, host: &str, dst: IpAddr) -> Result<String
         }
         return Ok(ip.to_string());
     }
-    if agent.knows_name(&canonical) && !agent.names_for(dst).contains(&canonical) {
+    // A name must be one the agent resolved (through us) to this very address.
+    if !agent.names_for(dst).contains(&canonical) {
         return Err(format!(
-            "destination address not associated with host: {canonical} does not resolve to {dst}"
+            "destination address not associated with host: {canonical} was not resolved to {dst}"
         ));
     }
     Ok(canonical)

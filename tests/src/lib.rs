@@ -286,6 +286,31 @@ impl TestDaemon {
 
     /// Writes the configuration without starting the daemon (call `spawn`).
     pub fn new(agents: &[(&str, &str)], statics: &[(&str, &str)], extra: &str) -> TestDaemon {
+        Self::with_dns(agents, statics, None, "", extra)
+    }
+
+    /// Starts a daemon configured with `with_dns`.
+    pub fn start_with_dns(
+        agents: &[(&str, &str)],
+        statics: &[(&str, &str)],
+        upstream: Option<SocketAddr>,
+        dns_extra: &str,
+        extra: &str,
+    ) -> TestDaemon {
+        let mut d = Self::with_dns(agents, statics, upstream, dns_extra, extra);
+        d.spawn();
+        d
+    }
+
+    /// The general form: `upstream` is the test resolver (`None`: 127.0.0.53, where nothing
+    /// listens), `dns_extra` more lines of the `dns:` section (indented two spaces).
+    pub fn with_dns(
+        agents: &[(&str, &str)],
+        statics: &[(&str, &str)],
+        upstream: Option<SocketAddr>,
+        dns_extra: &str,
+        extra: &str,
+    ) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("enforcer-e2e-")
             .tempdir()
@@ -304,7 +329,10 @@ impl TestDaemon {
             bpffs.display(),
             free_port()
         );
-        config.push_str("dns:\n  upstream: [127.0.0.53]\n  static:\n");
+        let upstream = upstream.map_or("127.0.0.53".to_string(), |a| a.to_string());
+        config.push_str(&format!(
+            "dns:\n  upstream: [\"{upstream}\"]\n{dns_extra}\n  static:\n"
+        ));
         for (name, ip) in statics {
             config.push_str(&format!("    {name}: [{ip}]\n"));
         }
@@ -316,6 +344,13 @@ impl TestDaemon {
             config.push_str(&format!("  - name: {name}\n    policy: {logical}.yaml\n"));
             names.push((logical.to_string(), name));
         }
+        // What enrolled commands see as /etc/resolv.conf (bind-mounted in a private mount
+        // namespace): loopback only, so even a broken redirect reaches no real resolver.
+        std::fs::write(
+            dir.path().join("resolv.conf"),
+            "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n",
+        )
+        .expect("write resolv.conf");
         let config_path = dir.path().join("enforcer.yaml");
         std::fs::write(&config_path, config).expect("write config");
         TestDaemon {
@@ -437,19 +472,21 @@ impl TestDaemon {
 
     /// The enforcer command line for `exec` under an agent, as user nobody.
     pub fn exec_cmd(&self, agent: &str, argv: &[&str]) -> Command {
+        self.exec_as(agent, &["--user", "nobody"], argv)
+    }
+
+    /// `enforcer exec --agent A IDENTITY... -- ARGV`, in a mount namespace whose
+    /// /etc/resolv.conf points at loopback.
+    pub fn exec_as(&self, agent: &str, identity: &[&str], argv: &[&str]) -> Command {
         let mut c = Command::new(enforcer_bin());
         c.arg("--config")
             .arg(&self.config)
-            .args([
-                "exec",
-                "--agent",
-                self.agent(agent),
-                "--user",
-                "nobody",
-                "--",
-            ])
+            .args(["exec", "--agent", self.agent(agent)])
+            .args(identity)
+            .arg("--")
             .args(argv);
         c.env_remove("SUDO_UID").env_remove("SUDO_GID");
+        with_test_resolv_conf(&mut c, self.dir.path().join("resolv.conf"));
         c
     }
 
@@ -515,6 +552,178 @@ impl Drop for TestDaemon {
         }
         let _ = std::fs::remove_dir_all(&self.bpffs);
     }
+}
+
+/// Runs the command in a private mount namespace with `resolv` bind-mounted over
+/// /etc/resolv.conf.
+pub fn with_test_resolv_conf(cmd: &mut Command, resolv: PathBuf) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::mount::{MsFlags, mount};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )?;
+            mount(
+                Some(&resolv),
+                "/etc/resolv.conf",
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )?;
+            Ok(())
+        });
+    }
+}
+
+/// A test DNS server on a loopback address: answers from its records, NXDOMAIN otherwise,
+/// and remembers every question it was asked. UDP and TCP on the same port.
+pub struct DnsUpstream {
+    pub addr: SocketAddr,
+    queries: Arc<Mutex<Vec<(String, String)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// One record: owner, type ("A", "AAAA" or "CNAME"), value, TTL.
+pub type DnsRecord<'a> = (&'a str, &'a str, &'a str, u32);
+
+impl DnsUpstream {
+    pub fn start(ip: &str, records: &[DnsRecord<'_>]) -> DnsUpstream {
+        use hickory_proto::rr::{Name, RData, Record, rdata};
+        let udp = std::net::UdpSocket::bind((ip, 0)).expect("bind test resolver");
+        let addr = udp.local_addr().expect("addr");
+        let tcp = TcpListener::bind(addr).expect("bind test resolver tcp");
+        udp.set_read_timeout(Some(Duration::from_millis(100))).ok();
+        tcp.set_nonblocking(true).ok();
+        let records: Vec<Record> = records
+            .iter()
+            .map(|(name, kind, value, ttl)| {
+                let name = Name::from_ascii(format!("{name}.")).expect("name");
+                let data = match *kind {
+                    "A" => RData::A(rdata::A(value.parse().expect("v4"))),
+                    "AAAA" => RData::AAAA(rdata::AAAA(value.parse().expect("v6"))),
+                    "CNAME" => RData::CNAME(rdata::CNAME(
+                        Name::from_ascii(format!("{value}.")).expect("target"),
+                    )),
+                    other => panic!("record type {other}"),
+                };
+                Record::from_rdata(name, *ttl, data)
+            })
+            .collect();
+        let records = Arc::new(records);
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (records, queries, stop) = (records.clone(), queries.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok((n, peer)) = udp.recv_from(&mut buf)
+                        && let Some(reply) = dns_reply(&buf[..n], &records, &queries)
+                    {
+                        let _ = udp.send_to(&reply, peer);
+                    }
+                }
+            });
+        }
+        {
+            let (records, queries, stop) = (records, queries.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((mut s, _)) = tcp.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut len = [0u8; 2];
+                    if s.read_exact(&mut len).is_err() {
+                        continue;
+                    }
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if s.read_exact(&mut q).is_err() {
+                        continue;
+                    }
+                    if let Some(reply) = dns_reply(&q, &records, &queries) {
+                        let _ = s.write_all(&(reply.len() as u16).to_be_bytes());
+                        let _ = s.write_all(&reply);
+                    }
+                }
+            });
+        }
+        DnsUpstream {
+            addr,
+            queries,
+            stop,
+        }
+    }
+
+    /// Every (name, type) asked, names without the trailing dot.
+    pub fn queries(&self) -> Vec<(String, String)> {
+        self.queries.lock().unwrap().clone()
+    }
+
+    pub fn was_asked(&self, name: &str) -> bool {
+        self.queries()
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+}
+
+impl Drop for DnsUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn dns_reply(
+    bytes: &[u8],
+    records: &[hickory_proto::rr::Record],
+    queries: &Mutex<Vec<(String, String)>>,
+) -> Option<Vec<u8>> {
+    use hickory_proto::{
+        op::{Message, OpCode, ResponseCode},
+        rr::RData,
+    };
+    let request = Message::from_vec(bytes).ok()?;
+    let q = request.queries.first()?.clone();
+    queries.lock().unwrap().push((
+        q.name().to_ascii().trim_end_matches('.').to_owned(),
+        q.query_type().to_string(),
+    ));
+    let mut reply = Message::response(request.metadata.id, OpCode::Query);
+    reply.metadata.recursion_available = true;
+    reply.metadata.recursion_desired = request.metadata.recursion_desired;
+    reply.add_query(q.clone());
+    // Follow CNAMEs within our own records, like a recursive resolver would.
+    let mut name = q.name().to_lowercase();
+    let mut found = false;
+    for _ in 0..8 {
+        let mut next = None;
+        for r in records.iter().filter(|r| r.name.to_lowercase() == name) {
+            found = true;
+            if r.record_type() == q.query_type() {
+                reply.add_answer(r.clone());
+            } else if let RData::CNAME(t) = &r.data {
+                reply.add_answer(r.clone());
+                next = Some(t.0.to_lowercase());
+            }
+        }
+        match next {
+            Some(n) => name = n,
+            None => break,
+        }
+    }
+    if !found {
+        reply.metadata.response_code = ResponseCode::NXDomain;
+    }
+    reply.to_vec().ok()
 }
 
 /// Kills every process in a cgroup and removes it.

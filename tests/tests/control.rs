@@ -169,20 +169,20 @@ fn a_global_kill_file_present_at_start_holds_from_the_first_instant() {
 #[test]
 fn kill_destroys_other_tcp_sockets_of_the_cgroup() {
     // Scenario: an enrolled process holds a TCP connection that does not go through the
-    // proxy (straight to the resolver port, where the test listens). Dropped packets alone
+    // proxy: DNS over TCP, redirected from port 53 to the resolver. Dropped packets alone
     // would only stall it; the kill switch destroys it with sock_diag.
     let Some(()) = prerequisites("kill_sock_destroy") else {
         return;
     };
     let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
-    let listener = std::net::TcpListener::bind(("127.0.0.1", d.dns_port)).unwrap();
-    let mut child = d.probe_spawn("a", &["hold", &format!("127.0.0.1:{}", d.dns_port)]);
+    let mut child = d.probe_spawn("a", &["hold", "127.0.0.98:53"]);
     let lines = Lines::of(&mut child);
     assert_eq!(
         lines.next(Duration::from_secs(10)).as_deref(),
-        Some("connected")
+        Some("connected"),
+        "{}",
+        d.log()
     );
-    let (_held, _) = listener.accept().unwrap();
     d.cli(&["kill", "--agent", d.agent("a")]);
     let ended = lines
         .next(Duration::from_secs(5))

@@ -1,6 +1,9 @@
 //! Socket probe run inside enrolled cgroups by the end-to-end tests. Prints one result line;
 //! exit status 0 on success, 1 when the operation failed (the line says how).
 //!
+//! ADDR is IP:PORT or NAME:PORT; names go through the system resolver (getaddrinfo), so DNS
+//! takes the path a real program's would.
+//!
 //! probe tcp ADDR [HOST]      connect, print peer, send GET / with Host, print status line
 //! probe tcp-hold ADDR SECS   connect, send GET with keep-alive, hold the connection
 //! probe udp ADDR             send one datagram
@@ -13,6 +16,9 @@
 //! probe stream ADDR HOST     GET with keep-alive, print "connected", then read until the
 //!                            stream ends and print how ("ended reset", "ended eof", ...)
 //! probe hold ADDR            connect (no request), print "connected", read until it ends
+//! probe again ADDR HOST SECS GET, print "first ok", wait SECS, GET again on the same
+//!                            connection, print "second ok" or "second failed ..."
+//! probe dns SERVER NAME TYPE [tcp]   one query; prints "rcode R answers N [addrs] from SRC"
 
 use std::{
     io::{Read as _, Write as _},
@@ -37,6 +43,13 @@ fn main() {
         Some("loop") => loop_get(&args[1], &args[2], args[3].parse().unwrap_or(100)),
         Some("stream") => stream(&args[1], Some(&args[2])),
         Some("hold") => stream(&args[1], None),
+        Some("again") => again(&args[1], &args[2], args[3].parse().unwrap_or(1)),
+        Some("dns") => dns(
+            &args[1],
+            &args[2],
+            &args[3],
+            args.get(4).map(String::as_str) == Some("tcp"),
+        ),
         _ => {
             eprintln!("usage: see the source");
             2
@@ -54,8 +67,25 @@ fn cgroup() -> String {
         .to_owned()
 }
 
+/// IP:PORT as is; NAME:PORT through getaddrinfo (IPv4 first).
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs as _;
+    let all: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {addr}: {e}"))?
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("resolve {addr}: no address"))
+}
+
 fn get(addr: &str, host: Option<&str>) -> Result<(SocketAddr, String), String> {
-    let addr: SocketAddr = addr.parse().map_err(|e| format!("bad address: {e}"))?;
+    let addr = resolve(addr)?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect: {e} (os error {})", e.raw_os_error().unwrap_or(0)))?;
     let peer = s.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
@@ -86,7 +116,13 @@ fn tcp(addr: &str, host: Option<&str>) -> i32 {
 }
 
 fn tcp_hold(addr: &str, secs: u64) -> i32 {
-    let addr: SocketAddr = addr.parse().expect("address");
+    let addr = match resolve(addr) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("error {e}");
+            return 1;
+        }
+    };
     match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(mut s) => {
             println!("connected");
@@ -253,7 +289,13 @@ fn loop_get(addr: &str, host: &str, ms: u64) -> i32 {
 /// Opens a connection (sending a keep-alive GET when `host` is given), then waits for it to
 /// end and says how. A reset shows as "ended reset", a sock_diag destroy as "ended aborted".
 fn stream(addr: &str, host: Option<&str>) -> i32 {
-    let addr: SocketAddr = addr.parse().expect("address");
+    let addr = match resolve(addr) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("error {e}");
+            return 1;
+        }
+    };
     let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => {
@@ -300,4 +342,136 @@ fn stream(addr: &str, host: Option<&str>) -> i32 {
             }
         }
     }
+}
+
+/// Two GETs on one keep-alive connection, `secs` apart.
+fn again(addr: &str, host: &str, secs: u64) -> i32 {
+    let addr = match resolve(addr) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("error {e}");
+            return 1;
+        }
+    };
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!(
+                "error connect: {e} (os error {})",
+                e.raw_os_error().unwrap_or(0)
+            );
+            return 1;
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut buf = [0u8; 4096];
+    let ok = |s: &mut TcpStream, buf: &mut [u8]| {
+        s.write_all(req.as_bytes()).is_ok()
+            && matches!(s.read(buf), Ok(n) if n > 0 && buf[..n].starts_with(b"HTTP/1.1 200"))
+    };
+    if !ok(&mut s, &mut buf) {
+        println!("first failed");
+        return 1;
+    }
+    println!("first ok");
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs(secs));
+    if ok(&mut s, &mut buf) {
+        println!("second ok");
+        0
+    } else {
+        println!("second failed");
+        1
+    }
+}
+
+/// One DNS query with hickory-proto, over UDP (a connected socket, like glibc) or TCP.
+fn dns(server: &str, name: &str, rtype: &str, tcp: bool) -> i32 {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let server: SocketAddr = server.parse().expect("server address");
+    let rtype: RecordType = rtype.parse().expect("record type");
+    let mut msg = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(
+        Name::from_ascii(format!("{name}.")).expect("name"),
+        rtype,
+    ));
+    let bytes = msg.to_vec().expect("encode");
+    let (reply, from) = if tcp {
+        let mut s = match TcpStream::connect_timeout(&server, Duration::from_secs(5)) {
+            Ok(s) => s,
+            Err(e) => {
+                println!(
+                    "error connect: {e} (os error {})",
+                    e.raw_os_error().unwrap_or(0)
+                );
+                return 1;
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let from = s.peer_addr().expect("peer");
+        let _ = s.write_all(&(bytes.len() as u16).to_be_bytes());
+        let _ = s.write_all(&bytes);
+        let mut len = [0u8; 2];
+        if s.read_exact(&mut len).is_err() {
+            println!("error no reply");
+            return 1;
+        }
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if s.read_exact(&mut buf).is_err() {
+            println!("error short reply");
+            return 1;
+        }
+        (buf, from)
+    } else {
+        let sock = UdpSocket::bind(if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })
+        .expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        if let Err(e) = sock.connect(server).and_then(|()| sock.send(&bytes)) {
+            println!(
+                "error send: {e} (os error {})",
+                e.raw_os_error().unwrap_or(0)
+            );
+            return 1;
+        }
+        let mut buf = vec![0u8; 4096];
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => (buf[..n].to_vec(), from),
+            Err(e) => {
+                println!("error no reply: {e}");
+                return 1;
+            }
+        }
+    };
+    let reply = match Message::from_vec(&reply) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("error bad reply: {e}");
+            return 1;
+        }
+    };
+    let addrs: Vec<String> = reply
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    println!(
+        "rcode {} answers {} [{}] from {from}",
+        reply.metadata.response_code,
+        reply.answers.len(),
+        addrs.join(",")
+    );
+    0
 }

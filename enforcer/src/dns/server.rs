@@ -1,0 +1,498 @@
+//! The resolver enrolled processes talk to (the kernel redirects their port-53 traffic here).
+//!
+//! For each query:
+//! 1. identify the agent from the kernel's record of the client socket; an unknown client is
+//!    refused (REFUSED), so the port is no open resolver;
+//! 2. a name the agent's policy cannot allow gets NXDOMAIN, nothing is sent upstream, and a
+//!    `dns` audit record is written (`would_deny` and a real answer in dry-run);
+//! 3. HTTPS and SVCB queries get an empty answer: ECH would defeat SNI checks and address
+//!    hints would escape learning;
+//! 4. an allowed name is answered from `dns.static`, or forwarded to `dns.upstream`, with CNAME
+//!    chains followed;
+//! 5. for a name allowed only through a wildcard, internal answers (loopback, private,
+//!    link-local, metadata) are stripped unless `dns.allow_internal_answers` covers them;
+//! 6. the addresses are learned into the agent's kernel allowlist, with the name, for the TTL
+//!    (floor 5 s, cap `dns.max_ttl`), *before* the answer is sent.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{Name, RData, Record, RecordType, rdata},
+};
+use ipnet::IpNet;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+};
+
+use crate::{
+    agents::{Agent, Registry},
+    audit::{AuditEvent, AuditLog, EventKind, PolicyResult},
+    bpf::Kernel,
+    dns::client,
+    policy::{HostMatch, Mode, canonical_host},
+};
+
+/// Shortest time a learned address stays allowed.
+pub const MIN_TTL: u32 = 5;
+/// TTL given to `dns.static` answers (capped by `dns.max_ttl`).
+pub const STATIC_TTL: u32 = 60;
+/// Longest CNAME chain followed.
+const MAX_CHAIN: usize = 8;
+/// Longest time a TCP client may take to send a query.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Answers internal ranges a wildcard-matched name may not resolve to.
+const REBINDING: &[&str] = &[
+    "127.0.0.0/8",
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "168.63.129.16/32",
+    "::1/128",
+    "::/128",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+/// What the resolver needs.
+pub struct Resolver {
+    pub kernel: Arc<Kernel>,
+    pub registry: Arc<Registry>,
+    pub audit: AuditLog,
+    /// `dns.static`, keyed by canonical name.
+    pub statics: BTreeMap<String, Vec<IpAddr>>,
+    pub upstreams: Vec<SocketAddr>,
+    pub max_ttl: u32,
+    pub allow_internal: Vec<IpNet>,
+    rebinding: Vec<IpNet>,
+}
+
+/// The process that asked.
+struct Client {
+    agent: Arc<Agent>,
+    pid: u32,
+    comm: String,
+}
+
+impl Resolver {
+    pub fn new(
+        kernel: Arc<Kernel>,
+        registry: Arc<Registry>,
+        audit: AuditLog,
+        statics: &BTreeMap<String, Vec<IpAddr>>,
+        upstreams: Vec<SocketAddr>,
+        max_ttl: u32,
+        allow_internal: Vec<IpNet>,
+    ) -> Self {
+        let statics = statics
+            .iter()
+            .filter_map(|(k, v)| Some((canonical_host(k).ok()?, v.clone())))
+            .collect();
+        Self {
+            kernel,
+            registry,
+            audit,
+            statics,
+            upstreams,
+            max_ttl: max_ttl.max(MIN_TTL),
+            allow_internal,
+            rebinding: REBINDING
+                .iter()
+                .map(|n| n.parse().expect("static CIDR"))
+                .collect(),
+        }
+    }
+
+    fn client(&self, agent_id: u32, pid: u32, comm: &[u8; 16]) -> Option<Client> {
+        let agent = self.registry.by_id(agent_id)?;
+        let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+        Some(Client {
+            agent,
+            pid,
+            comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
+        })
+    }
+
+    /// Answers one query message. `None` when nothing sensible can be sent back.
+    async fn answer(&self, client: Option<&Client>, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
+        let request = match Message::from_vec(bytes) {
+            Ok(m) => m,
+            Err(_) => {
+                // A header we can read gets FORMERR; garbage gets nothing.
+                let id = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);
+                return Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
+                    .to_vec()
+                    .ok();
+            }
+        };
+        let reply = |code: ResponseCode, answers: Vec<Record>| {
+            let mut m = Message::response(request.metadata.id, request.metadata.op_code);
+            m.metadata.recursion_desired = request.metadata.recursion_desired;
+            m.metadata.recursion_available = true;
+            m.metadata.response_code = code;
+            m.add_queries(request.queries.iter().cloned());
+            m.add_answers(answers);
+            m
+        };
+        if request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query
+            || request.queries.len() != 1
+        {
+            return encode(reply(ResponseCode::FormErr, Vec::new()), &request, udp);
+        }
+        let Some(client) = client else {
+            // Not an enrolled process (or its record is gone): no open resolver here.
+            return encode(reply(ResponseCode::Refused, Vec::new()), &request, udp);
+        };
+        client.agent.touch_eval();
+        let query = &request.queries[0];
+        let qname = query.name().to_ascii();
+        let name = match canonical_host(qname.trim_end_matches('.')) {
+            Ok(n) => n,
+            Err(e) => {
+                self.audit_deny(
+                    client,
+                    &qname,
+                    &format!("not a valid host name: {e}"),
+                    false,
+                );
+                return encode(reply(ResponseCode::NXDomain, Vec::new()), &request, udp);
+            }
+        };
+        let policy = client.agent.policy();
+        let dry_run = policy.mode() == Mode::DryRun;
+        let matched = policy.host_match(&name);
+        if matched == HostMatch::None {
+            let reason = format!("no rule of agent '{}' can allow {name}", client.agent.name);
+            self.audit_deny(client, &name, &reason, dry_run);
+            if !dry_run {
+                return encode(reply(ResponseCode::NXDomain, Vec::new()), &request, udp);
+            }
+        }
+        let qtype = query.query_type();
+        if matches!(qtype, RecordType::HTTPS | RecordType::SVCB) {
+            return encode(reply(ResponseCode::NoError, Vec::new()), &request, udp);
+        }
+
+        let (code, mut answers) = match self.resolve(&name, query).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(agent = %client.agent.name, %name, "upstream DNS failed: {e}");
+                return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
+            }
+        };
+        if matched != HostMatch::Exact {
+            self.strip_internal(client, &name, &mut answers);
+        }
+        for r in &mut answers {
+            r.ttl = r.ttl.min(self.max_ttl);
+        }
+        self.learn(
+            client,
+            &name,
+            matched == HostMatch::Exact,
+            &answers,
+            query.name(),
+        );
+        encode(reply(code, answers), &request, udp)
+    }
+
+    /// The answer records for an allowed name: `dns.static` first, then the upstreams.
+    async fn resolve(
+        &self,
+        name: &str,
+        query: &Query,
+    ) -> Result<(ResponseCode, Vec<Record>), String> {
+        let qtype = query.query_type();
+        if let Some(ips) = self.statics.get(name) {
+            let ttl = STATIC_TTL.min(self.max_ttl);
+            let answers = ips
+                .iter()
+                .filter_map(|ip| match (ip, qtype) {
+                    (IpAddr::V4(v4), RecordType::A) => Some(RData::A(rdata::A(*v4))),
+                    (IpAddr::V6(v6), RecordType::AAAA) => Some(RData::AAAA(rdata::AAAA(*v6))),
+                    _ => None,
+                })
+                .map(|data| Record::from_rdata(query.name().clone(), ttl, data))
+                .collect();
+            return Ok((ResponseCode::NoError, answers));
+        }
+        let response = client::ask_any(query, &self.upstreams, name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let code = response.metadata.response_code;
+        let mut answers = response.answers.clone();
+        if matches!(qtype, RecordType::A | RecordType::AAAA) {
+            // Follow a chain the upstream left unfinished.
+            for _ in 0..MAX_CHAIN {
+                let Some(target) = dangling_cname(&answers, query.name(), qtype) else {
+                    break;
+                };
+                let next = Query::query(target, qtype);
+                match client::ask_any(&next, &self.upstreams, name).await {
+                    Ok(m) if !m.answers.is_empty() => answers.extend(m.answers),
+                    _ => break,
+                }
+            }
+        }
+        Ok((code, answers))
+    }
+
+    /// Removes internal addresses from a wildcard-matched answer, auditing each.
+    fn strip_internal(&self, client: &Client, name: &str, answers: &mut Vec<Record>) {
+        answers.retain(|r| {
+            let ip = match &r.data {
+                RData::A(a) => IpAddr::V4(a.0),
+                RData::AAAA(a) => IpAddr::V6(a.0),
+                _ => return true,
+            };
+            let ip = crate::proxy::deputy::canonical(ip);
+            let internal = self.rebinding.iter().any(|n| n.contains(&ip));
+            let excepted = self.allow_internal.iter().any(|n| n.contains(&ip));
+            if internal && !excepted {
+                let reason = format!(
+                    "stripped internal answer {ip} for {name}: the name is allowed only by a \
+                     wildcard (list the CIDR in dns.allow_internal_answers, or name the host exactly)"
+                );
+                tracing::warn!(agent = %client.agent.name, "{reason}");
+                let _ = self.audit.record(
+                    AuditEvent::new(EventKind::Dns)
+                        .agent_id(client.agent.name.clone())
+                        .pid(client.pid)
+                        .comm(client.comm.clone())
+                        .dns_name(name)
+                        .policy_result(PolicyResult::Deny)
+                        .reason(reason),
+                );
+                return false;
+            }
+            true
+        });
+    }
+
+    /// Puts the answer's addresses into the agent's allowlist and name table.
+    fn learn(&self, client: &Client, name: &str, exact: bool, answers: &[Record], qname: &Name) {
+        let mut probe = Message::new(0, MessageType::Response, OpCode::Query);
+        probe.add_answers(answers.iter().cloned());
+        let addrs = client::addresses(&probe, qname);
+        if addrs.is_empty() {
+            return;
+        }
+        let now = crate::bpf::boot_ns();
+        for a in &addrs {
+            let ttl = a.ttl.clamp(MIN_TTL, self.max_ttl);
+            let expires = now + u64::from(ttl) * 1_000_000_000;
+            let ip = crate::proxy::deputy::canonical(a.ip);
+            if let Err(e) = self.kernel.learn_allow(client.agent.id, ip, expires, exact) {
+                tracing::warn!(agent = %client.agent.name, %ip, "cannot learn the address: {e}; connects to it are refused");
+                continue;
+            }
+            client.agent.learn(name, ip, expires, exact);
+        }
+    }
+
+    fn audit_deny(&self, client: &Client, name: &str, reason: &str, dry_run: bool) {
+        let result = if dry_run {
+            tracing::warn!(agent = %client.agent.name, "would be denied (dry-run): {reason}");
+            PolicyResult::WouldDeny
+        } else {
+            tracing::info!(agent = %client.agent.name, pid = client.pid, comm = %client.comm, "DNS denied: {reason}");
+            PolicyResult::Deny
+        };
+        let _ = self.audit.record(
+            AuditEvent::new(EventKind::Dns)
+                .agent_id(client.agent.name.clone())
+                .pid(client.pid)
+                .comm(client.comm.clone())
+                .dns_name(name)
+                .policy_result(result)
+                .reason(reason),
+        );
+    }
+}
+
+/// The target of a CNAME chain from `name` that has no address of `qtype` in `answers`.
+fn dangling_cname(answers: &[Record], name: &Name, qtype: RecordType) -> Option<Name> {
+    let mut current = name.to_lowercase();
+    for _ in 0..=answers.len() {
+        let next = answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(t) if r.name.to_lowercase() == current => Some(t.0.to_lowercase()),
+            _ => None,
+        });
+        match next {
+            Some(n) => current = n,
+            None => break,
+        }
+    }
+    if current == name.to_lowercase() {
+        return None;
+    }
+    let has_address = answers
+        .iter()
+        .any(|r| r.name.to_lowercase() == current && r.record_type() == qtype);
+    (!has_address).then_some(current)
+}
+
+/// Encodes a reply; over UDP, one larger than the client can take is truncated (TC set).
+fn encode(reply: Message, request: &Message, udp: bool) -> Option<Vec<u8>> {
+    let bytes = reply.to_vec().ok()?;
+    let limit = request
+        .edns
+        .as_ref()
+        .map_or(512, |e| usize::from(e.max_payload()).clamp(512, 4096));
+    if udp && bytes.len() > limit {
+        return reply.truncate().to_vec().ok();
+    }
+    Some(bytes)
+}
+
+/// Serves UDP queries until the socket fails.
+pub async fn serve_udp(socket: UdpSocket, resolver: Arc<Resolver>) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("resolver receive failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let query = buf[..n].to_vec();
+        let (socket, resolver) = (socket.clone(), resolver.clone());
+        tokio::spawn(async move {
+            let client = resolver
+                .kernel
+                .dns_client(peer)
+                .and_then(|c| resolver.client(c.agent, c.pid, &c.comm));
+            if let Some(reply) = resolver.answer(client.as_ref(), &query, true).await {
+                let _ = socket.send_to(&reply, peer).await;
+            }
+        });
+    }
+}
+
+/// Serves DNS over TCP until the listener fails.
+pub async fn serve_tcp(listener: TcpListener, resolver: Arc<Resolver>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let resolver = resolver.clone();
+                tokio::spawn(async move { serve_tcp_conn(stream, peer, resolver).await });
+            }
+            Err(e) => {
+                tracing::warn!("resolver accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_tcp_conn(mut stream: TcpStream, peer: SocketAddr, resolver: Arc<Resolver>) {
+    // The kernel recorded the connect (redirected from port 53, or straight to us).
+    let client = resolver
+        .kernel
+        .take_orig(peer)
+        .filter(|o| o.flags & enforcer_common::orig_flags::DNS != 0)
+        .and_then(|o| resolver.client(o.agent, o.pid, &o.comm));
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+            Ok(Ok(len)) => usize::from(len),
+            _ => return,
+        };
+        let mut query = vec![0u8; len];
+        if tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let Some(reply) = resolver.answer(client.as_ref(), &query, false).await else {
+            return;
+        };
+        let Ok(reply_len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        if stream.write_all(&reply_len.to_be_bytes()).await.is_err()
+            || stream.write_all(&reply).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(name: &str, ip: &str) -> Record {
+        Record::from_rdata(
+            Name::from_ascii(name).unwrap(),
+            30,
+            RData::A(rdata::A(ip.parse().unwrap())),
+        )
+    }
+
+    fn cname(name: &str, target: &str) -> Record {
+        Record::from_rdata(
+            Name::from_ascii(name).unwrap(),
+            30,
+            RData::CNAME(rdata::CNAME(Name::from_ascii(target).unwrap())),
+        )
+    }
+
+    #[test]
+    fn unfinished_chains_are_detected() {
+        let q = Name::from_ascii("www.x.test.").unwrap();
+        let chain = vec![cname("www.x.test.", "edge.cdn.test.")];
+        assert_eq!(
+            dangling_cname(&chain, &q, RecordType::A),
+            Some(Name::from_ascii("edge.cdn.test.").unwrap())
+        );
+        let done = vec![
+            cname("www.x.test.", "edge.cdn.test."),
+            a("edge.cdn.test.", "192.0.2.1"),
+        ];
+        assert_eq!(dangling_cname(&done, &q, RecordType::A), None);
+        assert_eq!(
+            dangling_cname(&[a("www.x.test.", "192.0.2.1")], &q, RecordType::A),
+            None
+        );
+        // A loop ends.
+        let looped = vec![
+            cname("www.x.test.", "b.test."),
+            cname("b.test.", "www.x.test."),
+        ];
+        let _ = dangling_cname(&looped, &q, RecordType::A);
+    }
+
+    #[test]
+    fn oversized_udp_replies_are_truncated() {
+        let mut request = Message::new(7, MessageType::Query, OpCode::Query);
+        request.add_query(Query::query(
+            Name::from_ascii("x.test.").unwrap(),
+            RecordType::A,
+        ));
+        let mut reply = Message::response(7, OpCode::Query);
+        reply.add_queries(request.queries.clone());
+        for i in 0..60 {
+            reply.add_answer(a("x.test.", &format!("192.0.2.{i}")));
+        }
+        let udp = Message::from_vec(&encode(reply.clone(), &request, true).unwrap()).unwrap();
+        assert!(udp.metadata.truncation);
+        assert!(udp.answers.is_empty());
+        let tcp = Message::from_vec(&encode(reply, &request, false).unwrap()).unwrap();
+        assert_eq!(tcp.answers.len(), 60);
+    }
+}

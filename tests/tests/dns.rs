@@ -1,0 +1,256 @@
+//! DNS under policy, end to end: the kernel sends every enrolled DNS query to our resolver,
+//! which answers only names the policy can allow, and teaches the kernel their addresses.
+//! The upstream is a test resolver on 127.0.0.x; enrolled commands see a resolv.conf that
+//! points at loopback. Needs root (see the harness docs).
+
+use std::time::{Duration, Instant};
+
+use enforcer_tests::{DnsUpstream, Lines, TestDaemon, Upstream, prerequisites, reap, stdout};
+
+fn policy(port: u16) -> String {
+    format!(
+        "default: deny\nrules:\n\
+         \x20 - name: api\n    allow: {{ url: \"api.test:{port}\" }}\n\
+         \x20 - name: svc\n    allow: {{ url: \"*.svc.test:{port}\" }}\n"
+    )
+}
+
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn an_allowed_name_resolves_and_its_address_is_then_reachable() {
+    let Some(()) = prerequisites("dns_allowed") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.5", "api");
+    let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "127.0.0.5", 60)]);
+    let d = TestDaemon::start_with_dns(
+        &[("a", &policy(up.addr.port()))],
+        &[],
+        Some(dns.addr),
+        "",
+        "",
+    );
+    let addr = format!("api.test:{}", up.addr.port());
+    let out = d.probe("a", &["tcp", &addr, &addr]);
+    assert!(
+        stdout(&out).contains("hello from api"),
+        "{}\n{}",
+        stdout(&out),
+        d.log()
+    );
+    assert!(dns.was_asked("api.test"));
+}
+
+#[test]
+fn a_disallowed_name_gets_nxdomain_and_nothing_is_sent_upstream() {
+    let Some(()) = prerequisites("dns_nxdomain") else {
+        return;
+    };
+    let dns = DnsUpstream::start("127.0.0.54", &[("evil.test", "A", "192.0.2.66", 60)]);
+    let d = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let out = d.probe("a", &["dns", "127.0.0.53:53", "evil.test", "A"]);
+    assert!(
+        stdout(&out).contains("rcode Non-Existent Domain")
+            || stdout(&out).contains("rcode NXDomain"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        !dns.was_asked("evil.test"),
+        "the name must not leak upstream: {:?}",
+        dns.queries()
+    );
+    let audit = d.audit_log();
+    assert!(
+        audit.lines().any(|l| l.contains("\"event\":\"dns\"")
+            && l.contains("\"dns_name\":\"evil.test\"")
+            && l.contains("\"policy_result\":\"deny\"")),
+        "{audit}"
+    );
+}
+
+#[test]
+fn a_connect_to_an_address_never_resolved_is_refused() {
+    let Some(()) = prerequisites("dns_unresolved") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.5", "api");
+    let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "127.0.0.5", 60)]);
+    let d = TestDaemon::start_with_dns(
+        &[("a", &policy(up.addr.port()))],
+        &[],
+        Some(dns.addr),
+        "",
+        "",
+    );
+    let out = d.probe("a", &["tcp", &up.addr.to_string()]);
+    assert!(
+        stdout(&out).contains("os error 1"),
+        "expected EPERM: {}",
+        stdout(&out)
+    );
+    assert_eq!(up.accepted(), 0);
+}
+
+#[test]
+fn after_the_ttl_new_connects_are_refused_while_an_open_connection_keeps_working() {
+    // Scenario: the answer's TTL is 1 s (floored to 5 s). A connection opened right after the
+    // lookup keeps working past that; a new connect to the address afterwards gets EPERM.
+    let Some(()) = prerequisites("dns_ttl") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.5", "api");
+    let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "127.0.0.5", 1)]);
+    let d = TestDaemon::start_with_dns(
+        &[("a", &policy(up.addr.port()))],
+        &[],
+        Some(dns.addr),
+        "",
+        "",
+    );
+    let addr = format!("api.test:{}", up.addr.port());
+    let mut child = d.probe_spawn("a", &["again", &addr, &addr, "8"]);
+    let lines = Lines::of(&mut child);
+    assert_eq!(
+        lines.next(Duration::from_secs(10)).as_deref(),
+        Some("first ok"),
+        "{}",
+        d.log()
+    );
+    assert!(
+        eventually(10, || stdout(&d.probe("a", &["tcp", &up.addr.to_string()]))
+            .contains("os error 1")),
+        "the learned address must expire"
+    );
+    assert_eq!(
+        lines.next(Duration::from_secs(15)).as_deref(),
+        Some("second ok"),
+        "the open connection must keep working"
+    );
+    reap(child);
+}
+
+#[test]
+fn dns_over_tcp_and_queries_to_other_resolvers_are_redirected() {
+    // Scenario: a query over TCP, and UDP and TCP queries sent straight to some other
+    // resolver address, all reach our resolver; the reply names the server that was asked.
+    let Some(()) = prerequisites("dns_redirect") else {
+        return;
+    };
+    let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "192.0.2.10", 60)]);
+    let d = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    for (server, proto) in [
+        ("127.0.0.98:53", "udp"),
+        ("127.0.0.98:53", "tcp"),
+        ("[::1]:53", "udp"),
+    ] {
+        let out = d.probe("a", &["dns", server, "api.test", "A", proto]);
+        let text = stdout(&out);
+        assert!(
+            text.contains("[192.0.2.10]"),
+            "{server} {proto}: {text}\n{}",
+            d.log()
+        );
+        assert!(
+            text.contains(&format!("from {server}")),
+            "the reply must come from the server asked: {text}"
+        );
+        let out = d.probe("a", &["dns", server, "evil.test", "A", proto]);
+        assert!(stdout(&out).contains("answers 0"), "{}", stdout(&out));
+    }
+    // DNS over TLS is refused outright.
+    let out = d.probe("a", &["tcp", "127.0.0.98:853"]);
+    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+}
+
+#[test]
+fn a_wildcard_allows_subdomains_and_not_lookalikes() {
+    let Some(()) = prerequisites("dns_wildcard") else {
+        return;
+    };
+    let dns = DnsUpstream::start(
+        "127.0.0.54",
+        &[
+            ("a.svc.test", "A", "192.0.2.20", 60),
+            ("svc.test.evil.test", "A", "192.0.2.21", 60),
+        ],
+    );
+    let d = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let ok = d.probe("a", &["dns", "127.0.0.53:53", "a.svc.test", "A"]);
+    assert!(stdout(&ok).contains("[192.0.2.20]"), "{}", stdout(&ok));
+    let no = d.probe("a", &["dns", "127.0.0.53:53", "svc.test.evil.test", "A"]);
+    assert!(stdout(&no).contains("answers 0"), "{}", stdout(&no));
+    assert!(!dns.was_asked("svc.test.evil.test"));
+}
+
+#[test]
+fn a_rebinding_answer_through_a_wildcard_is_stripped_unless_allowed() {
+    let Some(()) = prerequisites("dns_rebinding") else {
+        return;
+    };
+    let dns = DnsUpstream::start("127.0.0.54", &[("r.svc.test", "A", "127.0.0.1", 60)]);
+    let strict = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let out = strict.probe("a", &["dns", "127.0.0.53:53", "r.svc.test", "A"]);
+    assert!(stdout(&out).contains("answers 0"), "{}", stdout(&out));
+    assert!(
+        strict
+            .audit_log()
+            .contains("stripped internal answer 127.0.0.1"),
+        "{}",
+        strict.audit_log()
+    );
+    let lenient = TestDaemon::start_with_dns(
+        &[("a", &policy(443))],
+        &[],
+        Some(dns.addr),
+        "  allow_internal_answers: [127.0.0.0/8]",
+        "",
+    );
+    let out = lenient.probe("a", &["dns", "127.0.0.53:53", "r.svc.test", "A"]);
+    assert!(stdout(&out).contains("[127.0.0.1]"), "{}", stdout(&out));
+}
+
+#[test]
+fn static_names_are_answered_without_any_upstream_and_https_queries_get_nothing() {
+    let Some(()) = prerequisites("dns_static") else {
+        return;
+    };
+    // No upstream at all: 127.0.0.53 has no listener.
+    let d = TestDaemon::start_with_dns(
+        &[("a", &policy(443))],
+        &[("api.test", "192.0.2.30")],
+        None,
+        "",
+        "",
+    );
+    let out = d.probe("a", &["dns", "127.0.0.53:53", "api.test", "A"]);
+    assert!(
+        stdout(&out).contains("[192.0.2.30]"),
+        "{}\n{}",
+        stdout(&out),
+        d.log()
+    );
+    let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "192.0.2.31", 60)]);
+    let d2 = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let out = d2.probe("a", &["dns", "127.0.0.53:53", "api.test", "HTTPS"]);
+    assert!(
+        stdout(&out).contains("rcode No Error answers 0") || stdout(&out).contains("answers 0"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        !dns.queries().iter().any(|(_, t)| t == "HTTPS"),
+        "{:?}",
+        dns.queries()
+    );
+}
