@@ -24,13 +24,16 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSkbAttachType, Program,
-        links::{FdLink, Link as _, PinnedLink},
+        links::{FdLink, Link as _},
     },
 };
 use enforcer_common::{
     Addr, AgentCounters, AgentState, AllowKey, AllowValue, DnsClient, GlobalConfig, MAX_AGENTS,
     OrigDst, SockKey, allow_flags, maps, programs,
 };
+
+pub mod layout;
+pub mod sys;
 
 /// The kernel object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
@@ -82,6 +85,20 @@ pub enum BpfError {
     },
     #[error("agent id {0} is out of range (at most {max} agents)", max = MAX_AGENTS - 1)]
     AgentId(u32),
+    #[error(
+        "pinned map {map} under {dir} has {found}, but this enforcer expects {expected} (layout \
+         version {version}): it was created by an incompatible enforcer and would be misread. \
+         Refusing to start. Stop the old daemon and run `enforcer detach --all --force` to \
+         remove the old pins (enrolled cgroups are unenforced until the new daemon starts), \
+         then start the new daemon"
+    )]
+    Layout {
+        map: &'static str,
+        dir: PathBuf,
+        found: String,
+        expected: String,
+        version: u32,
+    },
 }
 
 /// One allowlist entry: an address prefix and a port (`None` = any port).
@@ -97,8 +114,24 @@ pub struct AllowEntry {
 /// What `attach_cgroup` did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct AttachOutcome {
+    /// New links created (nothing was attached, or a pinned link had been detached).
     pub attached: usize,
+    /// Live pinned links switched to this daemon's programs with `BPF_LINK_UPDATE`.
+    pub updated: usize,
+    /// Live pinned links already running this daemon's programs.
     pub reused: usize,
+}
+
+/// The state of one program on one cgroup, as the kernel reports it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// The pinned link is attached to this cgroup.
+    Attached,
+    /// No pinned link.
+    Missing,
+    /// The link exists but is detached (or attached elsewhere).
+    Detached,
 }
 
 struct ControlMaps {
@@ -129,6 +162,8 @@ impl Kernel {
         prepare_bpffs(dir)?;
         let maps_dir = dir.join("maps");
         mkdir(&maps_dir)?;
+        // Pinned maps from an enforcer with another layout would be misread: refuse them.
+        layout::check_pinned(&maps_dir)?;
         mkdir(&dir.join("links"))?;
 
         let mut ebpf = EbpfLoader::new()
@@ -167,8 +202,11 @@ impl Kernel {
         self.dir.join("links").join(cgroup_id.to_string())
     }
 
-    /// Attaches every program to `cgroup` (id `cgroup_id`) and pins the links. Programs whose
-    /// pinned link is alive are left as they are, so a restart never doubles them.
+    /// Attaches every program to `cgroup` (id `cgroup_id`) and pins the links. A live pinned
+    /// link is never detached: when it runs another program (an earlier daemon's), it is
+    /// switched to this daemon's with `BPF_LINK_UPDATE`, atomically, so the hook is never
+    /// without a program. A restart or an upgrade therefore never doubles the programs and
+    /// never opens a gap.
     pub fn attach_cgroup(&self, cgroup: &Path, cgroup_id: u64) -> Result<AttachOutcome, BpfError> {
         let dir = self.links_dir(cgroup_id);
         mkdir(&dir)?;
@@ -180,11 +218,31 @@ impl Kernel {
         let mut ebpf = lock(&self.ebpf);
         for name in programs::ALL {
             let pin = dir.join(name);
-            if pin.exists() && PinnedLink::from_pin(&pin).is_ok() {
-                outcome.reused += 1;
-                continue;
+            if let Ok(link) = sys::obj_get(&pin) {
+                let info = sys::link_info(link.as_fd()).map_err(|e| BpfError::Pin {
+                    what: format!("link {name}"),
+                    path: pin.clone(),
+                    message: format!("reading link info: {e}"),
+                })?;
+                if info.cgroup_id == Some(cgroup_id) {
+                    let (prog_fd, prog_id) = program_fd(&ebpf, name)?;
+                    if info.prog_id == prog_id {
+                        outcome.reused += 1;
+                    } else {
+                        let old = sys::prog_fd_by_id(info.prog_id).ok();
+                        sys::link_update(link.as_fd(), prog_fd, old.as_ref().map(|f| f.as_fd()))
+                            .map_err(|e| BpfError::Pin {
+                                what: format!("link {name}"),
+                                path: pin.clone(),
+                                message: format!("BPF_LINK_UPDATE failed: {e}"),
+                            })?;
+                        outcome.updated += 1;
+                    }
+                    continue;
+                }
+                tracing::warn!(cgroup = %cgroup.display(), program = name, "pinned link was detached; attaching again");
             }
-            // A stale pin (the link is gone) is replaced.
+            // No live link (never attached, or detached behind our back): attach and pin.
             let _ = std::fs::remove_file(&pin);
             let link = attach_program(&mut ebpf, name, cgroup_file.as_fd())?;
             link.pin(&pin).map_err(|e| BpfError::Pin {
@@ -195,6 +253,24 @@ impl Kernel {
             outcome.attached += 1;
         }
         Ok(outcome)
+    }
+
+    /// What the kernel reports now for each program on this cgroup.
+    pub fn link_states(&self, cgroup_id: u64) -> Vec<(&'static str, LinkState)> {
+        let dir = self.links_dir(cgroup_id);
+        programs::ALL
+            .into_iter()
+            .map(|name| {
+                let state = match sys::obj_get(&dir.join(name)) {
+                    Err(_) => LinkState::Missing,
+                    Ok(fd) => match sys::link_info(fd.as_fd()) {
+                        Ok(info) if info.cgroup_id == Some(cgroup_id) => LinkState::Attached,
+                        _ => LinkState::Detached,
+                    },
+                };
+                (name, state)
+            })
+            .collect()
     }
 
     /// Detaches every program from a cgroup by removing its pinned links.
@@ -220,15 +296,6 @@ impl Kernel {
                     .collect()
             })
             .unwrap_or_default()
-    }
-
-    /// Names of the programs whose pinned link for `cgroup_id` is present.
-    pub fn pinned_programs(&self, cgroup_id: u64) -> Vec<&'static str> {
-        let dir = self.links_dir(cgroup_id);
-        programs::ALL
-            .into_iter()
-            .filter(|name| PinnedLink::from_pin(dir.join(name)).is_ok())
-            .collect()
     }
 
     pub fn config(&self) -> Result<GlobalConfig, BpfError> {
@@ -570,6 +637,18 @@ fn allow_key_value(agent: u32, e: &AllowEntry) -> (Key<AllowKey>, AllowValue) {
         _pad0: 0,
     };
     (key, value)
+}
+
+/// A loaded program's descriptor and kernel id.
+fn program_fd<'a>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<(std::os::fd::BorrowedFd<'a>, u32), BpfError> {
+    let program = ebpf.program(name).ok_or(BpfError::MissingProgram(name))?;
+    let err = |source| BpfError::Program { name, source };
+    let fd = program.fd().map_err(err)?;
+    let id = program.info().map_err(err)?.id();
+    Ok((fd.as_fd(), id))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>

@@ -38,6 +38,9 @@ pub enum Command {
     Kill(cmd::kill::KillArgs),
     /// Lift the kill switch engaged by `enforcer kill`.
     Revive(cmd::kill::KillArgs),
+    /// Remove every pinned eBPF link and map (for uninstall). Refuses while the daemon runs
+    /// unless --force.
+    Detach(cmd::detach::DetachArgs),
     /// Check policies and explain decisions.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),

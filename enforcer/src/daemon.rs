@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use enforcer_common::{
     DenyEvent, GlobalConfig, LAYOUT_VERSION, agent_flags, deny_reason, global_flags,
 };
-use tokio::net::{TcpListener, TcpSocket};
+use std::os::fd::AsFd as _;
 
 use sha2::Digest as _;
 
@@ -37,6 +37,10 @@ use crate::{
     policy::Policy,
     proxy::{self, ProxyContext, deputy::Deputy},
 };
+
+pub mod listeners;
+
+use listeners::Inherited;
 
 /// Everything the running daemon holds.
 pub struct Daemon {
@@ -72,7 +76,11 @@ pub fn preflight() -> anyhow::Result<Hierarchy> {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    inherited: Inherited,
+) -> anyhow::Result<()> {
     let hierarchy = preflight()?;
     for dir in [&config.state_dir, &config.runtime_dir] {
         create_private_dir(dir)?;
@@ -89,6 +97,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     let initial_kill = kill_files.read(&names);
 
     let audit = open_audit(&config)?;
+    audit.set_observer(Box::new(crate::metrics::observe));
     let kernel = Arc::new(Kernel::open(&config.bpffs_dir, crate::bpf::EBPF_OBJECT)?);
     let registry = Arc::new(Registry::default());
     let enroller = Arc::new(Enroller::new(
@@ -122,6 +131,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
     // Kernel-wide settings first. READY stays as it was (set by a previous run, or clear on
     // a first start, which refuses everything) until the proxy listens.
     let previous = daemon.kernel.config().unwrap_or_default();
+    if previous.layout_version != 0 && previous.layout_version != LAYOUT_VERSION {
+        anyhow::bail!(
+            "the pinned maps under {} were written with layout version {}, this enforcer uses {}; \
+             refusing to misread them. Stop the old daemon, run `enforcer detach --all --force`, \
+             then start this one",
+            daemon.config.bpffs_dir.display(),
+            previous.layout_version,
+            LAYOUT_VERSION
+        );
+    }
     let mut flags = previous.flags & global_flags::READY;
     if initial_kill.global {
         flags |= global_flags::KILLED;
@@ -145,11 +164,29 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         security_mode: daemon.config.security_mode,
         deputy: Deputy::new(),
     });
+    // Listeners: the ones systemd kept across a restart, or new ones.
+    let mut inherited = inherited;
     let port = daemon.config.proxy_port;
-    let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
-    let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))?;
-    tokio::spawn(proxy::serve(v4, proxy_ctx.clone()));
-    tokio::spawn(proxy::serve(v6, proxy_ctx));
+    let dns_port = daemon.config.dns_port;
+    let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    let proxy_v4 = listeners::tcp(&mut inherited, "proxy-v4", SocketAddr::new(v4, port))?;
+    let proxy_v6 = listeners::tcp(&mut inherited, "proxy-v6", SocketAddr::new(v6, port))?;
+    let dns_udp_v4 = listeners::udp(&mut inherited, "dns-udp-v4", SocketAddr::new(v4, dns_port))?;
+    let dns_udp_v6 = listeners::udp(&mut inherited, "dns-udp-v6", SocketAddr::new(v6, dns_port))?;
+    let dns_tcp_v4 = listeners::tcp(&mut inherited, "dns-tcp-v4", SocketAddr::new(v4, dns_port))?;
+    let dns_tcp_v6 = listeners::tcp(&mut inherited, "dns-tcp-v6", SocketAddr::new(v6, dns_port))?;
+    listeners::forget(&inherited.leftovers());
+    listeners::store_all(&[
+        ("proxy-v4", proxy_v4.as_fd()),
+        ("proxy-v6", proxy_v6.as_fd()),
+        ("dns-udp-v4", dns_udp_v4.as_fd()),
+        ("dns-udp-v6", dns_udp_v6.as_fd()),
+        ("dns-tcp-v4", dns_tcp_v4.as_fd()),
+        ("dns-tcp-v6", dns_tcp_v6.as_fd()),
+    ]);
+    tokio::spawn(proxy::serve(proxy_v4, proxy_ctx.clone()));
+    tokio::spawn(proxy::serve(proxy_v6, proxy_ctx));
 
     let admin_path = daemon.config.admin_socket_path();
     let admin_listener = admin::bind(&admin_path, daemon.config.admin_group.as_deref())?;
@@ -171,23 +208,21 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         daemon.config.dns.max_ttl,
         daemon.config.dns.allow_internal_answers.clone(),
     ));
-    let dns_port = daemon.config.dns_port;
-    for ip in [
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(Ipv6Addr::LOCALHOST),
-    ] {
-        let addr = SocketAddr::new(ip, dns_port);
-        let udp = tokio::net::UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("binding the resolver to udp {addr}; is dns_port taken?"))?;
-        tokio::spawn(dns::server::serve_udp(udp, resolver.clone()));
-        tokio::spawn(dns::server::serve_tcp(listen(addr)?, resolver.clone()));
-    }
+    tokio::spawn(dns::server::serve_udp(dns_udp_v4, resolver.clone()));
+    tokio::spawn(dns::server::serve_udp(dns_udp_v6, resolver.clone()));
+    tokio::spawn(dns::server::serve_tcp(dns_tcp_v4, resolver.clone()));
+    tokio::spawn(dns::server::serve_tcp(dns_tcp_v6, resolver));
     daemon
         .kernel
         .update_config(|c| c.flags |= global_flags::DNS_REDIRECT)?;
     tokio::spawn(sweep_learned(daemon.clone()));
     tokio::spawn(crate::control::run(daemon.clone()));
+    let metrics_listener = listeners::tcp(
+        &mut Inherited::default(),
+        "metrics",
+        daemon.config.metrics_listen,
+    )?;
+    tokio::spawn(crate::metrics::serve(metrics_listener, daemon.clone()));
 
     daemon
         .kernel
@@ -208,8 +243,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result
         agents = %daemon.registry.names_list(),
         "enforcer daemon ready"
     );
+    // Only now: eBPF attached, proxy, resolver and admin listening.
+    notify_ready(&daemon);
 
     wait_for_shutdown().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(
         "shutting down; enrolled cgroups stay enforced (pinned programs refuse everything the proxy would have judged)"
     );
@@ -250,17 +288,28 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", dir.display()))
 }
 
-fn listen(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr).with_context(|| {
-        format!("binding the proxy to {addr}; is another enforcer running, or is proxy_port taken?")
-    })?;
-    Ok(socket.listen(4096)?)
+/// Tells systemd we are ready (no-op without `NOTIFY_SOCKET`) and keeps its watchdog fed
+/// while the kernel maps answer.
+fn notify_ready(daemon: &Arc<Daemon>) {
+    let status = format!("enforcing {} agent(s)", daemon.registry.all().len());
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                // A daemon that can no longer read its own maps is not healthy: let systemd
+                // restart it.
+                if daemon.kernel.config().is_ok() {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+        });
+    }
 }
 
 /// The daemon's network namespace cookie (`SO_NETNS_COOKIE`).

@@ -159,7 +159,8 @@ impl Enroller {
         self.kernel.map_cgroup(id, agent.id)?;
         tracing::info!(
             cgroup = %path.display(), agent = %agent.name,
-            attached = outcome.attached, reused = outcome.reused, "cgroup enrolled"
+            attached = outcome.attached, updated = outcome.updated, reused = outcome.reused,
+            "cgroup enrolled"
         );
         self.state().all.insert(
             path.to_owned(),

@@ -22,5 +22,6 @@ pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod enrol;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Daemon => cmd::daemon::run(config, config_path),
         Command::Kill(args) => cmd::kill::kill(args, &config),
+        Command::Detach(args) => cmd::detach::run(args, &config),
         Command::Revive(args) => cmd::kill::revive(args, &config),
         Command::Exec(args) => cmd::exec::run(args, &config),
         Command::Enrol(args) => cmd::enrol::enrol(args, &config),

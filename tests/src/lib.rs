@@ -270,6 +270,7 @@ pub struct TestDaemon {
     pub config: PathBuf,
     pub proxy_port: u16,
     pub dns_port: u16,
+    pub metrics_port: u16,
     pub bpffs: PathBuf,
     agents: Vec<(String, String)>,
     child: Option<Child>,
@@ -321,13 +322,13 @@ impl TestDaemon {
             dns_port = free_port();
         }
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/{}", unique("enforcer-test-")));
+        let metrics_port = free_port();
         let mut names = Vec::new();
         let mut config = format!(
             "state_dir: state\nruntime_dir: run\nbpffs_dir: {}\nproxy_port: {proxy_port}\n\
              dns_port: {dns_port}\naudit_log: audit/audit.jsonl\n\
-             metrics_listen: 127.0.0.1:{}\n{extra}\n",
+             metrics_listen: 127.0.0.1:{metrics_port}\n{extra}\n",
             bpffs.display(),
-            free_port()
         );
         let upstream = upstream.map_or("127.0.0.53".to_string(), |a| a.to_string());
         config.push_str(&format!(
@@ -358,6 +359,7 @@ impl TestDaemon {
             config: config_path,
             proxy_port,
             dns_port,
+            metrics_port,
             bpffs,
             agents: names,
             child: None,
@@ -399,20 +401,69 @@ impl TestDaemon {
 
     /// Starts (or restarts) the daemon process and waits until it answers.
     pub fn spawn(&mut self) {
+        self.spawn_with(None, &[]);
+    }
+
+    /// Starts the daemon the way systemd would: `NOTIFY_SOCKET` set to `notify`, and the
+    /// sockets `fds` (name, descriptor) passed as `LISTEN_FDS` 3, 4, ...
+    pub fn spawn_as_systemd(&mut self, notify: &Path, fds: &[(String, std::os::fd::RawFd)]) {
+        self.spawn_with(Some(notify), fds);
+    }
+
+    fn spawn_with(&mut self, notify: Option<&Path>, fds: &[(String, std::os::fd::RawFd)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .expect("daemon log");
-        let child = Command::new(enforcer_bin())
-            .args(["--config"])
+        // bash sets LISTEN_PID to its own pid and moves the descriptors to 3, 4, ...
+        // before exec'ing the daemon, like systemd does.
+        let mut script = String::new();
+        // Through a parking range first, so a source numbered 3, 4, ... is never clobbered.
+        for (i, (_, fd)) in fds.iter().enumerate() {
+            // SAFETY: clearing FD_CLOEXEC on a descriptor we own, so the shell inherits it.
+            unsafe { libc::fcntl(*fd, libc::F_SETFD, 0) };
+            script.push_str(&format!("exec {}<&{fd}; ", 200 + i));
+        }
+        for (_, fd) in fds {
+            script.push_str(&format!("exec {fd}<&-; "));
+        }
+        for i in 0..fds.len() {
+            script.push_str(&format!(
+                "exec {}<&{}; exec {}<&-; ",
+                3 + i,
+                200 + i,
+                200 + i
+            ));
+        }
+        if !fds.is_empty() {
+            script.push_str("export LISTEN_PID=$$; ");
+        }
+        script.push_str("exec \"$0\" \"$@\"");
+        // bash, not sh: dash cannot redirect descriptors above 9.
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(&script)
+            .arg(enforcer_bin())
+            .arg("--config")
             .arg(&self.config)
             .arg("daemon")
             .env("RUST_LOG", "info,enforcer=debug")
             .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn enforcer daemon");
+            .stderr(log);
+        if let Some(notify) = notify {
+            cmd.env("NOTIFY_SOCKET", notify);
+        }
+        if !fds.is_empty() {
+            cmd.env("LISTEN_FDS", fds.len().to_string());
+            let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
+            cmd.env("LISTEN_FDNAMES", names.join(":"));
+        }
+        let child = cmd.spawn().expect("spawn enforcer daemon");
+        for (_, fd) in fds {
+            // SAFETY: restoring FD_CLOEXEC on our own descriptor.
+            unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -724,6 +775,26 @@ fn dns_reply(
         reply.metadata.response_code = ResponseCode::NXDomain;
     }
     reply.to_vec().ok()
+}
+
+/// A plain HTTP GET to 127.0.0.1:port (for /metrics and /healthz). Returns status and body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(&buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => panic!("bad response: {}", String::from_utf8_lossy(&buf)),
+    };
+    (
+        resp.code.unwrap_or(0),
+        String::from_utf8_lossy(&buf[len..]).into_owned(),
+    )
 }
 
 /// Kills every process in a cgroup and removes it.

@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bootstrap;
+mod install;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Build, run and test enforcer")]
@@ -37,8 +38,30 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// fmt, clippy -D warnings, unit tests, privileged end-to-end tests, policy checks.
+    /// fmt, clippy -D warnings, unit tests, privileged end-to-end tests, policy checks,
+    /// systemd unit verification.
     Test,
+    /// Build the release binary and install it with the systemd units, a default config,
+    /// the example policies, the state and log directories and the `enforcer` group.
+    Install {
+        /// Binary in PREFIX/bin, docs in PREFIX/share/doc/enforcer; written into the unit's
+        /// ExecStart.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Stage everything below this directory instead of / (packaging).
+        #[arg(long, default_value = "/")]
+        destdir: PathBuf,
+    },
+    /// Reverse `install`: stop and disable the unit, detach the eBPF programs, remove the
+    /// files. Configuration, state and logs stay unless --purge.
+    Uninstall {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        #[arg(long, default_value = "/")]
+        destdir: PathBuf,
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +83,17 @@ fn main() -> anyhow::Result<()> {
             bootstrap::ensure_test_tools()?;
             test(&root)?;
         }
+        Cmd::Install { prefix, destdir } => {
+            bootstrap::ensure_toolchain()?;
+            build(true)?;
+            let layout = install::Layout { destdir, prefix };
+            install::install(&root, &layout, &root.join("target/release/enforcer"))?;
+        }
+        Cmd::Uninstall {
+            prefix,
+            destdir,
+            purge,
+        } => install::uninstall(&install::Layout { destdir, prefix }, purge)?,
     }
     Ok(())
 }
@@ -178,6 +212,7 @@ fn test(root: &Path) -> anyhow::Result<()> {
              (the unit tests, fmt and clippy above passed)"
         );
     }
+    sweep_test_leftovers();
     // The end-to-end tests fail, rather than skip, when their prerequisites are missing.
     run_cmd(
         cargo()
@@ -197,6 +232,59 @@ fn test(root: &Path) -> anyhow::Result<()> {
             .arg("check")
             .args(&policies),
     )?;
+    install::verify_units(root, &bin)?;
+    install::self_test(root, &bin)?;
     eprintln!("xtask: all checks passed");
     Ok(())
+}
+
+/// Removes what an interrupted test run left behind (a test killed before its clean-up ran):
+/// bpffs pins named `enforcer-test-*` and agent cgroups `t*-<pid>x<n>` whose test process is
+/// gone. Tests clean up after themselves; this covers the runs that were killed.
+fn sweep_test_leftovers() {
+    let alive = |pid: &str| Path::new("/proc").join(pid).exists();
+    // Names are <prefix><pid>x<n>.
+    let owner = |name: &str| -> Option<String> {
+        let digits: String = name
+            .rsplit_once('x')?
+            .0
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        Some(digits.chars().rev().collect())
+    };
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("enforcer-test-") && owner(&name).is_some_and(|p| !alive(&p)) {
+                eprintln!("xtask: removing stale test pins /sys/fs/bpf/{name}");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let Some(mount) = mountinfo.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (f.get(sep + 1) == Some(&"cgroup2")).then(|| PathBuf::from(f[4]))
+    }) else {
+        return;
+    };
+    if let Ok(entries) = std::fs::read_dir(mount.join("enforcer.slice")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('t')
+                && name.contains('-')
+                && owner(&name).is_some_and(|p| !p.is_empty() && !alive(&p))
+            {
+                eprintln!("xtask: removing stale test cgroup {}", e.path().display());
+                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
 }

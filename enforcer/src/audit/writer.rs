@@ -70,7 +70,12 @@ struct Inner {
     tx: SyncSender<Msg>,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Sees every event offered to `record` (metrics count decisions here).
+    observer: std::sync::OnceLock<Observer>,
 }
+
+/// A callback that sees every recorded event.
+pub type Observer = Box<dyn Fn(&AuditEvent) + Send + Sync>;
 
 struct Shared {
     failing: AtomicBool,
@@ -162,8 +167,15 @@ impl AuditLog {
                 tx,
                 shared,
                 thread: Mutex::new(Some(thread)),
+                observer: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Installs the observer that sees every event offered to [`AuditLog::record`]. Only the
+    /// first call takes effect.
+    pub fn set_observer(&self, observer: Observer) {
+        let _ = self.inner.observer.set(observer);
     }
 
     /// Enqueues an event without blocking, after scrubbing it (see [`AuditEvent::scrub`]).
@@ -176,6 +188,10 @@ impl AuditLog {
         }
         if event.event == EventKind::Checkpoint {
             return Err(AuditError::Reserved);
+        }
+        // Decisions are counted even when the log cannot take them.
+        if let Some(observe) = self.inner.observer.get() {
+            observe(&event);
         }
         if shared.failing.load(Ordering::Acquire) {
             shared.refused.fetch_add(1, Ordering::Relaxed);

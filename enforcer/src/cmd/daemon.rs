@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use crate::config::Config;
 
 pub fn run(config: Config, config_path: Option<std::path::PathBuf>) -> ExitCode {
+    // SAFETY: still single-threaded: no runtime, no other thread reads the environment.
+    let inherited = unsafe { crate::daemon::listeners::Inherited::from_env() };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -15,7 +17,7 @@ pub fn run(config: Config, config_path: Option<std::path::PathBuf>) -> ExitCode 
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::daemon::run(config, config_path)) {
+    match runtime.block_on(crate::daemon::run(config, config_path, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("enforcer: {e:#}");

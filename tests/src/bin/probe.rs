@@ -19,6 +19,7 @@
 //! probe again ADDR HOST SECS GET, print "first ok", wait SECS, GET again on the same
 //!                            connection, print "second ok" or "second failed ..."
 //! probe dns SERVER NAME TYPE [tcp]   one query; prints "rcode R answers N [addrs] from SRC"
+//! probe delay MS MODE ARGS... wait MS milliseconds, then run MODE
 
 use std::{
     io::{Read as _, Write as _},
@@ -28,7 +29,11 @@ use std::{
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let code = match args.first().map(String::as_str) {
+    std::process::exit(run(&args));
+}
+
+fn run(args: &[String]) -> i32 {
+    match args.first().map(String::as_str) {
         Some("tcp") => tcp(&args[1], args.get(2).map(String::as_str)),
         Some("tcp-hold") => tcp_hold(&args[1], args[2].parse().unwrap_or(5)),
         Some("udp") => udp(&args[1]),
@@ -50,12 +55,15 @@ fn main() {
             &args[3],
             args.get(4).map(String::as_str) == Some("tcp"),
         ),
+        Some("delay") => {
+            std::thread::sleep(Duration::from_millis(args[1].parse().unwrap_or(0)));
+            run(&args[2..])
+        }
         _ => {
             eprintln!("usage: see the source");
             2
         }
-    };
-    std::process::exit(code);
+    }
 }
 
 fn cgroup() -> String {

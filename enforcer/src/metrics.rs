@@ -1,0 +1,446 @@
+//! Prometheus metrics and health, served on `metrics_listen`.
+//!
+//! - `/metrics`: Prometheus text format, every name prefixed `enforcer_`. Decisions are counted
+//!   as they are audited (one choke point for the proxy, the L7 path and the resolver); kernel
+//!   counters, open connections, kill-switch state and audit totals are read at scrape time.
+//! - `/healthz`: JSON in the spirit of checkrd's `healthy()`. The programs attached to each
+//!   enrolled cgroup are read from the kernel on every request; a missing or detached link
+//!   makes the status `degraded`, answered with HTTP 503.
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    audit::{AuditEvent, EventKind, PolicyResult},
+    bpf::LinkState,
+    daemon::Daemon,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    agent: String,
+    /// `request` (L7) or `connection` (host level).
+    event: String,
+    result: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    agent: String,
+    result: String,
+}
+
+/// Counters fed as decisions happen.
+pub struct Metrics {
+    decisions: Family<DecisionLabels, Counter>,
+    dns_denials: Family<AgentLabels, Counter>,
+    policy_reloads: Family<ResultLabels, Counter>,
+    kill_switch_changes: Family<ResultLabels, Counter>,
+    evaluation: Histogram,
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    METRICS.get_or_init(|| Metrics {
+        decisions: Family::default(),
+        dns_denials: Family::default(),
+        policy_reloads: Family::default(),
+        kill_switch_changes: Family::default(),
+        // 1 µs .. ~0.5 s.
+        evaluation: Histogram::new(exponential_buckets(1e-6, 2.0, 20)),
+    })
+}
+
+/// Records how long one policy evaluation took.
+pub fn observe_evaluation(took: Duration) {
+    global().evaluation.observe(took.as_secs_f64());
+}
+
+/// Counts a decision or control event as it is audited.
+pub fn observe(event: &AuditEvent) {
+    let m = global();
+    let agent = event.agent_id.clone().unwrap_or_default();
+    let result = event.policy_result.map(result_name).unwrap_or("");
+    match event.event {
+        EventKind::Request | EventKind::Connection => {
+            m.decisions
+                .get_or_create(&DecisionLabels {
+                    agent,
+                    event: if event.event == EventKind::Request {
+                        "request"
+                    } else {
+                        "connection"
+                    }
+                    .into(),
+                    result: result.into(),
+                    rule: event.matched_rule.clone().unwrap_or_default(),
+                })
+                .inc();
+        }
+        EventKind::Dns
+            if matches!(
+                event.policy_result,
+                Some(PolicyResult::Deny | PolicyResult::WouldDeny)
+            ) =>
+        {
+            m.dns_denials.get_or_create(&AgentLabels { agent }).inc();
+        }
+        EventKind::Policy => {
+            let result = match event.action {
+                Some(crate::audit::Action::Rejected) => "rejected",
+                _ => "loaded",
+            };
+            m.policy_reloads
+                .get_or_create(&ResultLabels {
+                    agent,
+                    result: result.into(),
+                })
+                .inc();
+        }
+        EventKind::KillSwitch => {
+            let result = match event.action {
+                Some(crate::audit::Action::Engaged) => "engaged",
+                _ => "lifted",
+            };
+            m.kill_switch_changes
+                .get_or_create(&ResultLabels {
+                    agent,
+                    result: result.into(),
+                })
+                .inc();
+        }
+        _ => {}
+    }
+}
+
+fn result_name(r: PolicyResult) -> &'static str {
+    match r {
+        PolicyResult::Allow => "allow",
+        PolicyResult::Deny => "deny",
+        PolicyResult::WouldDeny => "would_deny",
+        PolicyResult::RateLimited => "rate_limited",
+    }
+}
+
+/// Picks one kernel counter.
+type CounterOf = fn(&enforcer_common::AgentCounters) -> u64;
+
+/// Values read from the daemon at scrape time.
+struct Live {
+    daemon: Arc<Daemon>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+impl Collector for Live {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let agents = self.daemon.registry.all();
+        let per_agent: Vec<(String, enforcer_common::AgentCounters, usize, bool)> = agents
+            .iter()
+            .map(|a| {
+                (
+                    a.name.clone(),
+                    self.daemon.kernel.counters(a.id),
+                    a.conns.count(),
+                    a.is_killed(),
+                )
+            })
+            .collect();
+        let counters: [(&str, &str, CounterOf); 4] = [
+            (
+                "enforcer_kernel_refused",
+                "connects and sends refused in the kernel (EPERM)",
+                |c| c.refused,
+            ),
+            (
+                "enforcer_kernel_redirected",
+                "TCP connects redirected to the proxy",
+                |c| c.redirected,
+            ),
+            (
+                "enforcer_kernel_dropped_packets",
+                "egress packets dropped by cgroup_skb",
+                |c| c.dropped_packets,
+            ),
+            (
+                "enforcer_dns_redirected",
+                "DNS queries redirected to the resolver",
+                |c| c.dns_redirected,
+            ),
+        ];
+        for (name, help, get) in counters {
+            let mut m = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (agent, c, _, _) in &per_agent {
+                let labels = AgentLabels {
+                    agent: agent.clone(),
+                };
+                ConstCounter::new(get(c)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut open = encoder.encode_descriptor(
+            "enforcer_open_connections",
+            "proxied connections open now",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (agent, _, n, _) in &per_agent {
+            ConstGauge::new(*n as i64).encode(open.encode_family(&AgentLabels {
+                agent: agent.clone(),
+            })?)?;
+        }
+        let mut killed = encoder.encode_descriptor(
+            "enforcer_kill_switch_engaged",
+            "1 when the agent is cut off (its own file or the global one)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (agent, _, _, k) in &per_agent {
+            ConstGauge::new(i64::from(*k)).encode(killed.encode_family(&AgentLabels {
+                agent: agent.clone(),
+            })?)?;
+        }
+        let global = self
+            .daemon
+            .kernel
+            .config()
+            .map(|c| c.flags & enforcer_common::global_flags::KILLED != 0)
+            .unwrap_or(false);
+        ConstGauge::new(i64::from(global)).encode(encoder.encode_descriptor(
+            "enforcer_kill_switch_global_engaged",
+            "1 when the global kill switch is engaged",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?)?;
+        let stats = self.daemon.audit.stats();
+        ConstCounter::new(stats.records_written).encode(encoder.encode_descriptor(
+            "enforcer_audit_records_written",
+            "audit records written, checkpoints included",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?)?;
+        ConstGauge::new(i64::from(self.daemon.audit.healthy())).encode(
+            encoder.encode_descriptor(
+                "enforcer_audit_healthy",
+                "1 while the audit log can be written",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?,
+        )?;
+        Ok(())
+    }
+}
+
+fn registry(daemon: Arc<Daemon>) -> Registry {
+    let m = global();
+    let mut r = Registry::default();
+    r.register(
+        "enforcer_decisions",
+        "policy decisions on requests and connections, by agent, result and rule",
+        m.decisions.clone(),
+    );
+    r.register(
+        "enforcer_dns_denials",
+        "DNS names refused (NXDOMAIN) or that would be in dry-run",
+        m.dns_denials.clone(),
+    );
+    r.register(
+        "enforcer_policy_reloads",
+        "policy loads and rejected reloads",
+        m.policy_reloads.clone(),
+    );
+    r.register(
+        "enforcer_kill_switch_changes",
+        "kill switch engaged or lifted",
+        m.kill_switch_changes.clone(),
+    );
+    r.register(
+        "enforcer_policy_evaluation_seconds",
+        "time to evaluate one decision",
+        m.evaluation.clone(),
+    );
+    r.register_collector(Box::new(Live { daemon }));
+    r
+}
+
+/// Serves `/metrics` and `/healthz` until the listener fails.
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+    let registry = Arc::new(registry(daemon.clone()));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (registry, daemon) = (registry.clone(), daemon.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (registry, daemon) = (registry.clone(), daemon.clone());
+                async move { Ok::<_, Infallible>(route(&registry, &daemon, &req)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+fn route(registry: &Registry, daemon: &Daemon, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => response(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(_) => response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "encoding failed".into(),
+                ),
+            }
+        }
+        "/healthz" => {
+            let health = health(daemon);
+            let status = if health["status"] == "degraded" {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            response(status, "application/json", health.to_string())
+        }
+        _ => response(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics or /healthz\n".into(),
+        ),
+    }
+}
+
+fn response(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}
+
+/// The health report. `degraded`: a program is missing from an enrolled cgroup, or the audit
+/// log cannot be written. `disabled`: no agent is loaded, so nothing is enforced.
+pub fn health(daemon: &Daemon) -> serde_json::Value {
+    let agents = daemon.registry.all();
+    let mut degraded = Vec::new();
+    let cgroups: Vec<serde_json::Value> = daemon
+        .enroller
+        .list()
+        .iter()
+        .map(|e| {
+            let id = crate::cgroup::cgroup_id(&e.path).ok();
+            let programs: serde_json::Map<String, serde_json::Value> = match id {
+                Some(id) => daemon
+                    .kernel
+                    .link_states(id)
+                    .into_iter()
+                    .map(|(name, state)| {
+                        if state != LinkState::Attached {
+                            degraded.push(format!("{}: {name} is {state:?}", e.path.display()));
+                        }
+                        (name.to_string(), serde_json::json!(state))
+                    })
+                    .collect(),
+                None => {
+                    degraded.push(format!("{}: cgroup is gone", e.path.display()));
+                    serde_json::Map::new()
+                }
+            };
+            serde_json::json!({ "path": e.path, "agent": e.agent, "programs": programs })
+        })
+        .collect();
+    if !daemon.audit.healthy() {
+        degraded.push("audit log cannot be written".into());
+    }
+    let status = if !degraded.is_empty() {
+        "degraded"
+    } else if agents.is_empty() {
+        "disabled"
+    } else {
+        "healthy"
+    };
+    let last_eval = agents
+        .iter()
+        .map(|a| a.last_eval_ms())
+        .max()
+        .filter(|ms| *ms > 0);
+    let global_kill = daemon
+        .kernel
+        .config()
+        .map(|c| c.flags & enforcer_common::global_flags::KILLED != 0)
+        .unwrap_or(false);
+    let stats = daemon.audit.stats();
+    serde_json::json!({
+        "status": status,
+        "problems": degraded,
+        "engine_loaded": !agents.is_empty(),
+        "agents": agents.iter().map(|a| {
+            let p = a.policy();
+            serde_json::json!({
+                "name": a.name,
+                "policy_sha256": p.sha256(),
+                "mode": p.mode(),
+                "enforce": p.mode() == crate::policy::Mode::Enforce,
+                "killed": a.is_killed(),
+            })
+        }).collect::<Vec<_>>(),
+        "kill_switch": {
+            "global": global_kill,
+            "agents": agents.iter().filter(|a| a.is_killed()).map(|a| a.name.clone()).collect::<Vec<_>>(),
+        },
+        "enforce": agents.iter().all(|a| a.policy().mode() == crate::policy::Mode::Enforce),
+        "security_mode": format!("{:?}", daemon.config.security_mode).to_lowercase(),
+        "last_eval_at": last_eval.and_then(|ms| jiff::Timestamp::from_millisecond(ms as i64).ok()).map(|t| t.to_string()),
+        "audit": {
+            "records_written": stats.records_written,
+            "head_hash": stats.head_hash,
+            "healthy": daemon.audit.healthy(),
+        },
+        "cgroups": cgroups,
+    })
+}

@@ -1,0 +1,276 @@
+//! Running as a service: restarts and upgrades with no enforcement gap, systemd's notify and
+//! file-descriptor-store protocol, metrics and health. Needs root (see the harness docs).
+
+use std::{
+    os::{fd::AsRawFd as _, unix::net::UnixDatagram},
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{Counter, Lines, TestDaemon, Upstream, http_get, prerequisites, reap, stdout};
+
+fn policy() -> String {
+    "default: deny\nrules:\n  - name: lit\n    allow: { url: \"127.0.0.6:*\" }\n".to_string()
+}
+
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn a_refused_destination_is_never_reached_across_sigkill_restart_and_program_upgrade() {
+    // Scenario: two enrolled loops connect every 20 ms, one to a refused address, one to an
+    // allowed one. The daemon is SIGKILLed and started again (which swaps every attached
+    // program for the new daemon's with BPF_LINK_UPDATE), then stopped cleanly and started
+    // again. The refused loop never succeeds once; the allowed loop recovers each time.
+    let Some(()) = prerequisites("no_gap") else {
+        return;
+    };
+    let allowed = Upstream::http("127.0.0.6", "ok");
+    let refused = Counter::new("127.0.0.7");
+    let mut d = TestDaemon::start(&[("a", &policy())], &[], "");
+    let allowed_addr = allowed.addr.to_string();
+    let mut good = d.probe_spawn("a", &["loop", &allowed_addr, &allowed_addr, "20"]);
+    let mut bad = d.probe_spawn("a", &["loop", &refused.addr.to_string(), "x", "20"]);
+    let (good_lines, bad_lines) = (Lines::of(&mut good), Lines::of(&mut bad));
+    assert!(
+        good_lines
+            .wait_for(Duration::from_secs(10), |l| l.starts_with("ok "))
+            .is_some()
+    );
+
+    for round in 0..2 {
+        if round == 0 {
+            d.kill9();
+        } else {
+            d.stop();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        d.spawn();
+        assert!(
+            good_lines
+                .wait_for(Duration::from_secs(10), |l| l.starts_with("ok "))
+                .is_some(),
+            "round {round}: the allowed loop did not recover:\n{}",
+            d.log()
+        );
+    }
+    assert!(
+        d.log().matches("attached=0 updated=11").count() >= 2,
+        "restarts must update links in place:\n{}",
+        d.log()
+    );
+    // Stop the refused loop, then read everything it printed: all failures, and nothing
+    // reached the target.
+    reap(bad);
+    let mut seen = 0;
+    while let Some(line) = bad_lines.next(Duration::from_secs(2)) {
+        assert!(
+            line.starts_with("fail "),
+            "the refused destination was reached: {line}"
+        );
+        seen += 1;
+    }
+    // Not vacuous: the loop kept trying while the daemon was killed and restarted.
+    assert!(seen >= 5, "the refused loop made only {seen} attempts");
+    assert_eq!(refused.accepted(), 0);
+    reap(good);
+}
+
+#[test]
+fn metrics_move_with_traffic() {
+    let Some(()) = prerequisites("metrics") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "ok");
+    let d = TestDaemon::start(&[("a", &policy())], &[], "");
+    let agent = d.agent("a").to_owned();
+    let (code, before) = http_get(d.metrics_port, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        before.contains("enforcer_policy_evaluation_seconds"),
+        "{before}"
+    );
+    let addr = up.addr.to_string();
+    assert!(d.probe("a", &["tcp", &addr, &addr]).status.success());
+    assert!(stdout(&d.probe("a", &["tcp", "127.0.0.7:9"])).contains("os error 1"));
+    let (_, after) = http_get(d.metrics_port, "/metrics");
+    let line = |name: &str| {
+        after
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("agent=\"{agent}\"")))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert!(
+        line("enforcer_decisions_total").contains("result=\"allow\""),
+        "{after}"
+    );
+    assert!(line("enforcer_decisions_total").ends_with(" 1"), "{after}");
+    assert!(
+        line("enforcer_kernel_refused_total").ends_with(" 1"),
+        "{after}"
+    );
+    assert!(
+        line("enforcer_kernel_redirected_total").ends_with(" 1"),
+        "{after}"
+    );
+    assert!(
+        after.contains("enforcer_audit_records_written_total"),
+        "{after}"
+    );
+}
+
+#[test]
+fn healthz_turns_degraded_when_a_link_is_detached_behind_the_daemons_back() {
+    let Some(()) = prerequisites("healthz") else {
+        return;
+    };
+    let d = TestDaemon::start(&[("a", &policy())], &[], "");
+    let (code, body) = http_get(d.metrics_port, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["engine_loaded"], true);
+    // Remove one pinned link: the last reference goes, the program is detached.
+    let cgroup_id = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(d.cgroup("a")).unwrap().ino()
+    };
+    let pin = d
+        .bpffs
+        .join("links")
+        .join(cgroup_id.to_string())
+        .join("redirect_connect4");
+    std::fs::remove_file(&pin).unwrap();
+    let (code, body) = http_get(d.metrics_port, "/healthz");
+    assert_eq!(code, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "degraded");
+    assert!(body.contains("redirect_connect4"), "{body}");
+}
+
+#[test]
+fn under_systemd_ready_comes_after_listening_and_stored_sockets_make_connects_wait() {
+    // Scenario: the test plays systemd. The daemon reports READY=1 and hands its listening
+    // sockets to the fd store. The daemon dies; an enrolled client connects to an allowed
+    // destination meanwhile: the connect completes into the stored socket's backlog and the
+    // request waits. The daemon comes back with the stored sockets (LISTEN_FDS) and answers
+    // it.
+    let Some(()) = prerequisites("systemd_fdstore") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "ok");
+    let mut d = TestDaemon::new(&[("a", &policy())], &[], "");
+    let notify_path = d.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    d.spawn_as_systemd(&notify_path, &[]);
+
+    let mut stored: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
+    let mut ready = false;
+    while !ready || stored.len() < 6 {
+        let (text, fds) = recv_notify(&notify);
+        if text.contains("READY=1") {
+            // By now everything must be listening.
+            assert_eq!(
+                stored.len(),
+                6,
+                "READY before the sockets were stored: {text}"
+            );
+            assert!(std::net::TcpStream::connect(("127.0.0.1", d.proxy_port)).is_ok());
+            ready = true;
+        }
+        if text.contains("FDSTORE=1") {
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .expect("stored sockets are named")
+                .to_owned();
+            assert_eq!(fds.len(), 1, "{text}");
+            stored.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+        }
+    }
+    let names: Vec<&str> = stored.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "proxy-v4",
+        "proxy-v6",
+        "dns-udp-v4",
+        "dns-udp-v6",
+        "dns-tcp-v4",
+        "dns-tcp-v6",
+    ] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+
+    // The client is enrolled now (that needs the daemon) and connects 1 s later, while the
+    // daemon is down: the connect completes into the stored socket's backlog and waits.
+    let addr = up.addr.to_string();
+    let client = d.probe_spawn("a", &["delay", "1000", "tcp", &addr, &addr]);
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let fds: Vec<(String, i32)> = stored
+        .iter()
+        .map(|(n, fd)| (n.clone(), fd.as_raw_fd()))
+        .collect();
+    d.spawn_as_systemd(&notify_path, &fds);
+    let out = client.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("hello from ok"),
+        "the waiting connect must be served after the restart: {text}\n{}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("reusing the socket systemd kept for us"),
+        "{}",
+        d.log()
+    );
+    assert!(eventually(5, || recv_notify_nonblocking(&notify).contains("READY=1")));
+}
+
+/// One notify datagram: its text and any descriptors passed with it.
+fn recv_notify(sock: &UnixDatagram) -> (String, Vec<std::os::fd::OwnedFd>) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut buf = [0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .expect("a notify message");
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().expect("control messages") {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: SCM_RIGHTS gave us new descriptors we now own.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let n = msg.bytes;
+    (String::from_utf8_lossy(&buf[..n]).into_owned(), fds)
+}
+
+fn recv_notify_nonblocking(sock: &UnixDatagram) -> String {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    match sock.recv(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(_) => String::new(),
+    }
+}
