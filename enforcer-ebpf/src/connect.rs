@@ -11,6 +11,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use enforcer_common::{
     Addr, GlobalConfig, OrigDst, agent_flags, allow_flags, deny_reason, global_flags, orig_flags,
 };
@@ -23,6 +24,16 @@ use crate::{
     },
     maps::ORIG_BY_COOKIE,
 };
+
+/// Refuses: a debug log line (aya-log) for the daemon, then the counter and the deny event.
+#[inline(always)]
+fn refuse(ctx: &SockAddrContext, agent: u32, dst: &Addr, port: u16, proto: u16, reason: u32) {
+    debug!(
+        ctx,
+        "agent {} refused proto {} port {}: reason {}", agent, proto, port, reason
+    );
+    report_deny(agent, dst, port, proto, reason);
+}
 
 /// The hook family is a const generic (`V6`): the verifier only allows `user_ip4` in the
 /// *4 hooks and `user_ip6` in the *6 hooks, and rejects context reads at offsets chosen at run
@@ -107,22 +118,22 @@ pub fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Err(deny_reason::NOT_READY as i32);
     };
     let Some(agent) = current_agent() else {
-        report_deny(0, &dst, port, proto, deny_reason::NO_AGENT);
+        refuse(ctx, 0, &dst, port, proto, deny_reason::NO_AGENT);
         return Ok(DENY_CALL);
     };
     let Some(state) = agent_state(agent) else {
-        report_deny(agent, &dst, port, proto, deny_reason::NO_AGENT);
+        refuse(ctx, agent, &dst, port, proto, deny_reason::NO_AGENT);
         return Ok(DENY_CALL);
     };
     // SAFETY: plain helper call on a valid context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if netns != cfg.netns_cookie {
         // The proxy and resolver live in the daemon's namespace; nothing else can be judged.
-        report_deny(agent, &dst, port, proto, deny_reason::OTHER_NETNS);
+        refuse(ctx, agent, &dst, port, proto, deny_reason::OTHER_NETNS);
         return Ok(DENY_CALL);
     }
     if killed(cfg, state) {
-        report_deny(agent, &dst, port, proto, deny_reason::KILLED);
+        refuse(ctx, agent, &dst, port, proto, deny_reason::KILLED);
         return Ok(DENY_CALL);
     }
 
@@ -132,7 +143,7 @@ pub fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
         SOCK_DGRAM => Ok(udp_verdict::<V6>(ctx, cfg, agent, &dst, port)),
         // Raw, SEQPACKET and anything else: nothing we can judge.
         _ => {
-            report_deny(agent, &dst, port, proto, deny_reason::UDP);
+            refuse(ctx, agent, &dst, port, proto, deny_reason::UDP);
             Ok(DENY_CALL)
         }
     }
@@ -150,7 +161,8 @@ fn connect_stream<const V6: bool>(
     let bound_dev = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).bound_dev_if };
     if bound_dev != 0 {
         // SO_BINDTODEVICE would send the rewritten connect out of that device, not to us.
-        report_deny(
+        refuse(
+            ctx,
             agent,
             dst,
             port,
@@ -162,7 +174,8 @@ fn connect_stream<const V6: bool>(
 
     if port == 853 {
         // DNS over TLS would carry names past the resolver.
-        report_deny(
+        refuse(
+            ctx,
             agent,
             dst,
             port,
@@ -199,12 +212,20 @@ fn connect_stream<const V6: bool>(
         match listed {
             Some(v) if v.flags & allow_flags::EXPLICIT != 0 => {}
             _ => {
-                report_deny(agent, dst, port, IPPROTO_TCP as u16, deny_reason::LOOPBACK);
+                refuse(
+                    ctx,
+                    agent,
+                    dst,
+                    port,
+                    IPPROTO_TCP as u16,
+                    deny_reason::LOOPBACK,
+                );
                 return Ok(DENY_CALL);
             }
         }
     } else if listed.is_none() && agent_flags_bits & agent_flags::REDIRECT_ALL_TCP == 0 {
-        report_deny(
+        refuse(
+            ctx,
             agent,
             dst,
             port,
@@ -221,11 +242,22 @@ fn connect_stream<const V6: bool>(
     };
     if !record::<V6>(ctx, agent, dst, port, flags) {
         // Without the record the proxy cannot know where to go: fail the connect now.
-        report_deny(agent, dst, port, IPPROTO_TCP as u16, deny_reason::NOT_READY);
+        refuse(
+            ctx,
+            agent,
+            dst,
+            port,
+            IPPROTO_TCP as u16,
+            deny_reason::NOT_READY,
+        );
         return Ok(DENY_CALL);
     }
     rewrite_to_loopback::<V6>(ctx, dst, cfg.proxy_port);
     count(agent, Counter::Redirected);
+    debug!(
+        ctx,
+        "agent {} connect to port {} redirected to the proxy", agent, port
+    );
     Ok(ALLOW_CALL)
 }
 
@@ -244,13 +276,20 @@ pub fn udp_verdict<const V6: bool>(
     }
     if dst.is_local() && port == cfg.dns_port {
         if !record::<V6>(ctx, agent, dst, port, orig_flags::DNS | orig_flags::DIRECT) {
-            report_deny(agent, dst, port, IPPROTO_UDP as u16, deny_reason::NOT_READY);
+            refuse(
+                ctx,
+                agent,
+                dst,
+                port,
+                IPPROTO_UDP as u16,
+                deny_reason::NOT_READY,
+            );
             return DENY_CALL;
         }
         return ALLOW_CALL;
     }
     // Everything else, QUIC included: refused, so clients fall back to TCP.
-    report_deny(agent, dst, port, IPPROTO_UDP as u16, deny_reason::UDP);
+    refuse(ctx, agent, dst, port, IPPROTO_UDP as u16, deny_reason::UDP);
     DENY_CALL
 }
 
@@ -267,11 +306,11 @@ fn redirect_dns<const V6: bool>(
 ) -> i32 {
     if cfg.flags & global_flags::DNS_REDIRECT == 0 {
         // No resolver to send it to: refuse rather than let a query out unjudged.
-        report_deny(agent, dst, port, proto, deny_reason::NOT_READY);
+        refuse(ctx, agent, dst, port, proto, deny_reason::NOT_READY);
         return DENY_CALL;
     }
     if !record::<V6>(ctx, agent, dst, port, orig_flags::DNS) {
-        report_deny(agent, dst, port, proto, deny_reason::NOT_READY);
+        refuse(ctx, agent, dst, port, proto, deny_reason::NOT_READY);
         return DENY_CALL;
     }
     rewrite_to_loopback::<V6>(ctx, dst, cfg.dns_port);

@@ -150,6 +150,7 @@ pub struct Kernel {
     dns_clients: HashMap<MapData, SockKey, DnsClient>,
     counters: PerCpuArray<MapData, AgentCounters>,
     events: Mutex<Option<RingBuf<MapData>>>,
+    logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
 }
 
 impl Kernel {
@@ -170,9 +171,13 @@ impl Kernel {
             .default_map_pin_directory(&maps_dir)
             .load(object)
             .map_err(BpfError::Load)?;
-        if let Err(err) = aya_log::EbpfLogger::init(&mut ebpf) {
-            tracing::debug!("eBPF logging unavailable: {err}");
-        }
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(err) => {
+                tracing::debug!("eBPF logging unavailable: {err}");
+                None
+            }
+        };
         for name in programs::ALL {
             load_program(&mut ebpf, name)?;
         }
@@ -195,6 +200,7 @@ impl Kernel {
             dns_clients,
             counters,
             events: Mutex::new(Some(events)),
+            logger: Mutex::new(logger),
         })
     }
 
@@ -568,6 +574,12 @@ impl Kernel {
             }
         }
         sum
+    }
+
+    /// The eBPF programs' log ring (aya-log); it can be taken once. Its records reach the
+    /// daemon's log (target `enforcer`, level debug).
+    pub fn take_logger(&self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        lock(&self.logger).take()
     }
 
     /// The deny-event ring; it can be taken once.

@@ -192,6 +192,9 @@ pub async fn run(
     let admin_listener = admin::bind(&admin_path, daemon.config.admin_group.as_deref())?;
     tokio::spawn(admin::serve(admin_listener, daemon.clone()));
 
+    if let Some(logger) = daemon.kernel.take_logger() {
+        tokio::spawn(forward_ebpf_logs(logger));
+    }
     if let Some(ring) = daemon.kernel.take_events() {
         tokio::spawn(read_deny_events(
             ring,
@@ -1131,6 +1134,25 @@ async fn read_deny_events(
             }
             audit.kernel_deny(&agent, ev.pid, &comm, dest);
         }
+        guard.clear_ready();
+    }
+}
+
+/// Forwards the eBPF programs' aya-log records to the daemon's log.
+async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring's descriptor and lives inside the AsyncFd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        tracing::debug!("cannot poll the eBPF log ring; kernel diagnostics are not logged");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
         guard.clear_ready();
     }
 }

@@ -537,3 +537,116 @@ fn the_policy_decides_at_host_level_in_the_proxy() {
         "{audit}"
     );
 }
+
+#[test]
+fn enrol_and_unenrol_by_pid_and_by_cgroup() {
+    // Scenario: a running process (not started by enforcer) is enrolled by pid: its later
+    // connect to an unnamed address is refused, and unenrol puts it back. An existing cgroup
+    // is enrolled: a process inside is refused, and after unenrol it is not. Enrolling the
+    // root cgroup or the daemon's own is refused.
+    let Some(()) = prerequisites("enrol") else {
+        return;
+    };
+    let target = Counter::new("127.0.0.7");
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let probe = enforcer_tests::probe_bin();
+    let addr = target.addr.to_string();
+
+    // By pid: the process connects 1.5 s after it starts; it is enrolled in between.
+    let child = std::process::Command::new(&probe)
+        .args(["delay", "1500", "tcp", &addr])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let before = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let out = d.cli(&["enrol", "--agent", d.agent("a"), "--pid", &pid]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let now = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        now.contains(&format!("/enforcer.slice/{}", d.agent("a"))),
+        "{now}"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    assert_eq!(target.accepted(), 0);
+
+    let sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let spid = sleeper.id().to_string();
+    assert!(
+        d.cli(&["enrol", "--agent", d.agent("a"), "--pid", &spid])
+            .status
+            .success()
+    );
+    let out = d.cli(&["unenrol", "--pid", &spid]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let back = std::fs::read_to_string(format!("/proc/{spid}/cgroup")).unwrap();
+    assert_eq!(back, before, "unenrol must restore the original cgroup");
+    reap(sleeper);
+
+    // By cgroup.
+    let mount = enforcer_tests::cgroup2_mount().unwrap();
+    let cg = mount.join(enforcer_tests::unique("enforcer-enrol-test-"));
+    std::fs::create_dir(&cg).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            enforcer_tests::remove_cgroup(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(cg.clone());
+    let out = d.cli(&[
+        "enrol",
+        "--agent",
+        d.agent("a"),
+        "--cgroup",
+        cg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run_in_cgroup = || {
+        use std::os::unix::process::CommandExt as _;
+        let procs = cg.join("cgroup.procs");
+        let mut c = std::process::Command::new(&probe);
+        c.args(["tcp", &addr]);
+        // SAFETY: only a write(2) between fork and exec.
+        unsafe {
+            c.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
+        }
+        c.output().unwrap()
+    };
+    assert!(stdout(&run_in_cgroup()).contains("os error 1"));
+    let status = d.status().to_string();
+    assert!(status.contains(cg.to_str().unwrap()), "{status}");
+    let out = d.cli(&["unenrol", "--cgroup", cg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run_in_cgroup();
+    assert!(
+        out.status.success(),
+        "after unenrol the cgroup is free: {}",
+        stdout(&out)
+    );
+
+    // Never the root cgroup or the daemon's own.
+    let out = d.cli(&["enrol", "--agent", d.agent("a"), "--cgroup", "/"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("root cgroup"), "{}", stderr(&out));
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", d.pid().unwrap())).unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .to_owned();
+    let out = d.cli(&["enrol", "--agent", d.agent("a"), "--cgroup", &own]);
+    assert!(!out.status.success());
+    // Where the daemon runs in the root cgroup (as here without systemd), the root check
+    // answers first.
+    let why = if own == "/" {
+        "root cgroup"
+    } else {
+        "daemon itself runs"
+    };
+    assert!(stderr(&out).contains(why), "{}", stderr(&out));
+}
