@@ -66,6 +66,7 @@ pub struct Daemon {
 
 /// Checks what the daemon cannot run without, naming what is missing and what to do.
 pub fn preflight() -> anyhow::Result<Hierarchy> {
+    raise_fd_limit();
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "enforcer daemon must run as root: it loads eBPF programs, attaches them to cgroups \
@@ -73,6 +74,17 @@ pub fn preflight() -> anyhow::Result<Hierarchy> {
         );
     }
     Ok(Hierarchy::discover()?)
+}
+
+/// Every proxied connection holds two descriptors: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -727,6 +739,7 @@ impl Daemon {
         if next == *current {
             return;
         }
+        let started = std::time::Instant::now();
         let changed = changes(&current, &next, &names);
         if next.global != current.global {
             let global = next.global;
@@ -768,7 +781,10 @@ impl Daemon {
                 }
             }
         }
-        // Then any other TCP socket of those cgroups (accepted, DNS over TCP, ...).
+        let cut_at = started.elapsed();
+        // And every TCP socket of those cgroups, in the kernel: the agent's end of each proxied
+        // stream (its reads fail at once, whatever the proxy tasks are doing) and any other
+        // (DNS over TCP, accepted sockets).
         let destroyed = if cgroups.is_empty() {
             0
         } else {
@@ -788,6 +804,13 @@ impl Daemon {
                 }
             }
         };
+        tracing::info!(
+            kernel_and_cut_us = cut_at.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            connections_cut = cut,
+            sockets_destroyed = destroyed,
+            "kill switch change applied"
+        );
         self.audit_kill(&current, &next, &changed, cut, destroyed);
         *current = next;
     }

@@ -326,7 +326,8 @@ async fn forward(
         _ = guard.killed.wait_for(|k| *k) => {
             reset(&client);
             reset(&upstream);
-            tracing::info!(agent = %agent.name, dst = %conn.dst, "connection cut by the kill switch");
+            // One summary line is logged by the kill switch, not one per connection.
+            tracing::debug!(agent = %agent.name, dst = %conn.dst, "connection cut by the kill switch");
         }
     }
     // Close both ends now (with a reset if the kill switch cut them), before bookkeeping.

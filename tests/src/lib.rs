@@ -37,10 +37,13 @@ fn bin(var: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(var) {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test> → target/<profile>/<name>
+    // A test runs from target/<profile>/deps/, a harness binary from target/<profile>/.
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let here = exe.parent().expect("executable dir");
+    let path = [here.join(name), here.parent().unwrap_or(here).join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         path.exists(),
         "{} not found; build it first (cargo xtask test does: cargo build -p enforcer -p enforcer-tests)",

@@ -242,6 +242,23 @@ fn test(root: &Path) -> anyhow::Result<()> {
 /// bpffs pins named `enforcer-test-*` and agent cgroups `t*-<pid>x<n>` whose test process is
 /// gone. Tests clean up after themselves; this covers the runs that were killed.
 fn sweep_test_leftovers() {
+    // Daemons of a killed test run (their configs live in /tmp/enforcer-e2e-*) outlive it.
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("/enforcer-e2e-")
+                && cmdline.contains("daemon")
+                && let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>()
+            {
+                eprintln!("xtask: stopping a daemon left by an interrupted test run (pid {pid})");
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
     let alive = |pid: &str| Path::new("/proc").join(pid).exists();
     // Names are <prefix><pid>x<n>.
     let owner = |name: &str| -> Option<String> {

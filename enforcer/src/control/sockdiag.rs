@@ -36,8 +36,9 @@ struct Found {
     states: u8,
 }
 
-/// Destroys every TCP socket (any state) whose cgroup id is in `cgroups`. Returns how many
-/// were destroyed. Sockets that vanish meanwhile are not errors.
+/// Destroys every TCP socket (any state) whose cgroup id is in `cgroups`: the agent's own
+/// end of every stream, so its reads fail at once whatever the proxy is doing. Returns how
+/// many were destroyed. Sockets that vanish meanwhile are not errors.
 pub fn destroy_tcp_in(cgroups: &HashSet<u64>) -> Result<usize, SockDiagError> {
     if cgroups.is_empty() {
         return Ok(0);
@@ -52,13 +53,14 @@ pub fn destroy_tcp_in(cgroups: &HashSet<u64>) -> Result<usize, SockDiagError> {
         found.extend(dump(&mut socket, family, cgroups)?);
     }
     let mut destroyed = 0;
-    for f in found {
-        if destroy(&mut socket, &f).is_ok() {
-            destroyed += 1;
-        }
+    for batch in found.chunks(DESTROY_BATCH) {
+        destroyed += destroy_batch(&mut socket, batch)?;
     }
     Ok(destroyed)
 }
+
+/// Destroy requests sent in one `sendmsg` (their acks must fit the receive buffer).
+const DESTROY_BATCH: usize = 128;
 
 fn request(family: u8, id: SocketId, states: StateFlags) -> SockDiagMessage {
     SockDiagMessage::InetRequest(InetRequest {
@@ -70,14 +72,10 @@ fn request(family: u8, id: SocketId, states: StateFlags) -> SockDiagMessage {
     })
 }
 
-fn send(
-    socket: &mut Socket,
-    flags: u16,
-    msg: SockDiagMessage,
-    message_type: Option<u16>,
-) -> Result<(), SockDiagError> {
+fn serialize(flags: u16, seq: u32, msg: SockDiagMessage, message_type: Option<u16>) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
+    header.sequence_number = seq;
     let mut packet = NetlinkMessage::new(header, msg.into());
     packet.finalize();
     if let Some(t) = message_type {
@@ -85,8 +83,17 @@ fn send(
     }
     let mut buf = vec![0; packet.header.length as usize];
     packet.serialize(&mut buf[..]);
+    buf
+}
+
+fn send(
+    socket: &mut Socket,
+    flags: u16,
+    msg: SockDiagMessage,
+    message_type: Option<u16>,
+) -> Result<(), SockDiagError> {
     socket
-        .send(&buf, 0)
+        .send(&serialize(flags, 0, msg, message_type), 0)
         .map_err(|e| SockDiagError::Dump(e.to_string()))?;
     Ok(())
 }
@@ -151,22 +158,45 @@ fn cgroup_of(r: &InetResponse) -> Option<u64> {
     })
 }
 
-fn destroy(socket: &mut Socket, f: &Found) -> Result<(), SockDiagError> {
-    let states = StateFlags::from_bits_truncate(1 << f.states);
-    send(
-        socket,
-        NLM_F_REQUEST | NLM_F_ACK,
-        request(f.family, f.id.clone(), states),
-        Some(SOCK_DESTROY),
-    )?;
-    let mut buf = vec![0u8; 4096];
-    let size = socket
-        .recv(&mut &mut buf[..], 0)
-        .map_err(|e| SockDiagError::Dump(e.to_string()))?;
-    let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&buf[..size])
-        .map_err(|e| SockDiagError::Dump(e.to_string()))?;
-    match msg.payload {
-        NetlinkPayload::Error(e) if e.code.is_some() => Err(SockDiagError::Dump(format!("{e:?}"))),
-        _ => Ok(()),
+/// Sends `SOCK_DESTROY` for every socket in `batch` in one `sendmsg` (netlink processes the
+/// messages in order), then reads one ack per request. Returns how many succeeded.
+fn destroy_batch(socket: &mut Socket, batch: &[Found]) -> Result<usize, SockDiagError> {
+    let mut out = Vec::new();
+    for (seq, f) in batch.iter().enumerate() {
+        let states = StateFlags::from_bits_truncate(1 << f.states);
+        out.extend(serialize(
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq as u32 + 1,
+            request(f.family, f.id.clone(), states),
+            Some(SOCK_DESTROY),
+        ));
     }
+    socket
+        .send(&out, 0)
+        .map_err(|e| SockDiagError::Dump(e.to_string()))?;
+    let (mut acks, mut ok) = (0, 0);
+    let mut buf = vec![0u8; 64 * 1024];
+    while acks < batch.len() {
+        let size = socket
+            .recv(&mut &mut buf[..], 0)
+            .map_err(|e| SockDiagError::Dump(e.to_string()))?;
+        let mut offset = 0;
+        while offset < size {
+            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&buf[offset..size])
+                .map_err(|e| SockDiagError::Dump(e.to_string()))?;
+            let len = msg.header.length as usize;
+            if let NetlinkPayload::Error(e) = msg.payload {
+                acks += 1;
+                // An ack without an error code is success; ENOENT: it closed meanwhile.
+                if e.code.is_none() {
+                    ok += 1;
+                }
+            }
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+    }
+    Ok(ok)
 }

@@ -20,6 +20,9 @@
 //!                            connection, print "second ok" or "second failed ..."
 //! probe dns SERVER NAME TYPE [tcp]   one query; prints "rcode R answers N [addrs] from SRC"
 //! probe delay MS MODE ARGS... wait MS milliseconds, then run MODE
+//! probe streams N ADDR HOST  open N keep-alive streams (a GET answered on each), print
+//!                            "ready", then wait until all have ended and a new connect
+//!                            fails; print "closed T_LAST refused T_REFUSED" (CLOCK_MONOTONIC ns)
 
 use std::{
     io::{Read as _, Write as _},
@@ -55,6 +58,7 @@ fn run(args: &[String]) -> i32 {
             &args[3],
             args.get(4).map(String::as_str) == Some("tcp"),
         ),
+        Some("streams") => streams(args[1].parse().unwrap_or(1), &args[2], &args[3]),
         Some("delay") => {
             std::thread::sleep(Duration::from_millis(args[1].parse().unwrap_or(0)));
             run(&args[2..])
@@ -481,5 +485,98 @@ fn dns(server: &str, name: &str, rtype: &str, tcp: bool) -> i32 {
         reply.answers.len(),
         addrs.join(",")
     );
+    0
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Holds `n` streams open and reports when the last one ended and when a new connect was
+/// refused, for the kill-switch benchmark.
+fn streams(n: usize, addr: &str, host: &str) -> i32 {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: plain get/setrlimit on our own process.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let addr = match resolve(addr) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("error {e}");
+            return 1;
+        }
+    };
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("error connect: {e}");
+                return 1;
+            }
+        };
+        let mut first = [0u8; 512];
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        if s.write_all(req.as_bytes()).is_err() || !matches!(s.read(&mut first), Ok(k) if k > 0) {
+            println!("error no response");
+            return 1;
+        }
+        conns.push(s);
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut fds: Vec<libc::pollfd> = conns
+        .iter()
+        .map(|c| libc::pollfd {
+            fd: c.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let mut open = n;
+    let mut last = 0;
+    while open > 0 {
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 30_000) };
+        if r <= 0 {
+            println!("error timeout with {open} streams open");
+            return 1;
+        }
+        for (i, p) in fds.iter_mut().enumerate() {
+            if p.fd >= 0 && p.revents != 0 {
+                let mut buf = [0u8; 512];
+                match (&conns[i]).read(&mut buf) {
+                    Ok(k) if k > 0 => continue,
+                    _ => {
+                        p.fd = -1;
+                        open -= 1;
+                        last = monotonic_ns();
+                    }
+                }
+            }
+        }
+    }
+    // New connects must now be refused.
+    let refused = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => break monotonic_ns(),
+            _ => std::thread::sleep(Duration::from_micros(100)),
+        }
+    };
+    println!("closed {last} refused {refused}");
     0
 }

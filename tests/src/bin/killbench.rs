@@ -1,0 +1,105 @@
+//! Kill-switch benchmark, run by `cargo xtask bench`: with 1,000 proxied streams open, how
+//! long from the kill file's creation until every stream has ended and a new connect is
+//! refused. Needs root. Prints a Markdown section for BENCHMARKS.md on stdout.
+//!
+//! Usage: enforcer-bench-kill [ITERATIONS] [STREAMS]
+
+use std::time::Duration;
+
+use enforcer_tests::{Lines, TestDaemon, Upstream, prerequisites, reap};
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let iterations = args.first().copied().unwrap_or(30);
+    let streams = args.get(1).copied().unwrap_or(1000);
+    if prerequisites("kill switch benchmark").is_none() {
+        std::process::exit(2);
+    }
+    let up = Upstream::http("127.0.0.6", "bench");
+    let policy = "default: deny\nrules:\n  - name: lit\n    allow: { url: \"127.0.0.6:*\" }\n";
+    let d = TestDaemon::start(&[("a", policy)], &[], "");
+    let addr = up.addr.to_string();
+    let kill = d.agent_kill_path("a");
+    std::fs::create_dir_all(kill.parent().unwrap()).unwrap();
+    let (mut total, mut closed, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iterations {
+        let mut child = d.probe_spawn("a", &["streams", &streams.to_string(), &addr, &addr]);
+        let lines = Lines::of(&mut child);
+        let ready = lines.next(Duration::from_secs(120));
+        assert_eq!(
+            ready.as_deref(),
+            Some("ready"),
+            "iteration {i}: {ready:?}\n{}",
+            d.log()
+        );
+        let t0 = monotonic_ns();
+        std::fs::File::create(&kill).unwrap();
+        let line = lines
+            .next(Duration::from_secs(60))
+            .expect("the probe reports");
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(parts.first(), Some(&"closed"), "{line}");
+        let (t_closed, t_refused): (u64, u64) =
+            (parts[1].parse().unwrap(), parts[3].parse().unwrap());
+        let ms = |t: u64| t.saturating_sub(t0) as f64 / 1e6;
+        closed.push(ms(t_closed));
+        refused.push(ms(t_refused));
+        total.push(ms(t_closed.max(t_refused)));
+        reap(child);
+        std::fs::remove_file(&kill).unwrap();
+        // Wait until the switch is lifted before the next round.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while d.agent_status("a")["killed"] == true && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    eprintln!(
+        "{}",
+        d.log()
+            .lines()
+            .filter(|l| l.contains("kill switch change applied"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for v in [&mut total, &mut closed, &mut refused] {
+        v.sort_by(f64::total_cmp);
+    }
+    println!("## Kill switch\n");
+    println!(
+        "From the creation of an agent's kill file to all of {streams} open proxied streams \
+         ended (as their client sees it) and a new connect refused with EPERM; {iterations} \
+         runs, one daemon, upstream on 127.0.0.6.\n"
+    );
+    println!("| measure | p50 | p99 | max |\n|---|---|---|---|");
+    for (name, v) in [
+        ("all streams ended and new connects refused", &total),
+        ("last stream ended", &closed),
+        ("new connect refused", &refused),
+    ] {
+        println!(
+            "| {name} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v[v.len() - 1]
+        );
+    }
+    println!();
+}
