@@ -278,8 +278,10 @@ fn raw_and_ping_sockets_from_inside_get_nothing_out() {
         stdout(&control),
         stderr(&control)
     );
-    let inside = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns])
+    // nsenter --net, not `ip netns exec`: the latter remounts /sys, hiding the cgroup2 mount.
+    let inside = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
         .arg(enforcer_tests::enforcer_bin())
         .arg("--config")
         .arg(&d.config)
@@ -289,13 +291,18 @@ fn raw_and_ping_sockets_from_inside_get_nothing_out() {
         .env_remove("SUDO_UID")
         .output()
         .unwrap();
-    assert!(inside.status.code().is_some(), "{}", stderr(&inside));
+    // The probe really ran (enforcer exec succeeded), and nothing came back.
+    let text = stdout(&inside);
     assert!(
-        !stdout(&inside).contains("reply"),
-        "ping socket escaped: {} {}",
-        stdout(&inside),
+        text.starts_with("error"),
+        "the probe did not run: {text} {}",
         stderr(&inside)
     );
+    assert!(
+        !text.contains("reply") || text.contains("no reply"),
+        "ping socket escaped: {text}"
+    );
+    eprintln!("ping probe inside the cgroup said: {text}");
 }
 
 #[test]
@@ -649,4 +656,100 @@ fn enrol_and_unenrol_by_pid_and_by_cgroup() {
         "daemon itself runs"
     };
     assert!(stderr(&out).contains(why), "{}", stderr(&out));
+}
+
+#[test]
+fn mptcp_is_treated_as_tcp_and_device_bound_sockets_are_refused() {
+    // Scenario: an MPTCP socket reaches an allowed upstream through the proxy like TCP, and is
+    // refused like TCP elsewhere. A socket bound to a device (SO_BINDTODEVICE) cannot be
+    // redirected, so it is refused even towards an allowed destination.
+    let Some(()) = prerequisites("mptcp_bindtodevice") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "up6");
+    let refused = Counter::new("127.0.0.7");
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let addr = up.addr.to_string();
+    let out = d.probe("a", &["mptcp", &addr, &addr]);
+    assert!(
+        stdout(&out).contains("200 OK"),
+        "{}\n{}",
+        stdout(&out),
+        d.log()
+    );
+    let out = d.probe("a", &["mptcp", &refused.addr.to_string(), "x"]);
+    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    // SO_BINDTODEVICE needs CAP_NET_RAW, so this one runs as root.
+    let out = d
+        .exec_as(
+            "a",
+            &["--allow-root"],
+            &[
+                enforcer_tests::probe_bin().to_str().unwrap(),
+                "bound",
+                "lo",
+                &addr,
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    assert_eq!(refused.accepted(), 0);
+}
+
+#[test]
+fn a_socket_in_another_network_namespace_is_refused_and_the_daemon_says_why() {
+    let Some(()) = prerequisites("other_netns") else {
+        return;
+    };
+    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let ns = enforcer_tests::unique("enfns");
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    assert!(ip(&["netns", "add", &ns]), "`ip netns add` failed");
+    struct NetnsGuard(String);
+    impl Drop for NetnsGuard {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _guard = NetnsGuard(ns.clone());
+    assert!(ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]));
+    // Inside the namespace a listener stands on 127.0.0.6; the enrolled connect must not
+    // reach it even though the policy allows that address.
+    let mut listener = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "python3", "-c",
+            "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.6',8099))\ns.listen()\ntime.sleep(20)"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(enforcer_tests::enforcer_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["exec", "--agent", d.agent("a"), "--user", "nobody", "--"])
+        .arg(enforcer_tests::probe_bin())
+        .args(["tcp", "127.0.0.6:8099"])
+        .env_remove("SUDO_UID")
+        .output()
+        .unwrap();
+    let _ = listener.kill();
+    let _ = listener.wait();
+    assert!(
+        stdout(&out).contains("os error 1"),
+        "{} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.log().contains("another network namespace"), "{}", d.log());
 }

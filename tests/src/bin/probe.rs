@@ -20,6 +20,8 @@
 //!                            connection, print "second ok" or "second failed ..."
 //! probe dns SERVER NAME TYPE [tcp]   one query; prints "rcode R answers N [addrs] from SRC"
 //! probe delay MS MODE ARGS... wait MS milliseconds, then run MODE
+//! probe mptcp ADDR HOST      like tcp, on an MPTCP socket (IPPROTO_MPTCP)
+//! probe bound DEV ADDR       connect a socket bound to DEV (SO_BINDTODEVICE)
 //! probe streams N ADDR HOST  open N keep-alive streams (a GET answered on each), print
 //!                            "ready", then wait until all have ended and a new connect
 //!                            fails; print "closed T_LAST refused T_REFUSED" (CLOCK_MONOTONIC ns)
@@ -59,6 +61,8 @@ fn run(args: &[String]) -> i32 {
             args.get(4).map(String::as_str) == Some("tcp"),
         ),
         Some("streams") => streams(args[1].parse().unwrap_or(1), &args[2], &args[3]),
+        Some("mptcp") => mptcp(&args[1], &args[2]),
+        Some("bound") => bound(&args[1], &args[2]),
         Some("delay") => {
             std::thread::sleep(Duration::from_millis(args[1].parse().unwrap_or(0)));
             run(&args[2..])
@@ -579,4 +583,153 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
     };
     println!("closed {last} refused {refused}");
     0
+}
+
+/// A TCP socket of the given protocol, connected to `addr`.
+fn socket_connect(
+    addr: SocketAddr,
+    protocol: libc::c_int,
+    device: Option<&str>,
+) -> Result<TcpStream, String> {
+    use std::os::fd::FromRawFd as _;
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls; the descriptor is owned by the TcpStream from here on.
+    let stream = unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM, protocol);
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        TcpStream::from_raw_fd(fd)
+    };
+    if let Some(dev) = device {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setsockopt with a valid buffer of the given length.
+        let r = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                dev.as_ptr().cast(),
+                dev.len() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "SO_BINDTODEVICE: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    let sa = socket2_addr(addr);
+    // SAFETY: connect with a sockaddr of the right length.
+    let r = unsafe {
+        use std::os::fd::AsRawFd as _;
+        libc::connect(stream.as_raw_fd(), sa.0.as_ptr().cast(), sa.1)
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "connect: {e} (os error {})",
+            e.raw_os_error().unwrap_or(0)
+        ));
+    }
+    Ok(stream)
+}
+
+/// The sockaddr bytes of an address.
+fn socket2_addr(addr: SocketAddr) -> (Vec<u8>, libc::socklen_t) {
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: viewing a plain C struct as bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&raw const sin).cast::<u8>(),
+                    std::mem::size_of::<libc::sockaddr_in>(),
+                )
+            };
+            (
+                bytes.to_vec(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: viewing a plain C struct as bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&raw const sin6).cast::<u8>(),
+                    std::mem::size_of::<libc::sockaddr_in6>(),
+                )
+            };
+            (
+                bytes.to_vec(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        }
+    }
+}
+
+fn mptcp(addr: &str, host: &str) -> i32 {
+    let addr = match resolve(addr) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("error {e}");
+            return 1;
+        }
+    };
+    let mut s = match socket_connect(addr, 262, None) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("error {e}");
+            return 1;
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes());
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    println!("status {}", text.lines().next().unwrap_or("(none)"));
+    0
+}
+
+fn bound(dev: &str, addr: &str) -> i32 {
+    let addr = match resolve(addr) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("error {e}");
+            return 1;
+        }
+    };
+    match socket_connect(addr, 0, Some(dev)) {
+        Ok(_) => {
+            println!("connected");
+            0
+        }
+        Err(e) => {
+            println!("error {e}");
+            1
+        }
+    }
 }
