@@ -811,18 +811,11 @@ impl Daemon {
             sockets_destroyed = destroyed,
             "kill switch change applied"
         );
-        self.audit_kill(&current, &next, &changed, cut, destroyed);
+        self.audit_kill(&current, &next, cut, destroyed);
         *current = next;
     }
 
-    fn audit_kill(
-        &self,
-        before: &KillState,
-        after: &KillState,
-        changed: &std::collections::BTreeMap<String, bool>,
-        cut: usize,
-        destroyed: usize,
-    ) {
+    fn audit_kill(&self, before: &KillState, after: &KillState, cut: usize, destroyed: usize) {
         let action = |on: bool| if on { Action::Engaged } else { Action::Lifted };
         if before.global != after.global {
             tracing::warn!(
@@ -856,7 +849,6 @@ impl Daemon {
                     )),
             );
         }
-        let _ = changed;
     }
 
     /// Reloads when the config file or a policy file changed content.
