@@ -33,18 +33,14 @@ pub fn config() -> Option<&'static GlobalConfig> {
     (cfg.flags & global_flags::READY != 0).then_some(cfg)
 }
 
-/// The agent of the calling task: the deepest ancestor cgroup (the task's own cgroup
-/// included) that is enrolled.
-///
-/// Used only in syscall context (connect, sendmsg), where the current task is the caller.
-/// Softirq paths (skb) use the socket's cgroup instead; see `skb.rs`.
+/// The agent owning the deepest enrolled cgroup among the ancestors `ancestor(level)` gives
+/// (level 0 is the root; 0 past the last level).
 #[inline(always)]
-pub fn current_agent() -> Option<u32> {
+pub fn deepest_agent(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
     let mut found = None;
     let mut level = 0u32;
     while level < MAX_CGROUP_DEPTH {
-        // SAFETY: plain helper call; returns 0 past the task's depth.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let id = ancestor(level as i32);
         if id == 0 {
             break;
         }
@@ -55,6 +51,17 @@ pub fn current_agent() -> Option<u32> {
         level += 1;
     }
     found
+}
+
+/// The agent of the calling task: the deepest ancestor cgroup (the task's own cgroup
+/// included) that is enrolled.
+///
+/// Used only in syscall context (connect, sendmsg), where the current task is the caller.
+/// Softirq paths (skb) use the socket's cgroup instead; see `skb.rs`.
+#[inline(always)]
+pub fn current_agent() -> Option<u32> {
+    // SAFETY: plain helper call; returns 0 past the task's depth.
+    deepest_agent(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
 }
 
 /// The state of an active agent, `None` for unknown or inactive ids.

@@ -67,6 +67,24 @@ pub fn write_user_ip6(ctx: &SockAddrContext, words: [u32; 4]) {
     }
 }
 
+/// Makes the socket address `user_ip*`/`user_port` say `addr:port` (getpeername, recvmsg).
+/// Err for an IPv6 address in an IPv4 hook.
+#[inline(always)]
+pub fn set_peer<const V6: bool>(ctx: &SockAddrContext, addr: &Addr, port: u16) -> Result<(), ()> {
+    if V6 {
+        write_user_ip6(ctx, addr.words);
+    } else {
+        if !addr.is_ipv4_mapped() {
+            return Err(());
+        }
+        // SAFETY: user_ip4 is writable in the *4 getpeername and recvmsg hooks.
+        unsafe { (*ctx.sock_addr).user_ip4 = addr.ipv4_word() };
+    }
+    // SAFETY: user_port is writable in those hooks.
+    unsafe { (*ctx.sock_addr).user_port = u32::from(port.to_be()) };
+    Ok(())
+}
+
 /// The destination the caller asked for, as an IPv4-mapped or native IPv6 address.
 #[inline(always)]
 pub fn requested<const V6: bool>(ctx: &SockAddrContext) -> (Addr, u16) {

@@ -4,7 +4,7 @@
 use aya_ebpf::{EbpfContext, helpers::generated::bpf_get_socket_cookie, programs::SockAddrContext};
 use enforcer_common::orig_flags;
 
-use crate::{connect::write_user_ip6, maps::ORIG_BY_COOKIE};
+use crate::{connect::set_peer, maps::ORIG_BY_COOKIE};
 
 /// `V6` selects the hook family, as in `connect.rs`.
 pub fn try_getpeername<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
@@ -18,17 +18,5 @@ pub fn try_getpeername<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> 
         return Ok(());
     }
     let (addr, port) = (orig.addr, orig.port);
-    if V6 {
-        write_user_ip6(ctx, addr.words);
-    } else {
-        if !addr.is_ipv4_mapped() {
-            return Err(());
-        }
-        // SAFETY: user_ip4 is writable in getpeername4.
-        unsafe { (*ctx.sock_addr).user_ip4 = addr.ipv4_word() };
-    }
-    // SAFETY: user_port is writable in getpeername hooks.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    sa.user_port = u32::from(port.to_be());
-    Ok(())
+    set_peer::<V6>(ctx, &addr, port)
 }

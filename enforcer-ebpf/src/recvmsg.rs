@@ -7,7 +7,7 @@ use enforcer_common::orig_flags;
 
 use crate::{
     common::config,
-    connect::{requested, write_user_ip6},
+    connect::{requested, set_peer},
     maps::ORIG_BY_COOKIE,
 };
 
@@ -29,16 +29,5 @@ pub fn try_recvmsg<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
         return Ok(());
     }
     let (addr, orig_port) = (orig.addr, orig.port);
-    if V6 {
-        write_user_ip6(ctx, addr.words);
-    } else {
-        if !addr.is_ipv4_mapped() {
-            return Err(());
-        }
-        // SAFETY: user_ip4 is writable in recvmsg4.
-        unsafe { (*ctx.sock_addr).user_ip4 = addr.ipv4_word() };
-    }
-    // SAFETY: user_port is writable in recvmsg hooks.
-    unsafe { (*ctx.sock_addr).user_port = u32::from(orig_port.to_be()) };
-    Ok(())
+    set_peer::<V6>(ctx, &addr, orig_port)
 }

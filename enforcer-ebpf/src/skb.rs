@@ -16,11 +16,13 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id},
     programs::SkBuffContext,
 };
-use enforcer_common::{Addr, DnsClient, GlobalConfig, MAX_CGROUP_DEPTH, SockKey, orig_flags};
+use enforcer_common::{Addr, DnsClient, GlobalConfig, SockKey, orig_flags};
 
 use crate::{
-    common::{Counter, IPPROTO_TCP, IPPROTO_UDP, agent_state, config, count, killed},
-    maps::{CGROUP_AGENT, DNS_CLIENTS, ORIG_BY_COOKIE},
+    common::{
+        Counter, IPPROTO_TCP, IPPROTO_UDP, agent_state, config, count, deepest_agent, killed,
+    },
+    maps::{DNS_CLIENTS, ORIG_BY_COOKIE},
 };
 
 pub const PASS: i32 = 1;
@@ -32,21 +34,8 @@ const ETH_P_IPV6: u32 = 0x86DD;
 /// The agent owning the packet's socket: deepest enrolled ancestor of the socket's cgroup.
 #[inline(always)]
 fn socket_agent(ctx: &SkBuffContext) -> Option<u32> {
-    let mut found = None;
-    let mut level = 0u32;
-    while level < MAX_CGROUP_DEPTH {
-        // SAFETY: plain helper call on a valid skb; returns 0 past the socket cgroup's depth.
-        let id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.as_ptr().cast(), level as i32) };
-        if id == 0 {
-            break;
-        }
-        // SAFETY: the value is copied out immediately.
-        if let Some(agent) = unsafe { CGROUP_AGENT.get(id) } {
-            found = Some(*agent);
-        }
-        level += 1;
-    }
-    found
+    // SAFETY: plain helper call on a valid skb; returns 0 past the socket cgroup's depth.
+    deepest_agent(|level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.as_ptr().cast(), level) })
 }
 
 pub fn try_egress(ctx: &SkBuffContext) -> Result<i32, i64> {

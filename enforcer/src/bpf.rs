@@ -700,37 +700,19 @@ fn attach_program(
         .program_mut(name)
         .ok_or(BpfError::MissingProgram(name))?;
     let err = |source| BpfError::Program { name, source };
+    // Every program type attaches and hands back its link the same way; only the attach
+    // arguments differ.
+    macro_rules! attach {
+        ($p:expr $(, $arg:expr)*) => {{
+            let id = $p.attach(cgroup $(, $arg)*, mode).map_err(err)?;
+            $p.take_link(id).map_err(err)?.try_into().map_err(link_err(name))?
+        }};
+    }
     let link: FdLink = match program {
-        Program::CgroupSockAddr(p) => {
-            let id = p.attach(cgroup, mode).map_err(err)?;
-            p.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(link_err(name))?
-        }
-        Program::SockOps(p) => {
-            let id = p.attach(cgroup, mode).map_err(err)?;
-            p.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(link_err(name))?
-        }
-        Program::CgroupSock(p) => {
-            let id = p.attach(cgroup, mode).map_err(err)?;
-            p.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(link_err(name))?
-        }
-        Program::CgroupSkb(p) => {
-            let id = p
-                .attach(cgroup, CgroupSkbAttachType::Egress, mode)
-                .map_err(err)?;
-            p.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(link_err(name))?
-        }
+        Program::CgroupSockAddr(p) => attach!(p),
+        Program::SockOps(p) => attach!(p),
+        Program::CgroupSock(p) => attach!(p),
+        Program::CgroupSkb(p) => attach!(p, CgroupSkbAttachType::Egress),
         _ => return Err(BpfError::MissingProgram(name)),
     };
     let _ = link.id();

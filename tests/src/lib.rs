@@ -855,6 +855,30 @@ impl Lines {
     }
 }
 
+/// Polls `f` until it holds, for at most `secs` seconds (a bound against hangs, not a
+/// measurement).
+pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (comparable across processes, for benchmarks).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Kills a child and waits for it.
 pub fn reap(mut child: Child) {
     let _ = child.kill();

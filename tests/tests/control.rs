@@ -1,23 +1,13 @@
 //! Kill switch and hot policy reload, end to end. Needs root (see the harness docs).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use enforcer_tests::{Counter, Lines, TestDaemon, Upstream, prerequisites, reap, stdout};
+use enforcer_tests::{
+    Counter, Lines, TestDaemon, Upstream, eventually, prerequisites, reap, stdout,
+};
 
 fn allow_literal(ip: &str) -> String {
     format!("default: deny\nrules:\n  - name: lit\n    allow: {{ url: \"{ip}:*\" }}\n")
-}
-
-/// Polls `f` until it holds, at most `secs` seconds (a bound against hangs only).
-fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[test]

@@ -3,9 +3,11 @@
 //! The upstream is a test resolver on 127.0.0.x; enrolled commands see a resolv.conf that
 //! points at loopback. Needs root (see the harness docs).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use enforcer_tests::{DnsUpstream, Lines, TestDaemon, Upstream, prerequisites, reap, stdout};
+use enforcer_tests::{
+    DnsUpstream, Lines, TestDaemon, Upstream, eventually, prerequisites, reap, stdout,
+};
 
 fn policy(port: u16) -> String {
     format!(
@@ -13,17 +15,6 @@ fn policy(port: u16) -> String {
          \x20 - name: api\n    allow: {{ url: \"api.test:{port}\" }}\n\
          \x20 - name: svc\n    allow: {{ url: \"*.svc.test:{port}\" }}\n"
     )
-}
-
-fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]

@@ -485,9 +485,11 @@ fn exec_as_root_needs_user_or_allow_root_and_user_nobody_gets_no_new_privs() {
 
 #[test]
 fn the_policy_decides_at_host_level_in_the_proxy() {
-    // Scenario: the kernel redirects everything for a wildcard policy; the proxy applies the
-    // policy to the Host header: allowed hosts reach the upstream, others get a readable 403
-    // naming the reason, and a deny rule wins over an allow whatever the order.
+    // Scenario: a wildcard policy; names resolve through our resolver (dns.static, internal
+    // answers allowed for the test's loopback upstream). The proxy applies the policy to the
+    // Host: an allowed host reaches the upstream, a denied one gets a readable 403 naming the
+    // rule (deny overrides the wildcard allow whatever the order), a name outside the policy
+    // does not even resolve, and a Host the agent never resolved to that address is refused.
     let Some(()) = prerequisites("proxy_policy") else {
         return;
     };
@@ -499,38 +501,38 @@ fn the_policy_decides_at_host_level_in_the_proxy() {
          \x20 - name: any-test\n    allow: {{ url: \"*.test:{port}\" }}\n\
          \x20 - name: internal-ok\n    allow: {{ url: \"127.0.0.5:{port}\" }}\n"
     );
-    let d = TestDaemon::start(&[("a", &policy)], &[], "");
-    let ok = d.probe(
-        "a",
-        &["tcp", &up.addr.to_string(), &format!("good.test:{port}")],
+    let d = TestDaemon::start_with_dns(
+        &[("a", &policy)],
+        &[
+            ("good.test", "127.0.0.5"),
+            ("evil.test", "127.0.0.5"),
+            ("other.example", "127.0.0.5"),
+        ],
+        None,
+        "  allow_internal_answers: [127.0.0.0/8]",
+        "",
     );
+    let good = format!("good.test:{port}");
+    let ok = d.probe("a", &["tcp", &good, &good]);
     assert!(
         stdout(&ok).contains("hello from up"),
         "{}\n{}",
         stdout(&ok),
         d.log()
     );
-    let evil = d.probe(
-        "a",
-        &["tcp", &up.addr.to_string(), &format!("evil.test:{port}")],
-    );
-    let text = stdout(&evil);
+    let evil = format!("evil.test:{port}");
+    let text = stdout(&d.probe("a", &["tcp", &evil, &evil]));
     assert!(text.contains("403 Forbidden"), "{text}");
     assert!(text.contains("\"rule\":\"block-evil\""), "{text}");
     assert!(text.contains("denied by rule 'block-evil'"), "{text}");
-    let other = d.probe(
-        "a",
-        &[
-            "tcp",
-            &up.addr.to_string(),
-            &format!("other.example:{port}"),
-        ],
-    );
+    let other = format!("other.example:{port}");
+    let text = stdout(&d.probe("a", &["tcp", &other, &other]));
     assert!(
-        stdout(&other).contains("403 Forbidden"),
-        "{}",
-        stdout(&other)
+        text.starts_with("error resolve"),
+        "a name no rule allows must not resolve: {text}"
     );
+    let text = stdout(&d.probe("a", &["tcp", &up.addr.to_string(), &other]));
+    assert!(text.contains("not associated with host"), "{text}");
     assert_eq!(
         up.hits().len(),
         1,
@@ -629,7 +631,12 @@ fn enrol_and_unenrol_by_pid_and_by_cgroup() {
     assert!(status.contains(cg.to_str().unwrap()), "{status}");
     let out = d.cli(&["unenrol", "--cgroup", cg.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = run_in_cgroup();
+    // The links go with their pins; their release can take a moment, during which the
+    // unmapped cgroup is refused (fail closed).
+    assert!(
+        enforcer_tests::eventually(5, || run_in_cgroup().status.success()),
+        "after unenrol the cgroup must be free"
+    );
     assert!(
         out.status.success(),
         "after unenrol the cgroup is free: {}",

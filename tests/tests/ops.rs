@@ -3,24 +3,15 @@
 
 use std::{
     os::{fd::AsRawFd as _, unix::net::UnixDatagram},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use enforcer_tests::{Counter, Lines, TestDaemon, Upstream, http_get, prerequisites, reap, stdout};
+use enforcer_tests::{
+    Counter, Lines, TestDaemon, Upstream, eventually, http_get, prerequisites, reap, stdout,
+};
 
 fn policy() -> String {
     "default: deny\nrules:\n  - name: lit\n    allow: { url: \"127.0.0.6:*\" }\n".to_string()
-}
-
-fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[test]

@@ -115,6 +115,29 @@ fn dump(
         None,
     )?;
     let mut out = Vec::new();
+    recv_until(socket, |payload| match payload {
+        NetlinkPayload::Done(_) => Ok(false),
+        NetlinkPayload::Error(e) => Err(SockDiagError::Dump(format!("{e:?}"))),
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+            if cgroup_of(&r).is_some_and(|c| cgroups.contains(&c)) =>
+        {
+            out.push(Found {
+                family,
+                id: r.header.socket_id.clone(),
+                states: r.header.state,
+            });
+            Ok(true)
+        }
+        _ => Ok(true),
+    })?;
+    Ok(out)
+}
+
+/// Reads netlink messages and hands each payload to `each`, until it returns `Ok(false)`.
+fn recv_until(
+    socket: &mut Socket,
+    mut each: impl FnMut(NetlinkPayload<SockDiagMessage>) -> Result<bool, SockDiagError>,
+) -> Result<(), SockDiagError> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let size = socket
@@ -125,19 +148,8 @@ fn dump(
             let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&buf[offset..size])
                 .map_err(|e| SockDiagError::Dump(e.to_string()))?;
             let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => return Err(SockDiagError::Dump(format!("{e:?}"))),
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
-                    if cgroup_of(&r).is_some_and(|c| cgroups.contains(&c)) =>
-                {
-                    out.push(Found {
-                        family,
-                        id: r.header.socket_id.clone(),
-                        states: r.header.state,
-                    });
-                }
-                _ => {}
+            if !each(msg.payload)? {
+                return Ok(());
             }
             if len == 0 {
                 break;
@@ -175,28 +187,15 @@ fn destroy_batch(socket: &mut Socket, batch: &[Found]) -> Result<usize, SockDiag
         .send(&out, 0)
         .map_err(|e| SockDiagError::Dump(e.to_string()))?;
     let (mut acks, mut ok) = (0, 0);
-    let mut buf = vec![0u8; 64 * 1024];
-    while acks < batch.len() {
-        let size = socket
-            .recv(&mut &mut buf[..], 0)
-            .map_err(|e| SockDiagError::Dump(e.to_string()))?;
-        let mut offset = 0;
-        while offset < size {
-            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&buf[offset..size])
-                .map_err(|e| SockDiagError::Dump(e.to_string()))?;
-            let len = msg.header.length as usize;
-            if let NetlinkPayload::Error(e) = msg.payload {
-                acks += 1;
-                // An ack without an error code is success; ENOENT: it closed meanwhile.
-                if e.code.is_none() {
-                    ok += 1;
-                }
+    recv_until(socket, |payload| {
+        if let NetlinkPayload::Error(e) = payload {
+            acks += 1;
+            // An ack without an error code is success; ENOENT: it closed meanwhile.
+            if e.code.is_none() {
+                ok += 1;
             }
-            if len == 0 {
-                break;
-            }
-            offset += len;
         }
-    }
+        Ok(acks < batch.len())
+    })?;
     Ok(ok)
 }

@@ -265,15 +265,7 @@ impl Resolver {
                      wildcard (list the CIDR in dns.allow_internal_answers, or name the host exactly)"
                 );
                 tracing::warn!(agent = %client.agent.name, "{reason}");
-                let _ = self.audit.record(
-                    AuditEvent::new(EventKind::Dns)
-                        .agent_id(client.agent.name.clone())
-                        .pid(client.pid)
-                        .comm(client.comm.clone())
-                        .dns_name(name)
-                        .policy_result(PolicyResult::Deny)
-                        .reason(reason),
-                );
+                self.audit_dns(client, name, PolicyResult::Deny, &reason);
                 return false;
             }
             true
@@ -309,6 +301,12 @@ impl Resolver {
             tracing::info!(agent = %client.agent.name, pid = client.pid, comm = %client.comm, "DNS denied: {reason}");
             PolicyResult::Deny
         };
+        self.audit_dns(client, name, result, reason);
+    }
+}
+
+impl Resolver {
+    fn audit_dns(&self, client: &Client, name: &str, result: PolicyResult, reason: &str) {
         let _ = self.audit.record(
             AuditEvent::new(EventKind::Dns)
                 .agent_id(client.agent.name.clone())

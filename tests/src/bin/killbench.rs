@@ -6,17 +6,7 @@
 
 use std::time::Duration;
 
-use enforcer_tests::{Lines, TestDaemon, Upstream, prerequisites, reap};
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use enforcer_tests::{Lines, TestDaemon, Upstream, monotonic_ns, prerequisites, reap};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;

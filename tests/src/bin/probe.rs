@@ -83,6 +83,19 @@ fn cgroup() -> String {
         .to_owned()
 }
 
+/// The value, or print "error ..." and return exit status 1.
+macro_rules! or_fail {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                println!("error {e}");
+                return 1;
+            }
+        }
+    };
+}
+
 /// IP:PORT as is; NAME:PORT through getaddrinfo (IPv4 first).
 fn resolve(addr: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = addr.parse() {
@@ -132,13 +145,7 @@ fn tcp(addr: &str, host: Option<&str>) -> i32 {
 }
 
 fn tcp_hold(addr: &str, secs: u64) -> i32 {
-    let addr = match resolve(addr) {
-        Ok(a) => a,
-        Err(e) => {
-            println!("error {e}");
-            return 1;
-        }
-    };
+    let addr = or_fail!(resolve(addr));
     match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(mut s) => {
             println!("connected");
@@ -305,13 +312,7 @@ fn loop_get(addr: &str, host: &str, ms: u64) -> i32 {
 /// Opens a connection (sending a keep-alive GET when `host` is given), then waits for it to
 /// end and says how. A reset shows as "ended reset", a sock_diag destroy as "ended aborted".
 fn stream(addr: &str, host: Option<&str>) -> i32 {
-    let addr = match resolve(addr) {
-        Ok(a) => a,
-        Err(e) => {
-            println!("error {e}");
-            return 1;
-        }
-    };
+    let addr = or_fail!(resolve(addr));
     let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => {
@@ -362,13 +363,7 @@ fn stream(addr: &str, host: Option<&str>) -> i32 {
 
 /// Two GETs on one keep-alive connection, `secs` apart.
 fn again(addr: &str, host: &str, secs: u64) -> i32 {
-    let addr = match resolve(addr) {
-        Ok(a) => a,
-        Err(e) => {
-            println!("error {e}");
-            return 1;
-        }
-    };
+    let addr = or_fail!(resolve(addr));
     let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => {
@@ -492,16 +487,6 @@ fn dns(server: &str, name: &str, rtype: &str, tcp: bool) -> i32 {
     0
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Holds `n` streams open and reports when the last one ended and when a new connect was
 /// refused, for the kill-switch benchmark.
 fn streams(n: usize, addr: &str, host: &str) -> i32 {
@@ -516,13 +501,7 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
         lim.rlim_cur = lim.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
-    let addr = match resolve(addr) {
-        Ok(a) => a,
-        Err(e) => {
-            println!("error {e}");
-            return 1;
-        }
-    };
+    let addr = or_fail!(resolve(addr));
     let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
@@ -568,7 +547,7 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
                     _ => {
                         p.fd = -1;
                         open -= 1;
-                        last = monotonic_ns();
+                        last = enforcer_tests::monotonic_ns();
                     }
                 }
             }
@@ -577,7 +556,9 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
     // New connects must now be refused.
     let refused = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => break monotonic_ns(),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                break enforcer_tests::monotonic_ns();
+            }
             _ => std::thread::sleep(Duration::from_micros(100)),
         }
     };
@@ -690,13 +671,7 @@ fn socket2_addr(addr: SocketAddr) -> (Vec<u8>, libc::socklen_t) {
 }
 
 fn mptcp(addr: &str, host: &str) -> i32 {
-    let addr = match resolve(addr) {
-        Ok(a) => a,
-        Err(e) => {
-            println!("error {e}");
-            return 1;
-        }
-    };
+    let addr = or_fail!(resolve(addr));
     let mut s = match socket_connect(addr, 262, None) {
         Ok(s) => s,
         Err(e) => {
@@ -715,13 +690,7 @@ fn mptcp(addr: &str, host: &str) -> i32 {
 }
 
 fn bound(dev: &str, addr: &str) -> i32 {
-    let addr = match resolve(addr) {
-        Ok(a) => a,
-        Err(e) => {
-            println!("error {e}");
-            return 1;
-        }
-    };
+    let addr = or_fail!(resolve(addr));
     match socket_connect(addr, 0, Some(dev)) {
         Ok(_) => {
             println!("connected");
