@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cmd::status::run(args, &config),
         Command::Audit(c) => cmd::audit::run(c, &config),
         Command::Keygen(args) => cmd::audit::keygen(args, &config),
+        Command::Ca(c) => cmd::ca::run(c, &config),
         Command::Policy(_) => unreachable!("handled above"),
     }
 }
