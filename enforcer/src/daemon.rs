@@ -27,11 +27,17 @@ use crate::{
     agents::{Agent, IdTable, Origin, RESOLVE_INTERVAL, Registry, allowlist},
     audit::{Action, AuditEvent, AuditLog, AuditOptions, EventKind},
     bpf::{Kernel, ip_of},
+    ca::{self, Ca},
     cgroup::Hierarchy,
-    config::{Config, validate_agent_name},
+    config::{Config, TlsMode, validate_agent_name},
     enrol::Enroller,
     policy::Policy,
-    proxy::{self, ProxyContext, deputy::Deputy},
+    proxy::{
+        self, ProxyContext,
+        deputy::Deputy,
+        http::L7Env,
+        tls::{TlsContext, TlsError, UpstreamTls},
+    },
 };
 
 /// Everything the running daemon holds.
@@ -41,6 +47,8 @@ pub struct Daemon {
     pub registry: Arc<Registry>,
     pub enroller: Arc<Enroller>,
     pub audit: AuditLog,
+    /// The system roots plus the local CA, for `enforcer exec` to point TLS clients at.
+    pub ca_bundle: Option<PathBuf>,
     ids: Mutex<IdTable>,
     started: jiff::Timestamp,
 }
@@ -65,6 +73,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     create_private_dir(&config.state_dir.join("agents"))?;
 
     let audit = open_audit(&config)?;
+    let ca = open_ca(&config)?;
+    let tls = Arc::new(TlsContext::new(&config.tls, ca.clone())?);
+    let upstream_tls = match UpstreamTls::new(&config.tls.extra_upstream_roots) {
+        Ok(t) => {
+            tracing::debug!(roots = t.roots, "upstream TLS roots loaded");
+            Some(Arc::new(t))
+        }
+        Err(e @ TlsError::NoRoots) => {
+            tracing::warn!("{e}; intercepted requests will fail with 502");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ca_bundle = match &ca {
+        Some(ca) => {
+            let (path, roots) = ca
+                .write_bundle()
+                .context("writing the CA bundle for enrolled commands")?;
+            tracing::debug!(bundle = %path.display(), system_roots = roots, "CA bundle written");
+            Some(path)
+        }
+        None => None,
+    };
     let kernel = Arc::new(Kernel::open(&config.bpffs_dir, crate::bpf::EBPF_OBJECT)?);
     let registry = Arc::new(Registry::default());
     let enroller = Arc::new(Enroller::new(
@@ -80,6 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         registry,
         enroller,
         audit,
+        ca_bundle,
         ids,
         started: jiff::Timestamp::now(),
     });
@@ -111,6 +143,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         audit: daemon.audit.clone(),
         security_mode: daemon.config.security_mode,
         deputy: Deputy::new(),
+        tls,
+        l7: Arc::new(L7Env {
+            audit: daemon.audit.clone(),
+            security_mode: daemon.config.security_mode,
+            upstream_tls,
+        }),
     });
     let port = daemon.config.proxy_port;
     let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
@@ -181,6 +219,25 @@ fn open_audit(config: &Config) -> anyhow::Result<AuditLog> {
             .with_context(|| format!("creating the audit log directory {}", dir.display()))?;
     }
     Ok(AuditLog::open(opts)?)
+}
+
+/// The local CA, created at the first start, when TLS may be intercepted (`tls.mode` other
+/// than `sni`).
+fn open_ca(config: &Config) -> anyhow::Result<Option<Arc<Ca>>> {
+    if config.tls.mode == TlsMode::Sni {
+        return Ok(None);
+    }
+    let dir = Ca::dir_in(&config.state_dir);
+    let (ca, origin) = Ca::open_or_create(&dir)?;
+    if origin == ca::Origin::Created {
+        tracing::warn!(
+            cert = %dir.join(ca::CERT_FILE).display(),
+            sha256 = %ca.fingerprint(),
+            "created the local CA that signs intercepted TLS; `enforcer exec` makes enrolled \
+             commands trust it, `enforcer ca export` prints it for anything else"
+        );
+    }
+    Ok(Some(Arc::new(ca)))
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -487,7 +544,7 @@ impl Daemon {
             agent: agent.name.clone(),
             cgroup: cgroup.display().to_string(),
             warnings,
-            ca_bundle: None,
+            ca_bundle: self.ca_bundle.as_ref().map(|p| p.display().to_string()),
         })
     }
 

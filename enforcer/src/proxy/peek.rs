@@ -85,7 +85,16 @@ fn tls(buf: &[u8]) -> Option<Opening> {
     }
 }
 
+/// The HTTP/2 connection preface: cleartext HTTP/2 with prior knowledge.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 fn http(buf: &[u8]) -> Option<Opening> {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then(|| Opening::Opaque {
+            why: "cleartext HTTP/2 (h2c) is refused; use HTTPS or HTTP/1.1".into(),
+        });
+    }
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
@@ -142,6 +151,11 @@ mod tests {
         assert!(matches!(
             recognise(b"SSH-2.0-OpenSSH_9.2\r\n"),
             Some(Opening::Opaque { .. })
+        ));
+        assert_eq!(recognise(b"PRI * HTTP/2.0\r\n"), None);
+        assert!(matches!(
+            recognise(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Opening::Opaque { why }) if why.contains("h2c")
         ));
     }
 
