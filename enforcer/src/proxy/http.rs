@@ -329,10 +329,7 @@ impl Service {
                 policy.mode(),
                 "CONNECT inside an intercepted TLS connection is not supported".into(),
             )
-        } else if let Some(reason) = (!is_connect)
-            .then(|| super::host_matches_address(&agent, &ask.host, self.dst_ip).err())
-            .flatten()
-        {
+        } else if let Some(reason) = self.canonicalize(&mut ask, is_connect) {
             deny_decision(policy.mode(), reason)
         } else {
             let needs = policy.needs_body(
@@ -506,6 +503,25 @@ impl Service {
                 },
             }),
             (None, _) => Err("no Host header".into()),
+        }
+    }
+
+    /// Replaces the request's host by its canonical form (an IPv4-mapped address as IPv4,
+    /// like the kernel judges it), after checking that it belongs to the destination (not
+    /// for CONNECT, whose target is elsewhere by design). `Some(reason)` when it does not.
+    fn canonicalize(&self, ask: &mut Ask, is_connect: bool) -> Option<String> {
+        if is_connect {
+            if let Ok(c) = canonical_host(&ask.host) {
+                ask.host = c;
+            }
+            return None;
+        }
+        match super::host_matches_address(&self.conn.agent, &ask.host, self.dst_ip) {
+            Ok(canonical) => {
+                ask.host = canonical;
+                None
+            }
+            Err(reason) => Some(reason),
         }
     }
 

@@ -49,6 +49,10 @@ pub async fn classify(client: &mut TcpStream) -> (Opening, Vec<u8>) {
             return (opening, buf);
         }
         if buf.len() >= PEEK_LIMIT {
+            // An HTTP head this large is still HTTP: the server answers it with a 431.
+            if request_line(&buf) {
+                return (Opening::Http { host: None }, buf);
+            }
             let why = format!("opening larger than {PEEK_LIMIT} bytes");
             return (Opening::Opaque { why }, buf);
         }
@@ -108,10 +112,27 @@ fn http(buf: &[u8]) -> Option<Opening> {
             Some(Opening::Http { host })
         }
         Ok(httparse::Status::Partial) => None,
+        // A malformed head after a valid request line is still HTTP: the HTTP server
+        // answers it (400) rather than the connection being dropped as opaque.
+        Err(_) if request_line(buf) => Some(Opening::Http { host: None }),
         Err(e) => Some(Opening::Opaque {
             why: format!("not HTTP or TLS ({e})"),
         }),
     }
+}
+
+/// Does `buf` start with a complete, valid HTTP/1.x request line?
+fn request_line(buf: &[u8]) -> bool {
+    let Some(lf) = buf.iter().position(|b| *b == b'\n') else {
+        return false;
+    };
+    let mut line = buf[..=lf].to_vec();
+    line.extend_from_slice(b"\r\n");
+    let mut headers = [httparse::EMPTY_HEADER; 1];
+    matches!(
+        httparse::Request::new(&mut headers).parse(&line),
+        Ok(httparse::Status::Complete(_))
+    )
 }
 
 /// `host[:port]` or `[v6][:port]` → host (IPv6 without brackets).
@@ -152,6 +173,10 @@ mod tests {
             recognise(b"SSH-2.0-OpenSSH_9.2\r\n"),
             Some(Opening::Opaque { .. })
         ));
+        assert_eq!(
+            recognise(b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n"),
+            Some(Opening::Http { host: None })
+        );
         assert_eq!(recognise(b"PRI * HTTP/2.0\r\n"), None);
         assert!(matches!(
             recognise(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),

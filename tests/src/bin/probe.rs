@@ -10,6 +10,9 @@
 //! probe cgroup               print the cgroup v2 path
 //! probe child ARGS...        run `probe ARGS...` as a child and print its cgroup first
 //! probe loop ADDR HOST MS    connect-and-GET forever every MS ms, one line per attempt
+//! probe raw ADDR BYTES        send BYTES (`\r`, `\n`, `\t`, `\\` escapes; `@FILE` reads a file),
+//!                             print everything received until the peer closes (5 s at most)
+//! probe ws ADDR HOST PATH     WebSocket-style upgrade; on 101 send "ping" and print the echo
 
 use std::{
     io::{Read as _, Write as _},
@@ -32,6 +35,8 @@ fn main() {
         }
         Some("child") => child(&args[1..]),
         Some("loop") => loop_get(&args[1], &args[2], args[3].parse().unwrap_or(100)),
+        Some("raw") => raw(&args[1], &args[2]),
+        Some("ws") => ws(&args[1], &args[2], &args[3]),
         _ => {
             eprintln!("usage: see the source");
             2
@@ -243,4 +248,107 @@ fn loop_get(addr: &str, host: &str, ms: u64) -> i32 {
         let _ = std::io::stdout().flush();
         std::thread::sleep(Duration::from_millis(ms));
     }
+}
+
+/// `\r`, `\n`, `\t`, `\\` escapes, or `@FILE`.
+fn unescape(arg: &str) -> Vec<u8> {
+    if let Some(path) = arg.strip_prefix('@') {
+        return std::fs::read(path).expect("read bytes file");
+    }
+    let mut out = Vec::new();
+    let mut chars = arg.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut b = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('r') => out.push(b'\r'),
+            Some('n') => out.push(b'\n'),
+            Some('t') => out.push(b'\t'),
+            Some(other) => {
+                let mut b = [0u8; 4];
+                out.extend_from_slice(other.encode_utf8(&mut b).as_bytes());
+            }
+            None => out.push(b'\\'),
+        }
+    }
+    out
+}
+
+fn raw(addr: &str, bytes: &str) -> i32 {
+    let addr: SocketAddr = addr.parse().expect("address");
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!(
+                "error connect: {e} (os error {})",
+                e.raw_os_error().unwrap_or(0)
+            );
+            return 1;
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    if let Err(e) = s.write_all(&unescape(bytes)) {
+        println!("error write: {e}");
+        return 1;
+    }
+    let mut resp = Vec::new();
+    let closed = match s.read_to_end(&mut resp) {
+        Ok(_) => "closed",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+        Err(_) => "open",
+    };
+    println!("{}", String::from_utf8_lossy(&resp));
+    println!("connection {closed}");
+    0
+}
+
+fn ws(addr: &str, host: &str, path: &str) -> i32 {
+    let addr: SocketAddr = addr.parse().expect("address");
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("error connect: {e}");
+            return 1;
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        println!("error write");
+        return 1;
+    }
+    // The head, byte by byte, so nothing after it is consumed.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text.lines().next().unwrap_or("(no response)").to_owned();
+    println!("status {status}");
+    if !status.contains(" 101 ") {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        println!("body {}", String::from_utf8_lossy(&rest));
+        return 0;
+    }
+    if s.write_all(b"ping").is_err() {
+        println!("error write after upgrade");
+        return 1;
+    }
+    let mut echo = [0u8; 4];
+    match s.read_exact(&mut echo) {
+        Ok(()) => println!("echo {}", String::from_utf8_lossy(&echo)),
+        Err(e) => println!("error echo: {e}"),
+    }
+    0
 }
