@@ -8,6 +8,10 @@ use enforcer::{
     cmd,
 };
 
+/// mimalloc: the proxy allocates per request on every worker thread (see `Cargo.toml`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {

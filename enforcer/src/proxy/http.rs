@@ -65,7 +65,7 @@ pub mod guard;
 pub mod upstream;
 
 use body::{Buffered, Completion, DownBody, UpBody};
-use upstream::{Connector, UpstreamClient, UpstreamError};
+use upstream::{Connector, Upstream, UpstreamError};
 
 /// Longest wait for a request body being read for inspection.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -130,9 +130,11 @@ pub async fn serve<IO>(
         // verification error for lack of roots.
         (Scheme::Https, None) => Some(no_roots_config()),
     };
-    let client = upstream::client(
+    let drivers = (proto == Proto::Http1).then(|| Arc::new(upstream::Drivers::default()));
+    let client = Upstream::new(
         Connector::new(conn.dst, upstream_tls, scope.clone()),
         scope.clone(),
+        drivers.clone(),
     );
     // Upgraded tunnels hold a clone; the channel closes when the last one ends.
     let (tunnels, mut tunnels_done) = mpsc::channel::<()>(1);
@@ -146,7 +148,12 @@ pub async fn serve<IO>(
         scope: scope.clone(),
         tunnels,
     });
-    let served = run(svc, io, proto, scope.clone());
+    let served = async {
+        match &drivers {
+            Some(d) => d.drive(run(svc, io, proto, scope.clone())).await,
+            None => run(svc, io, proto, scope.clone()).await,
+        }
+    };
     // The scope is killed before the served future is dropped, so its sockets reset.
     let cut = tokio::select! {
         () = served => false,
@@ -225,7 +232,7 @@ struct Service {
     conn: ClientConn,
     /// The destination address, IPv4-mapped IPv6 as IPv4.
     dst_ip: IpAddr,
-    client: UpstreamClient,
+    client: Upstream,
     scope: Arc<Scope>,
     tunnels: mpsc::Sender<()>,
 }
@@ -701,10 +708,10 @@ impl Service {
     fn upstream_failed(
         &self,
         ask: &Ask,
-        err: &hyper_util::client::legacy::Error,
+        err: &body::BoxError,
         mut completion: Completion,
     ) -> Response<DownBody> {
-        let cause = UpstreamError::find(err);
+        let cause = UpstreamError::find(err.as_ref());
         let verify = matches!(cause, Some(UpstreamError::Verify { .. }));
         let reason = match cause {
             Some(e) => e.to_string(),

@@ -20,6 +20,7 @@
 //! 400, 431 or 408 rendered by the [`Reporter`]) in place of the close.
 
 use std::{
+    collections::VecDeque,
     future::Future as _,
     io,
     pin::Pin,
@@ -38,6 +39,8 @@ pub const MAX_HEADERS: usize = 100;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest chunk-size line (the size and its extensions).
 const MAX_CHUNK_LINE: usize = 4096;
+/// Bytes read from the client at a time.
+const READ_SIZE: usize = 16 * 1024;
 
 /// Why a request was refused before reaching hyper.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,8 +109,10 @@ pub struct Guard<T> {
     inner: T,
     /// Read from the client, not yet checked.
     raw: BytesMut,
-    /// Checked, for hyper.
-    ready: BytesMut,
+    /// Checked, for hyper, in the order read.
+    ready: VecDeque<Bytes>,
+    /// Where reads from the client land (allocated and zeroed once).
+    buf: Box<[u8]>,
     state: State,
     /// How far the current head has been scanned for bare LF and obs-fold.
     scanned: usize,
@@ -128,7 +133,8 @@ impl<T> Guard<T> {
         Self {
             inner,
             raw: BytesMut::new(),
-            ready: BytesMut::new(),
+            ready: VecDeque::new(),
+            buf: vec![0; READ_SIZE].into_boxed_slice(),
             state: State::Head,
             scanned: 0,
             deadline: None,
@@ -154,8 +160,7 @@ impl<T> Guard<T> {
                 State::Head => {
                     // Empty lines before a request line are ignored (RFC 9112 §2.2).
                     if self.scanned == 0 && self.raw.starts_with(b"\r\n") {
-                        let crlf = self.raw.split_to(2);
-                        self.ready.extend_from_slice(&crlf);
+                        self.take(2);
                         continue;
                     }
                     match scan_section(&self.raw, &mut self.scanned) {
@@ -180,8 +185,7 @@ impl<T> Guard<T> {
                             match judge_head(&self.raw[..len]) {
                                 Err(v) => self.fail(v),
                                 Ok(next) => {
-                                    let head = self.raw.split_to(len);
-                                    self.ready.extend_from_slice(&head);
+                                    self.take(len as u64);
                                     self.state = next;
                                     self.scanned = 0;
                                     self.deadline = None;
@@ -274,8 +278,8 @@ impl<T> Guard<T> {
                     }
                 }
                 State::Opaque => {
-                    let all = self.raw.split();
-                    self.ready.extend_from_slice(&all);
+                    let all = self.raw.split().freeze();
+                    self.ready.push_back(all);
                 }
             }
         }
@@ -286,8 +290,8 @@ impl<T> Guard<T> {
         let n = usize::try_from(max)
             .unwrap_or(usize::MAX)
             .min(self.raw.len());
-        let part = self.raw.split_to(n);
-        self.ready.extend_from_slice(&part);
+        let part = self.raw.split_to(n).freeze();
+        self.ready.push_back(part);
         n as u64
     }
 
@@ -432,10 +436,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if !this.ready.is_empty() {
-                let n = this.ready.len().min(buf.remaining());
-                buf.put_slice(&this.ready[..n]);
-                this.ready.advance(n);
+            if let Some(front) = this.ready.front_mut() {
+                let n = front.len().min(buf.remaining());
+                buf.put_slice(&front[..n]);
+                front.advance(n);
+                if front.is_empty() {
+                    this.ready.pop_front();
+                }
                 return Poll::Ready(Ok(()));
             }
             // A refusal or the client's end: hyper sees the end of the stream, at a message
@@ -453,14 +460,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
                     continue;
                 }
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut chunk);
+            let mut rb = ReadBuf::new(&mut this.buf);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
-            if rb.filled().is_empty() {
+            let n = rb.filled().len();
+            if n == 0 {
                 this.eof = true;
                 continue;
             }
-            this.raw.extend_from_slice(rb.filled());
+            this.raw.extend_from_slice(&this.buf[..n]);
             this.process();
         }
     }
@@ -527,7 +534,10 @@ mod tests {
             g.raw.extend_from_slice(piece);
             g.process();
         }
-        (g.ready.to_vec(), g.violation)
+        (
+            g.ready.iter().flat_map(|b| b.to_vec()).collect(),
+            g.violation,
+        )
     }
 
     fn bad(input: &str) -> Violation {

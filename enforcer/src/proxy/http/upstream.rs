@@ -3,9 +3,13 @@
 //! name the certificate must carry) is the request's host, verified against the system roots
 //! plus `tls.extra_upstream_roots`.
 //!
-//! Each client connection gets its own hyper client (and so its own pool), keyed by the
-//! request's scheme and authority: requests for two hosts never share an upstream TLS session
-//! with the wrong name, and nothing is shared between agents.
+//! Each client connection has its own upstream connections, never shared with another client
+//! connection (and so never with another agent):
+//! - an HTTP/1 client sends one request at a time, so it gets one upstream HTTP/1 connection,
+//!   reused from request to request ([`Serial`]) while the TLS server name stays the same;
+//! - an HTTP/2 client multiplexes, so it gets hyper-util's pooled client, keyed by the
+//!   request's scheme and authority (requests for two hosts never share a TLS session made
+//!   for the wrong name).
 
 use std::{
     future::Future,
@@ -31,7 +35,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::body::UpBody;
+use super::body::{BoxError, UpBody};
 use crate::proxy::scope::{Scope, ScopeExec, Tracked};
 
 /// Longest wait for the upstream TCP handshake.
@@ -226,12 +230,191 @@ impl AsyncWrite for UpIo {
     }
 }
 
-/// The hyper client of one client connection.
-pub type UpstreamClient = Client<Connector, UpBody>;
+/// Upstream connection drivers polled by the client connection's own task instead of a task
+/// of their own: a request then crosses no task boundary (and no thread) between the agent's
+/// socket and the upstream's. See [`Drivers::drive`].
+#[derive(Default)]
+pub struct Drivers {
+    inner: std::sync::Mutex<DriversInner>,
+}
 
-/// A client for one client connection, whose tasks live in its scope.
-pub fn client(connector: Connector, scope: Arc<Scope>) -> UpstreamClient {
-    Client::builder(ScopeExec(scope))
-        .pool_max_idle_per_host(8)
-        .build(connector)
+#[derive(Default)]
+struct DriversInner {
+    futures: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The task polling the drivers, woken when one is added.
+    waker: Option<std::task::Waker>,
+}
+
+impl Drivers {
+    fn add(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.futures.push(Box::pin(fut));
+        if let Some(w) = inner.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Runs `main` while polling every driver added meanwhile, in the same task; then waits
+    /// for the drivers still running (a connection handing itself over to an upgraded
+    /// tunnel, or closing), which end once their senders are gone with `main`.
+    pub async fn drive<F: Future>(&self, main: F) -> F::Output {
+        let mut main = std::pin::pin!(main);
+        let mut out = None;
+        std::future::poll_fn(|cx| {
+            let drivers_done = {
+                let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                inner.waker = Some(cx.waker().clone());
+                inner
+                    .futures
+                    .retain_mut(|f| f.as_mut().poll(cx).is_pending());
+                inner.futures.is_empty()
+            };
+            if out.is_none()
+                && let Poll::Ready(o) = main.as_mut().poll(cx)
+            {
+                out = Some(o);
+                // Its senders are gone now: let the drivers see it.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match (drivers_done, out.is_some()) {
+                (true, true) => Poll::Ready(()),
+                _ => Poll::Pending,
+            }
+        })
+        .await;
+        out.expect("main finished")
+    }
+}
+
+/// The upstream side of one client connection.
+pub enum Upstream {
+    /// For an HTTP/1 client.
+    Serial(Serial),
+    /// For an HTTP/2 client.
+    Pooled(Box<Client<Connector, UpBody>>),
+}
+
+impl Upstream {
+    /// For an HTTP/1 client (`serial`: connection drivers in `drivers`) or an HTTP/2 one
+    /// (tasks in `scope`).
+    pub fn new(connector: Connector, scope: Arc<Scope>, serial: Option<Arc<Drivers>>) -> Self {
+        if let Some(drivers) = serial {
+            Upstream::Serial(Serial {
+                connector,
+                drivers,
+                idle: std::sync::Mutex::new(None),
+            })
+        } else {
+            Upstream::Pooled(Box::new(
+                Client::builder(ScopeExec(scope))
+                    .pool_max_idle_per_host(8)
+                    .build(connector),
+            ))
+        }
+    }
+
+    /// Sends a request (absolute-form URI, or authority-form for CONNECT) and waits for the
+    /// response head.
+    pub async fn request(
+        &self,
+        req: http::Request<UpBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, BoxError> {
+        match self {
+            Upstream::Serial(s) => s.request(req).await,
+            Upstream::Pooled(c) => c.request(req).await.map_err(Into::into),
+        }
+    }
+}
+
+/// One upstream HTTP/1 connection at a time, reused while its key (the TLS server name, or
+/// nothing for plain HTTP) stays the same.
+pub struct Serial {
+    connector: Connector,
+    drivers: Arc<Drivers>,
+    idle: std::sync::Mutex<Option<(String, hyper::client::conn::http1::SendRequest<UpBody>)>>,
+}
+
+impl Serial {
+    async fn request(
+        &self,
+        mut req: http::Request<UpBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, BoxError> {
+        let target = req.uri().clone();
+        let key = match (&self.connector.tls, target.host()) {
+            (Some(_), Some(h)) => h.to_owned(),
+            _ => String::new(),
+        };
+        if let Some(authority) = target.authority()
+            && !req.headers().contains_key(http::header::HOST)
+        {
+            let host = http::HeaderValue::from_str(authority.as_str())?;
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+        if req.method() != http::Method::CONNECT {
+            let origin = target
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .parse::<http::Uri>()?;
+            *req.uri_mut() = origin;
+        }
+        let switching = req.method() == http::Method::CONNECT
+            || req.headers().contains_key(http::header::UPGRADE);
+        // A reused connection may have been closed by the upstream meanwhile: one retry on a
+        // new connection, when the request was not sent.
+        for _ in 0..2 {
+            let (mut sender, reused) = match self.take(&key) {
+                Some(s) => (s, true),
+                None => (self.connect(&target).await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err("the upstream closed the connection".into());
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    // The next request waits in `ready` until this response's body is done.
+                    // A switched connection is the tunnel's now.
+                    let switched = switching
+                        && (resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                            || resp.status().is_success());
+                    if !switched {
+                        *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, sender));
+                    }
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+        Err("the upstream closed the connection twice".into())
+    }
+
+    fn take(&self, key: &str) -> Option<hyper::client::conn::http1::SendRequest<UpBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        match idle.take() {
+            Some((k, s)) if k == key && !s.is_closed() => Some(s),
+            _ => None,
+        }
+    }
+
+    async fn connect(
+        &self,
+        target: &http::Uri,
+    ) -> Result<hyper::client::conn::http1::SendRequest<UpBody>, BoxError> {
+        let io = self.connector.clone().connect(target.clone()).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await?;
+        self.drivers.add(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
 }
