@@ -70,10 +70,13 @@ pub fn run(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
             direct_lat.push(env.oha(&oha, url, secs, false)?);
             proxied_lat.push(env.oha(&oha, url, secs, true)?);
         }
+        let proxied: Vec<Thru> = proxied_rps;
         results.push(Row {
             label,
-            direct_rps: median(direct_rps),
-            proxied_rps: median(proxied_rps),
+            direct_rps: median(direct_rps.iter().map(|t: &Thru| t.rps).collect()),
+            proxied_rps: median(proxied.iter().map(|t| t.rps).collect()),
+            daemon_us: median(proxied.iter().map(|t| t.daemon_us).collect()),
+            audit_us: median(proxied.iter().map(|t| t.audit_us).collect()),
             direct_lat: Latency::median(&direct_lat),
             proxied_lat: Latency::median(&proxied_lat),
         });
@@ -152,10 +155,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// One throughput run: requests per second, and the daemon's CPU per request (all of it,
+/// and its audit writer's part), in microseconds.
+#[derive(Debug, Clone, Copy)]
+struct Thru {
+    rps: f64,
+    daemon_us: f64,
+    audit_us: f64,
+}
+
 struct Row {
     label: &'static str,
     direct_rps: f64,
     proxied_rps: f64,
+    daemon_us: f64,
+    audit_us: f64,
     direct_lat: Latency,
     proxied_lat: Latency,
 }
@@ -165,6 +179,7 @@ struct Env {
     dir: PathBuf,
     enforcer: PathBuf,
     config: PathBuf,
+    daemon_pid: u32,
     agent: String,
     bpffs: PathBuf,
     plain: String,
@@ -174,6 +189,7 @@ struct Env {
 
 impl Env {
     fn start(bins: &Path) -> anyhow::Result<Env> {
+        clean_stale();
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("enforcer-bench-{pid}"));
         std::fs::create_dir_all(&dir)?;
@@ -183,6 +199,7 @@ impl Env {
             dir: dir.clone(),
             enforcer: bins.join("enforcer"),
             config: dir.join("enforcer.yaml"),
+            daemon_pid: 0,
             agent: agent.clone(),
             bpffs: bpffs.clone(),
             plain: String::new(),
@@ -229,6 +246,7 @@ impl Env {
             .stderr(log)
             .spawn()
             .context("starting the daemon")?;
+        env.daemon_pid = daemon.id();
         env.children.push(daemon);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -282,7 +300,7 @@ impl Env {
     }
 
     /// Requests per second with keep-alive.
-    fn wrk(&self, wrk: &Path, url: &str, secs: u64, enrolled: bool) -> anyhow::Result<f64> {
+    fn wrk(&self, wrk: &Path, url: &str, secs: u64, enrolled: bool) -> anyhow::Result<Thru> {
         // Warm-up: connections, leaf certificates, upstream pools.
         let _ = self
             .command(wrk, enrolled)
@@ -296,7 +314,9 @@ impl Env {
             url,
         ]);
         eprintln!("xtask: {}", display(&cmd));
+        let before = self.daemon_cpu();
         let out = cmd.output().context("running wrk")?;
+        let after = self.daemon_cpu();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
             bail!(
@@ -304,10 +324,53 @@ impl Env {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        text.lines()
+        let rps = text
+            .lines()
             .find_map(|l| l.strip_prefix("Requests/sec:"))
             .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+            .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+        let requests: f64 = text
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
+        let per_request = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / requests;
+        Ok(Thru {
+            rps,
+            daemon_us: per_request(after.0.saturating_sub(before.0)),
+            audit_us: per_request(after.1.saturating_sub(before.1)),
+        })
+    }
+
+    /// CPU ticks of the daemon, and of its audit-writer thread.
+    fn daemon_cpu(&self) -> (u64, u64) {
+        let ticks = |stat: &Path| -> u64 {
+            let text = std::fs::read_to_string(stat).unwrap_or_default();
+            // Fields after the command name (which may hold spaces), from field 3 (state):
+            // utime is field 14, stime field 15.
+            let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| {
+                f.get(n - 3)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            field(14) + field(15)
+        };
+        let proc = PathBuf::from(format!("/proc/{}", self.daemon_pid));
+        let total = ticks(&proc.join("stat"));
+        let audit = std::fs::read_dir(proc.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "audit-writer")
+            })
+            .map(|t| ticks(&t.path().join("stat")))
+            .sum();
+        (total, audit)
     }
 
     /// Latency percentiles at the fixed rate.
@@ -355,22 +418,32 @@ impl Env {
         })
     }
 
-    /// `request` and `completion` records in the audit log.
+    /// `request` and `completion` records in the audit log, rotated files included.
     fn audit_counts(&self) -> (usize, usize) {
-        let text = std::fs::read_to_string(self.dir.join("audit/audit.jsonl")).unwrap_or_default();
-        let count = |kind: &str| {
-            text.lines()
-                .filter(|l| l.contains(&format!("\"event\":\"{kind}\"")))
-                .count()
-        };
-        (count("request"), count("completion"))
+        let (mut requests, mut completions) = (0, 0);
+        let files = std::fs::read_dir(self.dir.join("audit"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("audit.jsonl"));
+        for file in files {
+            let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+            for line in text.lines() {
+                if line.contains("\"event\":\"request\"") {
+                    requests += 1;
+                } else if line.contains("\"event\":\"completion\"") {
+                    completions += 1;
+                }
+            }
+        }
+        (requests, completions)
     }
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
         // The daemon first (SIGTERM: it writes its last checkpoint), then the upstreams.
-        for child in &mut self.children {
+        for child in self.children.iter_mut().rev() {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -393,6 +466,34 @@ impl Drop for Env {
     }
 }
 
+/// Removes what an interrupted run (whose xtask process is gone) left behind: its pinned
+/// programs and maps, its cgroup and its directory. Its daemon and upstreams got the same
+/// Ctrl-C and are gone.
+fn clean_stale() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("enforcer-bench-") else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        eprintln!("xtask: cleaning up after an interrupted bench run ({name})");
+        if let Some(cg) =
+            cgroup2_mount().map(|m| m.join("enforcer.slice").join(format!("bench{pid}")))
+        {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir(&cg);
+        }
+        let _ = std::fs::remove_dir_all(entry.path());
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("enforcer-bench-{pid}")));
+    }
+}
+
 fn cgroup2_mount() -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     text.lines().find_map(|l| {
@@ -400,6 +501,12 @@ fn cgroup2_mount() -> Option<PathBuf> {
         let sep = fields.iter().position(|f| *f == "-")?;
         (fields.get(sep + 1) == Some(&"cgroup2")).then(|| PathBuf::from(fields[4]))
     })
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -447,8 +554,8 @@ fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: us
     ));
     s.push_str(&format!(
         "Throughput: `wrk -t1 -c{CONNECTIONS} -d{secs}s`.\n\n\
-         | | direct rps | through enforcer rps | ratio | goal | |\n\
-         |---|---:|---:|---:|---|---|\n"
+         | | direct rps | through enforcer rps | ratio | goal | | daemon CPU per request (audit writer) |\n\
+         |---|---:|---:|---:|---|---|---:|\n"
     ));
     let goals = [0.5, 0.3];
     for (row, goal) in rows.iter().zip(goals) {
@@ -459,10 +566,12 @@ fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: us
             row.label
         };
         s.push_str(&format!(
-            "| {what} | {:.0} | {:.0} | {ratio:.2} | ≥ {goal} | {} |\n",
+            "| {what} | {:.0} | {:.0} | {ratio:.2} | ≥ {goal} | {} | {:.1} µs ({:.1} µs) |\n",
             row.direct_rps,
             row.proxied_rps,
-            verdict(ratio >= goal)
+            verdict(ratio >= goal),
+            row.daemon_us,
+            row.audit_us,
         ));
     }
     s.push_str(&format!(

@@ -147,6 +147,7 @@ pub async fn serve<IO>(
         client,
         scope: scope.clone(),
         tunnels,
+        last_host: std::sync::Mutex::new(None),
     });
     let served = async {
         match &drivers {
@@ -235,6 +236,9 @@ struct Service {
     client: Upstream,
     scope: Arc<Scope>,
     tunnels: mpsc::Sender<()>,
+    /// The last host that passed the address check on this connection, and its canonical
+    /// form: the destination is fixed, so the same host passes again.
+    last_host: std::sync::Mutex<Option<(String, String)>>,
 }
 
 /// One request being handled, for logs and audit records.
@@ -523,9 +527,17 @@ impl Service {
             }
             return None;
         }
+        let mut last = self.last_host.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((raw, canonical)) = last.as_ref()
+            && *raw == ask.host
+        {
+            ask.host = canonical.clone();
+            return None;
+        }
         match super::host_matches_address(&self.conn.agent, &ask.host, self.dst_ip) {
             Ok(canonical) => {
-                ask.host = canonical;
+                let raw = std::mem::replace(&mut ask.host, canonical.clone());
+                *last = Some((raw, canonical));
                 None
             }
             Err(reason) => Some(reason),
