@@ -49,4 +49,7 @@ pub enum Command {
     Audit(cmd::audit::AuditCommand),
     /// Create the audit signing key (config `audit_key`) and print its public half.
     Keygen(cmd::audit::KeygenArgs),
+    /// The local CA that signs intercepted TLS.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCommand),
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 
 pub mod audit;
+pub mod ca;
 pub mod daemon;
 pub mod detach;
 pub mod enrol;

@@ -65,7 +65,8 @@ pub struct TlsConfig {
     /// Extra PEM files of CAs trusted for upstream connections, besides the system roots.
     /// Default: none.
     pub extra_upstream_roots: Vec<PathBuf>,
-    /// Hosts never intercepted (mTLS clients, pinned certificates). Default: none.
+    /// Hosts never intercepted (mTLS clients, pinned certificates): exact names, IP literals
+    /// or `*.example.com` (subdomains at any depth). Default: none.
     pub passthrough_hosts: Vec<String>,
 }
 

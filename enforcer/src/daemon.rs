@@ -29,13 +29,19 @@ use crate::{
     agents::{Agent, IdTable, LearnedFile, Origin, Registry, allowlist},
     audit::{Action, AuditEvent, AuditLog, AuditOptions, EventKind, Scope},
     bpf::{Kernel, ip_of},
+    ca::{self, Ca},
     cgroup::Hierarchy,
-    config::{AgentConfig, Config, validate_agent_name},
+    config::{AgentConfig, Config, TlsMode, validate_agent_name},
     control::killswitch::{KillFiles, KillState, changes},
     dns::{self, server::Resolver},
     enrol::Enroller,
     policy::Policy,
-    proxy::{self, ProxyContext, deputy::Deputy},
+    proxy::{
+        self, ProxyContext,
+        deputy::Deputy,
+        http::L7Env,
+        tls::{TlsContext, TlsError, UpstreamTls},
+    },
 };
 
 pub mod listeners;
@@ -51,6 +57,8 @@ pub struct Daemon {
     pub registry: Arc<Registry>,
     pub enroller: Arc<Enroller>,
     pub audit: AuditLog,
+    /// The system roots plus the local CA, for `enforcer exec` to point TLS clients at.
+    pub ca_bundle: Option<PathBuf>,
     ids: Mutex<IdTable>,
     started: jiff::Timestamp,
     /// The agent list currently in force (the config's, as last loaded successfully).
@@ -110,6 +118,29 @@ pub async fn run(
 
     let audit = open_audit(&config)?;
     audit.set_observer(Box::new(crate::metrics::observe));
+    let ca = open_ca(&config)?;
+    let tls = Arc::new(TlsContext::new(&config.tls, ca.clone())?);
+    let upstream_tls = match UpstreamTls::new(&config.tls.extra_upstream_roots) {
+        Ok(t) => {
+            tracing::debug!(roots = t.roots, "upstream TLS roots loaded");
+            Some(Arc::new(t))
+        }
+        Err(e @ TlsError::NoRoots) => {
+            tracing::warn!("{e}; intercepted requests will fail with 502");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ca_bundle = match &ca {
+        Some(ca) => {
+            let (path, roots) = ca
+                .write_bundle()
+                .context("writing the CA bundle for enrolled commands")?;
+            tracing::debug!(bundle = %path.display(), system_roots = roots, "CA bundle written");
+            Some(path)
+        }
+        None => None,
+    };
     let kernel = Arc::new(Kernel::open(&config.bpffs_dir, crate::bpf::EBPF_OBJECT)?);
     let registry = Arc::new(Registry::default());
     let enroller = Arc::new(Enroller::new(
@@ -132,6 +163,7 @@ pub async fn run(
         registry,
         enroller,
         audit,
+        ca_bundle,
         ids,
         started: jiff::Timestamp::now(),
         config_sha: Mutex::new(config_sha),
@@ -175,6 +207,12 @@ pub async fn run(
         audit: daemon.audit.clone(),
         security_mode: daemon.config.security_mode,
         deputy: Deputy::new(),
+        tls,
+        l7: Arc::new(L7Env {
+            audit: daemon.audit.clone(),
+            security_mode: daemon.config.security_mode,
+            upstream_tls,
+        }),
     });
     // Listeners: the ones systemd kept across a restart, or new ones.
     let mut inherited = inherited;
@@ -292,6 +330,25 @@ fn open_audit(config: &Config) -> anyhow::Result<AuditLog> {
             .with_context(|| format!("creating the audit log directory {}", dir.display()))?;
     }
     Ok(AuditLog::open(opts)?)
+}
+
+/// The local CA, created at the first start, when TLS may be intercepted (`tls.mode` other
+/// than `sni`).
+fn open_ca(config: &Config) -> anyhow::Result<Option<Arc<Ca>>> {
+    if config.tls.mode == TlsMode::Sni {
+        return Ok(None);
+    }
+    let dir = Ca::dir_in(&config.state_dir);
+    let (ca, origin) = Ca::open_or_create(&dir)?;
+    if origin == ca::Origin::Created {
+        tracing::warn!(
+            cert = %dir.join(ca::CERT_FILE).display(),
+            sha256 = %ca.fingerprint(),
+            "created the local CA that signs intercepted TLS; `enforcer exec` makes enrolled \
+             commands trust it, `enforcer ca export` prints it for anything else"
+        );
+    }
+    Ok(Some(Arc::new(ca)))
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -638,7 +695,7 @@ impl Daemon {
             agent: agent.name.clone(),
             cgroup: cgroup.display().to_string(),
             warnings,
-            ca_bundle: None,
+            ca_bundle: self.ca_bundle.as_ref().map(|p| p.display().to_string()),
         })
     }
 

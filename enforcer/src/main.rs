@@ -8,6 +8,10 @@ use enforcer::{
     cmd,
 };
 
+/// mimalloc: the proxy allocates per request on every worker thread (see `Cargo.toml`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cmd::status::run(args, &config),
         Command::Audit(c) => cmd::audit::run(c, &config),
         Command::Keygen(args) => cmd::audit::keygen(args, &config),
+        Command::Ca(c) => cmd::ca::run(c, &config),
         Command::Policy(_) => unreachable!("handled above"),
     }
 }

@@ -7,11 +7,23 @@
 //! 2. a destination a `tcp:` rule allows is spliced at once, with no peeking, so
 //!    server-speaks-first protocols work;
 //! 3. otherwise the first bytes are read (bounded in time and size): a TLS ClientHello gives
-//!    the SNI, an HTTP/1.x request gives the Host;
-//! 4. the policy decides at host level; opaque TCP that no `tcp:` rule allows is refused;
-//! 5. internal destinations are refused unless the policy names them (no confused deputy);
-//! 6. the bytes are spliced to the original destination, and the splice is cut with a reset
-//!    when the kill switch engages.
+//!    the SNI, an HTTP/1.x request line marks plain HTTP; opaque TCP that no `tcp:` rule
+//!    allows is refused;
+//! 4. plain HTTP is served by [`http`]: every request is judged by the policy on its own;
+//! 5. TLS is routed by [`tls`]: a host that needs only a host-level decision is judged on its
+//!    SNI and spliced, one with request-level rules is intercepted (TLS terminated with a
+//!    leaf from the local CA) and served by [`http`] like plain HTTP;
+//! 6. internal destinations are refused unless the policy names them (no confused deputy);
+//! 7. spliced bytes go to the original destination, and every connection (spliced or
+//!    served) is cut with a reset when the kill switch engages.
+//!
+//! # Layout
+//! - [`peek`]: classifying the first bytes.
+//! - [`http`]: serving HTTP/1.x and HTTP/2 with a decision per request.
+//! - [`tls`]: TLS modes, interception and upstream TLS configuration.
+//! - [`deny`]: the JSON denials.
+//! - [`deputy`]: internal destinations.
+//! - [`scope`], [`rewind`]: what a served connection owns; replaying peeked bytes.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -36,13 +48,19 @@ use crate::{
 
 pub mod deny;
 pub mod deputy;
+pub mod http;
 pub mod peek;
+pub mod rewind;
+pub mod scope;
+pub mod tls;
 
 use deputy::Deputy;
 use peek::Opening;
 
 /// Longest wait for the upstream TCP handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the agent's side of an intercepted TLS handshake.
+pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every connection handler needs.
 pub struct ProxyContext {
@@ -51,6 +69,10 @@ pub struct ProxyContext {
     pub audit: AuditLog,
     pub security_mode: SecurityMode,
     pub deputy: Deputy,
+    /// TLS modes, the local CA, interception.
+    pub tls: Arc<tls::TlsContext>,
+    /// What served (L7) connections need.
+    pub l7: Arc<http::L7Env>,
 }
 
 /// Accepts redirected connections until the listener fails.
@@ -134,15 +156,13 @@ async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr)
 
     // Step 3: what does the client speak?
     let (opening, prefix) = peek::classify(&mut client).await;
-    let (scheme, host) = match &opening {
-        Opening::Tls { sni } => (
-            Scheme::Https,
-            sni.clone().unwrap_or_else(|| ip_text.clone()),
-        ),
-        Opening::Http { host } => (
-            Scheme::Http,
-            host.clone().unwrap_or_else(|| ip_text.clone()),
-        ),
+    let sni = match &opening {
+        Opening::Tls { sni } => sni.clone(),
+        // Step 4: plain HTTP, every request judged on its own.
+        Opening::Http { .. } => {
+            serve_plain(&ctx, &agent, &conn, client, prefix, guard).await;
+            return;
+        }
         Opening::Opaque { why } => {
             let reason = format!("opaque TCP to {dst} is not allowed by any tcp: rule ({why})");
             let decision = deny_decision(&policy.mode(), reason);
@@ -156,28 +176,218 @@ async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr)
         }
     };
 
-    // Step 4: the host-level decision, after checking the host belongs to the address.
-    let decision = match host_matches_address(&agent, &host, dst_ip) {
-        Err(reason) => deny_decision(&policy.mode(), reason),
-        Ok(canonical) => {
-            let mut d =
-                policy.host_decision(scheme, &canonical, dst.port(), jiff::Timestamp::now());
-            // Without SNI or Host the host is the address; say so when that fails.
-            if !d.allowed && canonical == ip_text {
-                d.reason = format!(
-                    "{} (no server name given; judged by address {ip_text})",
-                    d.reason
-                );
+    // Step 5: TLS. The SNI (or, without one, the address) must belong to the address.
+    let host = sni.clone().unwrap_or_else(|| ip_text.clone());
+    let canonical = match host_matches_address(&agent, &host, dst_ip) {
+        Ok(c) => c,
+        Err(reason) => {
+            let verdict = Verdict {
+                decision: deny_decision(&policy.mode(), reason),
+                scheme: Some(Scheme::Https),
+                host,
+            };
+            refuse_or_forward(&ctx, &agent, &conn, verdict, client, prefix, guard).await;
+            return;
+        }
+    };
+    let host_decision = |canonical: &str| {
+        let mut d =
+            policy.host_decision(Scheme::Https, canonical, dst.port(), jiff::Timestamp::now());
+        // Without SNI the host is the address; say so when that fails.
+        if !d.allowed && sni.is_none() {
+            d.reason = format!(
+                "{} (no server name given; judged by address {ip_text})",
+                d.reason
+            );
+        }
+        d
+    };
+    let decision = match ctx.tls.route(&policy, &canonical, dst.port()) {
+        tls::Route::Intercept => {
+            let sni = sni.as_ref().map(|_| canonical);
+            intercept(&ctx, &agent, &conn, client, prefix, sni, guard).await;
+            return;
+        }
+        tls::Route::Splice => host_decision(&canonical),
+        tls::Route::NotIntercepted(why) => {
+            let d = host_decision(&canonical);
+            let reason = format!(
+                "{canonical} has rules that judge each request (method, path, header, body, \
+                 time window or rate limit), but {why}"
+            );
+            if !d.allowed {
+                d
+            } else if ctx.security_mode == SecurityMode::Strict {
+                deny_decision(&policy.mode(), format!("{reason}; denied in strict mode"))
+            } else {
+                tracing::warn!(agent = %agent.name, host = %canonical,
+                    "{reason}; decided at host level (permissive mode)");
+                Decision {
+                    reason: format!(
+                        "{} ({reason}; decided at host level in permissive mode)",
+                        d.reason
+                    ),
+                    ..d
+                }
             }
-            d
         }
     };
     let verdict = Verdict {
         decision,
-        scheme: Some(scheme),
+        scheme: Some(Scheme::Https),
         host,
     };
     refuse_or_forward(&ctx, &agent, &conn, verdict, client, prefix, guard).await;
+}
+
+/// Why the proxy will not connect to this destination for the agent (an internal address
+/// the policy does not name explicitly), if it will not.
+fn deputy_refusal(ctx: &ProxyContext, agent: &Agent, dst: SocketAddr) -> Option<String> {
+    let why = ctx.deputy.internal(dst.ip())?;
+    if agent.is_explicit(deputy::canonical(dst.ip()), dst.port()) {
+        return None;
+    }
+    Some(format!(
+        "destination {dst} is {why}; only a policy that names it explicitly may reach it"
+    ))
+}
+
+/// Plain HTTP: served by [`http`], one decision per request.
+async fn serve_plain(
+    ctx: &Arc<ProxyContext>,
+    agent: &Arc<Agent>,
+    conn: &Conn,
+    client: TcpStream,
+    prefix: Vec<u8>,
+    guard: crate::agents::conns::ConnGuard<'_>,
+) {
+    if let Some(reason) = deputy_refusal(ctx, agent, conn.dst) {
+        let host = match peek::recognise(&prefix) {
+            Some(Opening::Http { host: Some(h) }) => h,
+            _ => conn.dst.ip().to_string(),
+        };
+        refuse_internal(ctx, agent, conn, Some(Scheme::Http), host, reason, client).await;
+        return;
+    }
+    let _ = client.set_nodelay(true);
+    let scope = scope::Scope::new();
+    let io = rewind::Rewind::new(prefix, scope::Tracked::new(client, scope.clone()));
+    let served = http::ClientConn {
+        agent: agent.clone(),
+        pid: conn.pid,
+        comm: conn.comm.clone(),
+        dst: conn.dst,
+        scheme: Scheme::Http,
+        sni: None,
+    };
+    let killed = guard.killed.clone();
+    http::serve(
+        ctx.l7.clone(),
+        served,
+        io,
+        http::Proto::Http1,
+        scope,
+        killed,
+    )
+    .await;
+    drop(guard);
+}
+
+/// TLS interception: the agent's handshake is completed with a leaf certificate from the
+/// local CA, then the connection is served by [`http`] (HTTP/2 or HTTP/1.1, by ALPN).
+async fn intercept(
+    ctx: &Arc<ProxyContext>,
+    agent: &Arc<Agent>,
+    conn: &Conn,
+    client: TcpStream,
+    prefix: Vec<u8>,
+    sni: Option<String>,
+    mut guard: crate::agents::conns::ConnGuard<'_>,
+) {
+    let host = sni.clone().unwrap_or_else(|| conn.dst.ip().to_string());
+    if let Some(reason) = deputy_refusal(ctx, agent, conn.dst) {
+        refuse_internal(ctx, agent, conn, Some(Scheme::Https), host, reason, client).await;
+        return;
+    }
+    let dst_ip = deputy::canonical(conn.dst.ip());
+    let Some(config) = ctx.tls.server_config(sni.as_deref(), dst_ip) else {
+        let reason = format!("cannot mint a certificate to intercept TLS for {host}");
+        tracing::error!(agent = %agent.name, dst = %conn.dst, "{reason}");
+        refuse_internal(ctx, agent, conn, Some(Scheme::Https), host, reason, client).await;
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let scope = scope::Scope::new();
+    let io = rewind::Rewind::new(prefix, scope::Tracked::new(client, scope.clone()));
+    let handshake = tokio::time::timeout(
+        CLIENT_HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(io),
+    );
+    let stream = tokio::select! {
+        r = handshake => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    agent = %agent.name, pid = conn.pid, comm = %conn.comm, host = %host,
+                    "TLS handshake with the agent failed: {e} (an agent that does not trust the \
+                     enforcer CA fails here: see `enforcer ca export`, or list the host in \
+                     tls.passthrough_hosts if it pins certificates)"
+                );
+                return;
+            }
+            Err(_) => {
+                tracing::info!(agent = %agent.name, host = %host, "TLS handshake with the agent timed out");
+                return;
+            }
+        },
+        () = scope::killed(&mut guard.killed, &scope) => return,
+    };
+    let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        http::Proto::Http2
+    } else {
+        http::Proto::Http1
+    };
+    tracing::debug!(agent = %agent.name, host = %host, dst = %conn.dst, ?proto, "intercepting TLS");
+    let served = http::ClientConn {
+        agent: agent.clone(),
+        pid: conn.pid,
+        comm: conn.comm.clone(),
+        dst: conn.dst,
+        scheme: Scheme::Https,
+        sni,
+    };
+    let killed = guard.killed.clone();
+    http::serve(ctx.l7.clone(), served, stream, proto, scope, killed).await;
+    drop(guard);
+}
+
+/// Refuses a connection to an internal destination (recorded; plain HTTP gets a 403).
+async fn refuse_internal(
+    ctx: &ProxyContext,
+    agent: &Agent,
+    conn: &Conn,
+    scheme: Option<Scheme>,
+    host: String,
+    reason: String,
+    mut client: TcpStream,
+) {
+    tracing::info!(agent = %agent.name, dst = %conn.dst, "connection denied: {reason}");
+    let verdict = Verdict {
+        decision: deny_decision(&crate::policy::Mode::Enforce, reason),
+        scheme,
+        host,
+    };
+    record(ctx, agent, conn, &verdict, PolicyResult::Deny);
+    if scheme == Some(Scheme::Http) {
+        let response = deny::http_403(
+            &agent.name,
+            &conn.request_id,
+            None,
+            &verdict.decision.reason,
+        );
+        let _ = client.write_all(&response).await;
+        let _ = client.shutdown().await;
+    }
 }
 
 /// One connection's identity.
@@ -269,14 +479,8 @@ async fn forward(
     prefix: Vec<u8>,
     mut guard: crate::agents::conns::ConnGuard<'_>,
 ) {
-    // Step 5: no confused deputy.
-    if let Some(why) = ctx.deputy.internal(conn.dst.ip())
-        && !agent.is_explicit(deputy::canonical(conn.dst.ip()), conn.dst.port())
-    {
-        let reason = format!(
-            "destination {} is {why}; only a policy that names it explicitly may reach it",
-            conn.dst
-        );
+    // Step 6: no confused deputy.
+    if let Some(reason) = deputy_refusal(ctx, agent, conn.dst) {
         tracing::info!(agent = %agent.name, dst = %conn.dst, "connection denied: {reason}");
         let v = Verdict {
             decision: deny_decision(&crate::policy::Mode::Enforce, reason),
@@ -314,7 +518,7 @@ async fn forward(
         return;
     }
 
-    // Step 6: splice until either side closes, or the kill switch cuts it.
+    // Step 7: splice until either side closes, or the kill switch cuts it.
     let (mut up, mut down) = (prefix.len() as u64, 0u64);
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {

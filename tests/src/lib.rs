@@ -10,6 +10,11 @@
 //! suite that silently skips proves nothing.
 //!
 //! Traffic only ever goes to 127.0.0.0/8, ::1, or network namespaces a test creates.
+//!
+//! [`web`] holds hyper upstreams (HTTP, HTTPS with HTTP/2, streaming, WebSocket echo) and a
+//! test CA for the L7 tests; enrolled clients are the probe and `curl`.
+
+pub mod web;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -319,6 +324,13 @@ impl TestDaemon {
             .prefix("enforcer-e2e-")
             .tempdir()
             .expect("temp dir");
+        // Enrolled commands run as nobody and read the daemon's CA bundle (and test CA files)
+        // from here.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod temp dir");
+        }
         let proxy_port = free_port();
         let mut dns_port = free_port();
         while dns_port == proxy_port {
@@ -563,6 +575,21 @@ impl TestDaemon {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn enforcer exec")
+    }
+
+    /// Runs `curl` enrolled under an agent, as nobody: silent but for errors, no proxy from
+    /// the environment, at most 15 s.
+    pub fn curl(&self, agent: &str, args: &[&str]) -> Output {
+        self.curl_cmd(agent, args)
+            .output()
+            .expect("run enforcer exec curl")
+    }
+
+    /// The command line of [`TestDaemon::curl`], for spawning.
+    pub fn curl_cmd(&self, agent: &str, args: &[&str]) -> Command {
+        let mut argv = vec!["curl", "-sS", "--noproxy", "*", "--max-time", "15"];
+        argv.extend_from_slice(args);
+        self.exec_cmd(agent, &argv)
     }
 
     /// Agent's status object.

@@ -55,10 +55,11 @@ fn allowed_upstream_is_reached_through_the_proxy_and_getpeername_shows_the_origi
     );
     let counters = &d.agent_status("a")["counters"];
     assert!(counters["redirected"].as_u64().unwrap() >= 1, "{counters}");
-    // The decision is in the audit log, with the agent, process and rule.
+    // The decision is in the audit log, with the agent, process and rule (plain HTTP is
+    // judged per request).
     let audit = d.audit_log();
     assert!(
-        audit.lines().any(|l| l.contains("\"event\":\"connection\"")
+        audit.lines().any(|l| l.contains("\"event\":\"request\"")
             && l.contains("\"policy_result\":\"allow\"")
             && l.contains("\"matched_rule\":\"upstream-get\"")
             && l.contains("\"comm\":\"enforcer-probe\"")),

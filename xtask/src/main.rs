@@ -6,7 +6,8 @@
 //!   configuration (state under `.enforcer-run/`, listeners on loopback, agent `demo`).
 //! - `cargo xtask test`: fmt, clippy `-D warnings`, unit tests, the privileged end-to-end
 //!   tests and `policy check` of every shipped policy.
-//! - `cargo xtask bench`: the benchmarks, written to `BENCHMARKS.md`.
+//! - `cargo xtask bench [--secs N]`: the proxy benchmark (root; installs wrk and oha when
+//!   missing), written to the `## Proxy` section of `BENCHMARKS.md`.
 
 use std::{
     path::{Path, PathBuf},
@@ -16,6 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod bootstrap;
 mod install;
 
@@ -62,6 +64,15 @@ enum Cmd {
         #[arg(long)]
         purge: bool,
     },
+    /// Benchmarks (root): the proxy against direct connections, written to BENCHMARKS.md.
+    Bench {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Runs of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +105,10 @@ fn main() -> anyhow::Result<()> {
             destdir,
             purge,
         } => install::uninstall(&install::Layout { destdir, prefix }, purge)?,
+        Cmd::Bench { secs, runs } => {
+            bootstrap::ensure_toolchain()?;
+            bench::run(&root, secs, runs)?;
+        }
     }
     Ok(())
 }

@@ -31,7 +31,9 @@ pub struct EnrolResponse {
     pub cgroup: String,
     /// Things the operator should know (sockets opened before enrolment).
     pub warnings: Vec<String>,
-    /// PEM bundle of the system roots plus the enforcer CA, when interception is set up.
+    /// Path of a PEM bundle of the system roots plus the enforcer CA (readable by every
+    /// user), when TLS may be intercepted. `enforcer exec` points the usual CA-file variables
+    /// (`SSL_CERT_FILE`, `CURL_CA_BUNDLE`, ...) at it.
     #[serde(default)]
     pub ca_bundle: Option<String>,
 }

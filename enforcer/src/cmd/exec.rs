@@ -6,7 +6,10 @@
 //! 3. when run as root, drop to `--user`, or to the sudo caller; running CMD as root needs
 //!    `--allow-root`;
 //! 4. set `PR_SET_NO_NEW_PRIVS`, so setuid binaries cannot regain privileges;
-//! 5. exec CMD.
+//! 5. when the daemon may intercept TLS, point the usual CA-file variables
+//!    ([`CA_BUNDLE_VARS`]) at its bundle of the system roots plus the local CA, so the
+//!    command trusts intercepted connections without any change to the system store;
+//! 6. exec CMD.
 //!
 //! Exit codes follow env(1): 125 when enforcer itself fails, 126 when CMD cannot be run, 127
 //! when it is not found, and CMD's own status otherwise (it replaces this process).
@@ -33,6 +36,20 @@ use crate::{
 pub const EXIT_ENFORCER_FAILED: u8 = 125;
 pub const EXIT_CANNOT_RUN: u8 = 126;
 pub const EXIT_NOT_FOUND: u8 = 127;
+
+/// Variables that TLS clients read for their CA file: OpenSSL and most tools, curl, Python
+/// requests, Node.js (extra CAs), git, cargo, pip, the AWS SDKs and CLI, Deno.
+pub const CA_BUNDLE_VARS: [&str; 9] = [
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+    "CARGO_HTTP_CAINFO",
+    "PIP_CERT",
+    "AWS_CA_BUNDLE",
+    "DENO_CERT",
+];
 
 #[derive(clap::Args, Debug)]
 pub struct ExecArgs {
@@ -134,7 +151,23 @@ pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
         return fail(format!("cannot set no_new_privs: {e}"));
     }
 
-    // 5. Exec.
+    // 5. Trust for intercepted TLS.
+    if let Some(bundle) = &response.ca_bundle {
+        if let Err(e) = std::fs::File::open(bundle) {
+            eprintln!(
+                "enforcer exec: warning: the command cannot read the CA bundle {bundle} ({e}); \
+                 intercepted HTTPS will fail certificate verification. Make the daemon's \
+                 state_dir readable by other users (mode 0755)"
+            );
+        }
+        for var in CA_BUNDLE_VARS {
+            // SAFETY: single-threaded at this point (the runtime is shut down), so changing
+            // the environment cannot race another thread.
+            unsafe { std::env::set_var(var, bundle) };
+        }
+    }
+
+    // 6. Exec.
     exec(&args.command)
 }
 

@@ -49,6 +49,10 @@ pub async fn classify(client: &mut TcpStream) -> (Opening, Vec<u8>) {
             return (opening, buf);
         }
         if buf.len() >= PEEK_LIMIT {
+            // An HTTP head this large is still HTTP: the server answers it with a 431.
+            if request_line(&buf) {
+                return (Opening::Http { host: None }, buf);
+            }
             let why = format!("opening larger than {PEEK_LIMIT} bytes");
             return (Opening::Opaque { why }, buf);
         }
@@ -85,7 +89,16 @@ fn tls(buf: &[u8]) -> Option<Opening> {
     }
 }
 
+/// The HTTP/2 connection preface: cleartext HTTP/2 with prior knowledge.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 fn http(buf: &[u8]) -> Option<Opening> {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then(|| Opening::Opaque {
+            why: "cleartext HTTP/2 (h2c) is refused; use HTTPS or HTTP/1.1".into(),
+        });
+    }
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
@@ -99,10 +112,27 @@ fn http(buf: &[u8]) -> Option<Opening> {
             Some(Opening::Http { host })
         }
         Ok(httparse::Status::Partial) => None,
+        // A malformed head after a valid request line is still HTTP: the HTTP server
+        // answers it (400) rather than the connection being dropped as opaque.
+        Err(_) if request_line(buf) => Some(Opening::Http { host: None }),
         Err(e) => Some(Opening::Opaque {
             why: format!("not HTTP or TLS ({e})"),
         }),
     }
+}
+
+/// Does `buf` start with a complete, valid HTTP/1.x request line?
+fn request_line(buf: &[u8]) -> bool {
+    let Some(lf) = buf.iter().position(|b| *b == b'\n') else {
+        return false;
+    };
+    let mut line = buf[..=lf].to_vec();
+    line.extend_from_slice(b"\r\n");
+    let mut headers = [httparse::EMPTY_HEADER; 1];
+    matches!(
+        httparse::Request::new(&mut headers).parse(&line),
+        Ok(httparse::Status::Complete(_))
+    )
 }
 
 /// `host[:port]` or `[v6][:port]` → host (IPv6 without brackets).
@@ -142,6 +172,15 @@ mod tests {
         assert!(matches!(
             recognise(b"SSH-2.0-OpenSSH_9.2\r\n"),
             Some(Opening::Opaque { .. })
+        ));
+        assert_eq!(
+            recognise(b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n"),
+            Some(Opening::Http { host: None })
+        );
+        assert_eq!(recognise(b"PRI * HTTP/2.0\r\n"), None);
+        assert!(matches!(
+            recognise(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Opening::Opaque { why }) if why.contains("h2c")
         ));
     }
 

@@ -22,6 +22,9 @@
 //! probe delay MS MODE ARGS... wait MS milliseconds, then run MODE
 //! probe mptcp ADDR HOST      like tcp, on an MPTCP socket (IPPROTO_MPTCP)
 //! probe bound DEV ADDR       connect a socket bound to DEV (SO_BINDTODEVICE)
+//! probe raw ADDR BYTES       send BYTES (`\r`, `\n`, `\t`, `\\` escapes; `@FILE` reads a file),
+//!                            print everything received until the peer closes (5 s at most)
+//! probe ws ADDR HOST PATH    WebSocket-style upgrade; on 101 send "ping" and print the echo
 //! probe streams N ADDR HOST  open N keep-alive streams (a GET answered on each), print
 //!                            "ready", then wait until all have ended and a new connect
 //!                            fails; print "closed T_LAST refused T_REFUSED" (CLOCK_MONOTONIC ns)
@@ -61,6 +64,8 @@ fn run(args: &[String]) -> i32 {
             args.get(4).map(String::as_str) == Some("tcp"),
         ),
         Some("streams") => streams(args[1].parse().unwrap_or(1), &args[2], &args[3]),
+        Some("raw") => raw(&args[1], &args[2]),
+        Some("ws") => ws(&args[1], &args[2], &args[3]),
         Some("mptcp") => mptcp(&args[1], &args[2]),
         Some("bound") => bound(&args[1], &args[2]),
         Some("delay") => {
@@ -701,4 +706,107 @@ fn bound(dev: &str, addr: &str) -> i32 {
             1
         }
     }
+}
+
+/// `\r`, `\n`, `\t`, `\\` escapes, or `@FILE`.
+fn unescape(arg: &str) -> Vec<u8> {
+    if let Some(path) = arg.strip_prefix('@') {
+        return std::fs::read(path).expect("read bytes file");
+    }
+    let mut out = Vec::new();
+    let mut chars = arg.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut b = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('r') => out.push(b'\r'),
+            Some('n') => out.push(b'\n'),
+            Some('t') => out.push(b'\t'),
+            Some(other) => {
+                let mut b = [0u8; 4];
+                out.extend_from_slice(other.encode_utf8(&mut b).as_bytes());
+            }
+            None => out.push(b'\\'),
+        }
+    }
+    out
+}
+
+fn raw(addr: &str, bytes: &str) -> i32 {
+    let addr = or_fail!(resolve(addr));
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!(
+                "error connect: {e} (os error {})",
+                e.raw_os_error().unwrap_or(0)
+            );
+            return 1;
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    if let Err(e) = s.write_all(&unescape(bytes)) {
+        println!("error write: {e}");
+        return 1;
+    }
+    let mut resp = Vec::new();
+    let closed = match s.read_to_end(&mut resp) {
+        Ok(_) => "closed",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+        Err(_) => "open",
+    };
+    println!("{}", String::from_utf8_lossy(&resp));
+    println!("connection {closed}");
+    0
+}
+
+fn ws(addr: &str, host: &str, path: &str) -> i32 {
+    let addr = or_fail!(resolve(addr));
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("error connect: {e}");
+            return 1;
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        println!("error write");
+        return 1;
+    }
+    // The head, byte by byte, so nothing after it is consumed.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text.lines().next().unwrap_or("(no response)").to_owned();
+    println!("status {status}");
+    if !status.contains(" 101 ") {
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        println!("body {}", String::from_utf8_lossy(&rest));
+        return 0;
+    }
+    if s.write_all(b"ping").is_err() {
+        println!("error write after upgrade");
+        return 1;
+    }
+    let mut echo = [0u8; 4];
+    match s.read_exact(&mut echo) {
+        Ok(()) => println!("echo {}", String::from_utf8_lossy(&echo)),
+        Err(e) => println!("error echo: {e}"),
+    }
+    0
 }

@@ -1,0 +1,54 @@
+//! A loopback HTTP/HTTPS upstream for `cargo xtask bench`, serving until killed.
+//!
+//! enforcer-upstream http ADDR THREADS
+//! enforcer-upstream https ADDR THREADS CA_PEM_OUT NAME...
+//!
+//! `https` makes a test CA, writes its certificate to CA_PEM_OUT and serves a leaf for the
+//! NAMEs. Prints `ready ADDR` once listening.
+
+use std::{io::Write as _, net::SocketAddr};
+
+use enforcer_tests::web::{TestCa, WebUpstream};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = || -> ! {
+        eprintln!(
+            "usage: enforcer-upstream (http ADDR THREADS | https ADDR THREADS CA_PEM NAME...)"
+        );
+        std::process::exit(2)
+    };
+    let (Some(mode), Some(addr), Some(threads)) = (args.first(), args.get(1), args.get(2)) else {
+        usage()
+    };
+    let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+    let threads: usize = threads.parse().unwrap_or_else(|_| usage());
+    let ip = addr.ip().to_string();
+    let upstream = match mode.as_str() {
+        "http" => WebUpstream::start(&ip, addr.port(), "bench", None, threads),
+        "https" => {
+            let (Some(ca_out), names) = (args.get(3), &args[4.min(args.len())..]) else {
+                usage()
+            };
+            if names.is_empty() {
+                usage()
+            }
+            let ca = TestCa::new("enforcer bench CA");
+            ca.write_pem(std::path::Path::new(ca_out));
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            WebUpstream::start(
+                &ip,
+                addr.port(),
+                "bench",
+                Some(ca.server_config(&names)),
+                threads,
+            )
+        }
+        _ => usage(),
+    };
+    println!("ready {}", upstream.addr);
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,625 @@
+//! `cargo xtask bench`: the proxy benchmark, written to the `## Proxy` section of
+//! `BENCHMARKS.md`.
+//!
+//! Two loopback upstreams (`enforcer-upstream`, hyper on one worker thread): plain HTTP on
+//! 127.0.0.5 and HTTPS on 127.0.0.6 (a certificate from a throwaway CA, which the daemon
+//! trusts through `tls.extra_upstream_roots`). A daemon enforces one agent whose policy has
+//! a method+path rule for each, so every request is judged: plain HTTP always is, and the
+//! HTTPS host is intercepted (`tls.mode: auto`). The audit log is on: two records per
+//! request.
+//!
+//! Each load tool runs once directly and once enrolled (`enforcer exec`), same arguments:
+//! - throughput: `wrk -t1 -c16 -d<secs>s` (keep-alive), Debian's wrk;
+//! - latency at a fixed 1,000 requests/s: `oha -q 1000 --latency-correction -c16`, because
+//!   wrk cannot hold a fixed rate (wrk2 is not packaged) and oha corrects for coordinated
+//!   omission. Installed with `cargo install oha --locked` when missing.
+//!
+//! Needs root (the daemon loads eBPF; the enrolled runs go through its cgroup).
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cargo, display, is_root, run_cmd};
+
+/// The fixed rate of the latency runs.
+const RATE: u32 = 1000;
+/// Connections of every run.
+const CONNECTIONS: u32 = 16;
+
+pub fn run(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmark starts the daemon (eBPF) and enrols the load tools: run \
+             `sudo -E cargo xtask bench`"
+        );
+    }
+    let wrk = ensure_wrk()?;
+    let oha = ensure_oha()?;
+    run_cmd(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "enforcer",
+        "-p",
+        "enforcer-tests",
+    ]))?;
+    let bins = root.join("target/release");
+    let env = Env::start(&bins)?;
+    eprintln!("xtask: bench environment ready in {}", env.dir.display());
+
+    let plain = format!("http://{}/v1/bench", env.plain);
+    let tls = format!("https://{}/v1/bench", env.tls);
+    let mut results = Vec::new();
+    let runs = runs.max(1);
+    for (label, url) in [("plain HTTP/1.1", &plain), ("HTTPS", &tls)] {
+        // Direct and enrolled alternate, so a noisy neighbour hits both alike; the median of
+        // the runs is reported.
+        let (mut direct_rps, mut proxied_rps) = (Vec::new(), Vec::new());
+        let (mut direct_lat, mut proxied_lat) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            direct_rps.push(env.wrk(&wrk, url, secs, false)?);
+            proxied_rps.push(env.wrk(&wrk, url, secs, true)?);
+        }
+        for _ in 0..runs {
+            direct_lat.push(env.oha(&oha, url, secs, false)?);
+            proxied_lat.push(env.oha(&oha, url, secs, true)?);
+        }
+        let proxied: Vec<Thru> = proxied_rps;
+        results.push(Row {
+            label,
+            direct_rps: median(direct_rps.iter().map(|t: &Thru| t.rps).collect()),
+            proxied_rps: median(proxied.iter().map(|t| t.rps).collect()),
+            daemon_us: median(proxied.iter().map(|t| t.daemon_us).collect()),
+            audit_us: median(proxied.iter().map(|t| t.audit_us).collect()),
+            direct_lat: Latency::median(&direct_lat),
+            proxied_lat: Latency::median(&proxied_lat),
+        });
+    }
+    let (requests, completions) = env.audit_counts();
+    if requests == 0 {
+        bail!("the enrolled runs left no request records: they did not go through the proxy");
+    }
+    let section = render(&results, secs, runs, requests, completions);
+    eprintln!("{section}");
+    write_section(&root.join("BENCHMARKS.md"), &section)?;
+    eprintln!("xtask: wrote the Proxy section of BENCHMARKS.md");
+    Ok(())
+}
+
+/// Debian's wrk, installed when missing.
+fn ensure_wrk() -> anyhow::Result<PathBuf> {
+    if let Some(p) = which("wrk") {
+        return Ok(p);
+    }
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!("wrk is missing and this is not a Debian system; install wrk");
+    }
+    eprintln!("xtask: installing wrk (apt-get install -y wrk)");
+    run_cmd(Command::new("apt-get").args(["install", "-y", "wrk"]))
+        .or_else(|_| {
+            run_cmd(Command::new("apt-get").arg("update"))?;
+            run_cmd(Command::new("apt-get").args(["install", "-y", "wrk"]))
+        })
+        .context("installing wrk failed; run `apt-get install -y wrk`")?;
+    which("wrk").context("wrk still not found after installing it")
+}
+
+/// oha, installed with cargo when missing.
+fn ensure_oha() -> anyhow::Result<PathBuf> {
+    if let Some(p) = which("oha") {
+        return Ok(p);
+    }
+    eprintln!("xtask: installing oha (cargo install oha --locked; a few minutes on 2 cores)");
+    run_cmd(cargo().args(["install", "oha", "--locked"]))
+        .context("installing oha failed; run `cargo install oha --locked`")?;
+    which("oha")
+        .context("oha not found on PATH after `cargo install oha` (is ~/.cargo/bin on PATH?)")
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let home_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
+    std::env::split_paths(&path)
+        .chain(home_bin)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Latency at the fixed rate, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    rps: f64,
+}
+
+impl Latency {
+    /// Each figure's median over the runs.
+    fn median(runs: &[Latency]) -> Latency {
+        Latency {
+            p50: median(runs.iter().map(|l| l.p50).collect()),
+            p99: median(runs.iter().map(|l| l.p99).collect()),
+            rps: median(runs.iter().map(|l| l.rps).collect()),
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One throughput run: requests per second, and the daemon's CPU per request (all of it,
+/// and its audit writer's part), in microseconds.
+#[derive(Debug, Clone, Copy)]
+struct Thru {
+    rps: f64,
+    daemon_us: f64,
+    audit_us: f64,
+}
+
+struct Row {
+    label: &'static str,
+    direct_rps: f64,
+    proxied_rps: f64,
+    daemon_us: f64,
+    audit_us: f64,
+    direct_lat: Latency,
+    proxied_lat: Latency,
+}
+
+/// Upstreams and daemon; stopped and cleaned up on drop.
+struct Env {
+    dir: PathBuf,
+    enforcer: PathBuf,
+    config: PathBuf,
+    daemon_pid: u32,
+    agent: String,
+    bpffs: PathBuf,
+    plain: String,
+    tls: String,
+    children: Vec<Child>,
+}
+
+impl Env {
+    fn start(bins: &Path) -> anyhow::Result<Env> {
+        clean_stale();
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("enforcer-bench-{pid}"));
+        std::fs::create_dir_all(&dir)?;
+        let agent = format!("bench{pid}");
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-{pid}"));
+        let mut env = Env {
+            dir: dir.clone(),
+            enforcer: bins.join("enforcer"),
+            config: dir.join("enforcer.yaml"),
+            daemon_pid: 0,
+            agent: agent.clone(),
+            bpffs: bpffs.clone(),
+            plain: String::new(),
+            tls: String::new(),
+            children: Vec::new(),
+        };
+        let upstream = bins.join("enforcer-upstream");
+        let ca = dir.join("upstream-ca.pem");
+        env.plain =
+            env.spawn_upstream(Command::new(&upstream).args(["http", "127.0.0.5:0", "1"]))?;
+        env.tls = env.spawn_upstream(
+            Command::new(&upstream)
+                .args(["https", "127.0.0.6:0", "1"])
+                .arg(&ca)
+                .arg("127.0.0.6"),
+        )?;
+        let policy = format!(
+            "rules:\n\
+             \x20 - name: plain\n    allow: {{ method: [GET], url: \"http://{}/v1/**\" }}\n\
+             \x20 - name: tls\n    allow: {{ method: [GET], url: \"https://{}/v1/**\" }}\n",
+            env.plain, env.tls
+        );
+        std::fs::write(dir.join("bench.yaml"), policy)?;
+        let config = format!(
+            "state_dir: state\nruntime_dir: run\nbpffs_dir: {}\nproxy_port: {}\ndns_port: {}\n\
+             audit_log: audit/audit.jsonl\nmetrics_listen: 127.0.0.1:{}\n\
+             dns:\n  upstream: [127.0.0.53]\n\
+             tls:\n  extra_upstream_roots: [{}]\n\
+             agents:\n  - name: {agent}\n    policy: bench.yaml\n",
+            bpffs.display(),
+            free_port()?,
+            free_port()?,
+            free_port()?,
+            ca.display()
+        );
+        std::fs::write(&env.config, config)?;
+        let log = std::fs::File::create(dir.join("daemon.log"))?;
+        let daemon = Command::new(&env.enforcer)
+            .arg("--config")
+            .arg(&env.config)
+            .arg("daemon")
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the daemon")?;
+        env.daemon_pid = daemon.id();
+        env.children.push(daemon);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = Command::new(&env.enforcer)
+                .arg("--config")
+                .arg(&env.config)
+                .arg("status")
+                .output()?;
+            if status.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the daemon did not become ready; see {}",
+                    dir.join("daemon.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(env)
+    }
+
+    /// Starts an upstream and returns the address it printed.
+    fn spawn_upstream(&mut self, cmd: &mut Command) -> anyhow::Result<String> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", display(cmd)))?;
+        let stdout = child.stdout.take().context("upstream stdout")?;
+        self.children.push(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        line.trim()
+            .strip_prefix("ready ")
+            .map(str::to_owned)
+            .with_context(|| format!("upstream did not start: {line:?}"))
+    }
+
+    /// The command, run directly or enrolled under the bench agent.
+    fn command(&self, program: &Path, enrolled: bool) -> Command {
+        if enrolled {
+            let mut c = Command::new(&self.enforcer);
+            c.arg("--config")
+                .arg(&self.config)
+                .args(["exec", "--agent", &self.agent, "--allow-root", "--"])
+                .arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// Requests per second with keep-alive.
+    fn wrk(&self, wrk: &Path, url: &str, secs: u64, enrolled: bool) -> anyhow::Result<Thru> {
+        // Warm-up: connections, leaf certificates, upstream pools.
+        let _ = self
+            .command(wrk, enrolled)
+            .args(["-t1", "-c4", "-d1s", url])
+            .output();
+        let mut cmd = self.command(wrk, enrolled);
+        cmd.args([
+            "-t1",
+            &format!("-c{CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            url,
+        ]);
+        eprintln!("xtask: {}", display(&cmd));
+        let before = self.daemon_cpu();
+        let out = cmd.output().context("running wrk")?;
+        let after = self.daemon_cpu();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
+            bail!(
+                "wrk reported failures:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let rps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+        let requests: f64 = text
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
+        let per_request = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / requests;
+        Ok(Thru {
+            rps,
+            daemon_us: per_request(after.0.saturating_sub(before.0)),
+            audit_us: per_request(after.1.saturating_sub(before.1)),
+        })
+    }
+
+    /// CPU ticks of the daemon, and of its audit-writer thread.
+    fn daemon_cpu(&self) -> (u64, u64) {
+        let ticks = |stat: &Path| -> u64 {
+            let text = std::fs::read_to_string(stat).unwrap_or_default();
+            // Fields after the command name (which may hold spaces), from field 3 (state):
+            // utime is field 14, stime field 15.
+            let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| {
+                f.get(n - 3)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            field(14) + field(15)
+        };
+        let proc = PathBuf::from(format!("/proc/{}", self.daemon_pid));
+        let total = ticks(&proc.join("stat"));
+        let audit = std::fs::read_dir(proc.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "audit-writer")
+            })
+            .map(|t| ticks(&t.path().join("stat")))
+            .sum();
+        (total, audit)
+    }
+
+    /// Latency percentiles at the fixed rate.
+    fn oha(&self, oha: &Path, url: &str, secs: u64, enrolled: bool) -> anyhow::Result<Latency> {
+        let mut cmd = self.command(oha, enrolled);
+        cmd.args([
+            "--no-tui",
+            "--output-format",
+            "json",
+            "--insecure",
+            "--latency-correction",
+            "--worker-threads",
+            "1",
+            "-q",
+            &RATE.to_string(),
+            "-c",
+            &CONNECTIONS.to_string(),
+            "-z",
+            &format!("{secs}s"),
+            url,
+        ]);
+        eprintln!("xtask: {}", display(&cmd));
+        let out = cmd.output().context("running oha")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "oha printed no JSON: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let codes = &v["statusCodeDistribution"];
+        let ok = codes["200"].as_u64().unwrap_or(0);
+        let all: u64 = codes
+            .as_object()
+            .map(|m| m.values().filter_map(serde_json::Value::as_u64).sum())
+            .unwrap_or(0);
+        if ok == 0 || ok != all {
+            bail!("oha saw responses other than 200: {codes}");
+        }
+        let secs_to_ms = |p: &str| v["latencyPercentiles"][p].as_f64().map(|s| s * 1000.0);
+        Ok(Latency {
+            p50: secs_to_ms("p50").context("no p50 in oha's output")?,
+            p99: secs_to_ms("p99").context("no p99 in oha's output")?,
+            rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        })
+    }
+
+    /// `request` and `completion` records in the audit log, rotated files included.
+    fn audit_counts(&self) -> (usize, usize) {
+        let (mut requests, mut completions) = (0, 0);
+        let files = std::fs::read_dir(self.dir.join("audit"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("audit.jsonl"));
+        for file in files {
+            let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+            for line in text.lines() {
+                if line.contains("\"event\":\"request\"") {
+                    requests += 1;
+                } else if line.contains("\"event\":\"completion\"") {
+                    completions += 1;
+                }
+            }
+        }
+        (requests, completions)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // The daemon first (SIGTERM: it writes its last checkpoint), then the upstreams.
+        for child in self.children.iter_mut().rev() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(cg) = cgroup2_mount().map(|m| m.join("enforcer.slice").join(&self.agent)) {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir(&cg);
+        }
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes what an interrupted run (whose xtask process is gone) left behind: its pinned
+/// programs and maps, its cgroup and its directory. Its daemon and upstreams got the same
+/// Ctrl-C and are gone.
+fn clean_stale() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("enforcer-bench-") else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        eprintln!("xtask: cleaning up after an interrupted bench run ({name})");
+        if let Some(cg) =
+            cgroup2_mount().map(|m| m.join("enforcer.slice").join(format!("bench{pid}")))
+        {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir(&cg);
+        }
+        let _ = std::fs::remove_dir_all(entry.path());
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("enforcer-bench-{pid}")));
+    }
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        (fields.get(sep + 1) == Some(&"cgroup2")).then(|| PathBuf::from(fields[4]))
+    })
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {kernel} (VM)")
+}
+
+fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: usize) -> String {
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let mut s = String::new();
+    s.push_str("## Proxy\n\n");
+    s.push_str(&format!(
+        "Measured {date} with `sudo -E cargo xtask bench` on {}; client, proxy and upstream \
+         share the machine. Upstream: `enforcer-upstream` (hyper, one worker thread) on \
+         loopback, HTTP on 127.0.0.5 and HTTPS on 127.0.0.6. Through enforcer, every request \
+         is judged by a method+path rule (plain HTTP is always served; the HTTPS host is \
+         intercepted in `tls.mode: auto`), with the audit log on ({requests} request and \
+         {completions} completion records in this run). Same client and arguments direct and \
+         enrolled (`enforcer exec`), alternating; each figure is the median of {runs} runs of \
+         {secs} s (each after a 1 s warm-up), {CONNECTIONS} keep-alive connections.\n\n",
+        machine()
+    ));
+    s.push_str(&format!(
+        "Throughput: `wrk -t1 -c{CONNECTIONS} -d{secs}s`.\n\n\
+         | | direct rps | through enforcer rps | ratio | goal | | daemon CPU per request (audit writer) |\n\
+         |---|---:|---:|---:|---|---|---:|\n"
+    ));
+    let goals = [0.5, 0.3];
+    for (row, goal) in rows.iter().zip(goals) {
+        let ratio = row.proxied_rps / row.direct_rps;
+        let what = if row.label == "HTTPS" {
+            "HTTPS, intercepted vs direct TLS"
+        } else {
+            row.label
+        };
+        s.push_str(&format!(
+            "| {what} | {:.0} | {:.0} | {ratio:.2} | ≥ {goal} | {} | {:.1} µs ({:.1} µs) |\n",
+            row.direct_rps,
+            row.proxied_rps,
+            verdict(ratio >= goal),
+            row.daemon_us,
+            row.audit_us,
+        ));
+    }
+    s.push_str(&format!(
+        "\nLatency at a fixed {RATE} requests/s: `oha -q {RATE} --latency-correction \
+         -c{CONNECTIONS} -z{secs}s --worker-threads 1` (milliseconds; added = through \
+         enforcer minus direct).\n\n\
+         | | direct p50 | enforcer p50 | added p50 | direct p99 | enforcer p99 | added p99 | goal (added p99) | |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|---|\n"
+    ));
+    for row in rows {
+        let (d, p) = (row.direct_lat, row.proxied_lat);
+        let added99 = p.p99 - d.p99;
+        let goal = if row.label == "HTTPS" {
+            "none set".to_owned()
+        } else {
+            "≤ 0.200".to_owned()
+        };
+        let met = if row.label == "HTTPS" {
+            String::new()
+        } else {
+            verdict(added99 <= 0.2).to_owned()
+        };
+        s.push_str(&format!(
+            "| {} ({:.0} rps held) | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {goal} | {met} |\n",
+            row.label,
+            p.rps,
+            d.p50,
+            p.p50,
+            p.p50 - d.p50,
+            d.p99,
+            p.p99,
+            added99
+        ));
+    }
+    s
+}
+
+/// Replaces (or appends) the `## Proxy` section, leaving the rest of the file alone.
+fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
+    let new = match old.find("## Proxy\n") {
+        Some(start) => match old[start + 1..].find("\n## ") {
+            // Another section follows: keep it, one blank line apart.
+            Some(e) => format!("{}{section}\n{}", &old[..start], &old[start + 1 + e + 1..]),
+            None => format!("{}{section}", &old[..start]),
+        },
+        None => format!("{}\n\n{section}", old.trim_end_matches('\n')),
+    };
+    std::fs::write(path, new)?;
+    Ok(())
+}
