@@ -75,11 +75,17 @@ async fn recv_hup(hup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
 /// Starts an inotify watcher on every directory that holds a file we care about. Events are
 /// forwarded to the control loop, which decides what they mean.
 fn watch(
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     tx: mpsc::UnboundedSender<Trigger>,
 ) -> Option<notify::RecommendedWatcher> {
+    let filter = Arc::clone(daemon);
+    // Only events on the files we read are forwarded: the state directory also holds files
+    // the daemon rewrites itself (learned names, agent ids), and waking the control loop
+    // for those would cost a stat of every kill file each time.
     let handler = move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
+        if let Ok(event) = res
+            && (event.need_rescan() || event.paths.iter().any(|p| filter.is_watched_file(p)))
+        {
             let _ = tx.send(Trigger::Event(event.paths));
         }
     };

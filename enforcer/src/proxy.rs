@@ -125,7 +125,9 @@ async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr)
         // connect that got through just before.
         return;
     }
-    let guard = agent.conns.register();
+    // Our end of the agent's stream, for the kill switch to destroy in the kernel.
+    let our_socket = client.local_addr().ok().map(|local| (local, peer));
+    let guard = agent.conns.register(our_socket);
 
     let policy = agent.policy();
     agent.touch_eval();

@@ -43,6 +43,12 @@ fn kill_switch_resets_open_streams_refuses_new_connects_and_lifts() {
         "the client must see a reset\n{}",
         d.log()
     );
+    // The reset came from the kernel destroying our end of the stream by its addresses.
+    assert!(
+        eventually(5, || d.log().contains("streams_destroyed=1")),
+        "{}",
+        d.log()
+    );
     let refused = d.probe("a", &["tcp", &up.addr.to_string()]);
     assert!(
         stdout(&refused).contains("os error 1"),

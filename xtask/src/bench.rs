@@ -1,6 +1,13 @@
-//! `cargo xtask bench`: the proxy benchmark, written to the `## Proxy` section of
-//! `BENCHMARKS.md`.
+//! `cargo xtask bench`: the benchmarks, each written to its own section of `BENCHMARKS.md`:
+//! `## Policy engine` (criterion), `## Proxy` and `## Kill switch`. `--only NAME` runs one.
 //!
+//! The policy engine: `cargo bench -p enforcer --bench policy`, a generated 1,000-rule policy;
+//! the medians are read from criterion's `estimates.json`.
+//!
+//! The kill switch: `enforcer-bench-kill`, 1,000 proxied streams open, from the kill file's
+//! creation until every stream has ended as its client sees it and a new connect is refused.
+//!
+//! The proxy:
 //! Two loopback upstreams (`enforcer-upstream`, hyper on one worker thread): plain HTTP on
 //! 127.0.0.5 and HTTPS on 127.0.0.6 (a certificate from a throwaway CA, which the daemon
 //! trusts through `tls.extra_upstream_roots`). A daemon enforces one agent whose policy has
@@ -32,7 +39,153 @@ const RATE: u32 = 1000;
 /// Connections of every run.
 const CONNECTIONS: u32 = 16;
 
-pub fn run(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
+/// Which benchmarks to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Policy,
+    Proxy,
+    Kill,
+}
+
+pub fn run(root: &Path, secs: u64, runs: usize, only: Option<Part>) -> anyhow::Result<()> {
+    let wanted = |p: Part| only.is_none_or(|o| o == p);
+    if (wanted(Part::Proxy) || wanted(Part::Kill)) && !is_root() {
+        bail!(
+            "the proxy and kill-switch benchmarks start the daemon (eBPF): run \
+             `sudo -E cargo xtask bench`, or `cargo xtask bench --only policy`"
+        );
+    }
+    if wanted(Part::Policy) {
+        policy(root)?;
+    }
+    if wanted(Part::Proxy) {
+        proxy(root, secs, runs)?;
+    }
+    if wanted(Part::Kill) {
+        kill(root)?;
+    }
+    Ok(())
+}
+
+/// Criterion's benchmark ids (as directories under `target/criterion`) and what they measure.
+const POLICY_BENCHES: [(&str, &str, Option<f64>); 5] = [
+    (
+        "evaluate_host_method_path",
+        "evaluate: host, method and path rules",
+        Some(1_000.0),
+    ),
+    (
+        "evaluate_json_body_1k",
+        "evaluate: a rule with a 1 KB JSON body constraint",
+        Some(5_000.0),
+    ),
+    ("load_1000_rules", "load and compile the 1,000 rules", None),
+    (
+        "load_alias_bomb_billion_laughs",
+        "refuse a YAML alias bomb (billion laughs)",
+        Some(100e6),
+    ),
+    (
+        "load_alias_bomb_quadratic",
+        "refuse a YAML alias bomb (quadratic blow-up)",
+        Some(100e6),
+    ),
+];
+
+fn policy(root: &Path) -> anyhow::Result<()> {
+    run_cmd(cargo().args([
+        "bench", "-p", "enforcer", "--bench", "policy", "--", "--noplot",
+    ]))?;
+    let mut s = String::from("## Policy engine\n\n");
+    s.push_str(&format!(
+        "Measured {} with `cargo bench -p enforcer --bench policy` (run by `cargo xtask bench`) \
+         on {}. A generated policy of 1,000 rules; criterion, 30 samples; the median and its \
+         95% confidence interval.\n\n\
+         | | median | 95% CI | goal | |\n|---|---:|---|---|---|\n",
+        today(),
+        machine()
+    ));
+    for (id, what, goal_ns) in POLICY_BENCHES {
+        let path = root
+            .join("target/criterion")
+            .join(id)
+            .join("new/estimates.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("criterion wrote no {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let median = &v["median"];
+        let ns = |x: &serde_json::Value| x.as_f64().context("a number in estimates.json");
+        let (m, lo, hi) = (
+            ns(&median["point_estimate"])?,
+            ns(&median["confidence_interval"]["lower_bound"])?,
+            ns(&median["confidence_interval"]["upper_bound"])?,
+        );
+        let (goal, verdict) = match goal_ns {
+            Some(g) => (
+                format!("≤ {}", human_ns(g)),
+                if m <= g { "met" } else { "**missed**" },
+            ),
+            None => (String::new(), ""),
+        };
+        s.push_str(&format!(
+            "| {what} | {} | {} – {} | {goal} | {verdict} |\n",
+            human_ns(m),
+            human_ns(lo),
+            human_ns(hi)
+        ));
+    }
+    eprintln!("{s}");
+    write_section(&root.join("BENCHMARKS.md"), "Policy engine", &s)?;
+    eprintln!("xtask: wrote the Policy engine section of BENCHMARKS.md");
+    Ok(())
+}
+
+fn human_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.1} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn kill(root: &Path) -> anyhow::Result<()> {
+    run_cmd(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "enforcer",
+        "-p",
+        "enforcer-tests",
+    ]))?;
+    clean_stale();
+    let bin = root.join("target/release/enforcer-bench-kill");
+    eprintln!("xtask: {} 30 1000", bin.display());
+    let out = Command::new(&bin)
+        .args(["30", "1000"])
+        .env("ENFORCER_BIN", root.join("target/release/enforcer"))
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("the kill-switch benchmark failed ({})", out.status);
+    }
+    let body = String::from_utf8(out.stdout).context("the kill-switch benchmark's output")?;
+    let section = format!(
+        "{}\n\nMeasured {} with `sudo -E cargo xtask bench` on {}.\n",
+        body.trim_end(),
+        today(),
+        machine()
+    );
+    eprintln!("{section}");
+    write_section(&root.join("BENCHMARKS.md"), "Kill switch", &section)?;
+    eprintln!("xtask: wrote the Kill switch section of BENCHMARKS.md");
+    Ok(())
+}
+
+fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the benchmark starts the daemon (eBPF) and enrols the load tools: run \
@@ -87,7 +240,7 @@ pub fn run(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
     }
     let section = render(&results, secs, runs, requests, completions);
     eprintln!("{section}");
-    write_section(&root.join("BENCHMARKS.md"), &section)?;
+    write_section(&root.join("BENCHMARKS.md"), "Proxy", &section)?;
     eprintln!("xtask: wrote the Proxy section of BENCHMARKS.md");
     Ok(())
 }
@@ -532,12 +685,16 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {kernel} (VM)")
 }
 
-fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: usize) -> String {
-    let date = Command::new("date")
+fn today() -> String {
+    Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: usize) -> String {
+    let date = today();
     let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
     let mut s = String::new();
     s.push_str("## Proxy\n\n");
@@ -609,10 +766,10 @@ fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: us
     s
 }
 
-/// Replaces (or appends) the `## Proxy` section, leaving the rest of the file alone.
-fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
+/// Replaces (or appends) the `## {title}` section, leaving the rest of the file alone.
+fn write_section(path: &Path, title: &str, section: &str) -> anyhow::Result<()> {
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-    let new = match old.find("## Proxy\n") {
+    let new = match old.find(&format!("## {title}\n")) {
         Some(start) => match old[start + 1..].find("\n## ") {
             // Another section follows: keep it, one blank line apart.
             Some(e) => format!("{}{section}\n{}", &old[..start], &old[start + 1 + e + 1..]),

@@ -6,8 +6,9 @@
 //!   configuration (state under `.enforcer-run/`, listeners on loopback, agent `demo`).
 //! - `cargo xtask test`: fmt, clippy `-D warnings`, unit tests, the privileged end-to-end
 //!   tests and `policy check` of every shipped policy.
-//! - `cargo xtask bench [--secs N]`: the proxy benchmark (root; installs wrk and oha when
-//!   missing), written to the `## Proxy` section of `BENCHMARKS.md`.
+//! - `cargo xtask bench [--secs N] [--runs N] [--only policy|proxy|kill]`: the policy-engine,
+//!   proxy and kill-switch benchmarks (root, but for `--only policy`; installs wrk and oha
+//!   when missing), each written to its section of `BENCHMARKS.md`.
 
 use std::{
     path::{Path, PathBuf},
@@ -64,7 +65,8 @@ enum Cmd {
         #[arg(long)]
         purge: bool,
     },
-    /// Benchmarks (root): the proxy against direct connections, written to BENCHMARKS.md.
+    /// Benchmarks, written to BENCHMARKS.md: the policy engine, the proxy against direct
+    /// connections and the kill switch (root, but for `--only policy`).
     Bench {
         /// Seconds per measured run.
         #[arg(long, default_value_t = 10)]
@@ -72,6 +74,9 @@ enum Cmd {
         /// Runs of each measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Run one benchmark only.
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
     },
 }
 
@@ -105,9 +110,9 @@ fn main() -> anyhow::Result<()> {
             destdir,
             purge,
         } => install::uninstall(&install::Layout { destdir, prefix }, purge)?,
-        Cmd::Bench { secs, runs } => {
+        Cmd::Bench { secs, runs, only } => {
             bootstrap::ensure_toolchain()?;
-            bench::run(&root, secs, runs)?;
+            bench::run(&root, secs, runs, only)?;
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -14,8 +15,16 @@ use tokio::sync::watch;
 #[derive(Default)]
 pub struct ConnTracker {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, watch::Sender<bool>>>,
+    open: Mutex<HashMap<u64, Open>>,
 }
+
+struct Open {
+    kill: watch::Sender<bool>,
+    socket: Option<SocketPair>,
+}
+
+/// Our accepted socket of a proxied connection, as `(local, remote)`.
+pub type SocketPair = (SocketAddr, SocketAddr);
 
 /// A registered connection. Dropping it unregisters the connection.
 pub struct ConnGuard<'a> {
@@ -26,13 +35,15 @@ pub struct ConnGuard<'a> {
 }
 
 impl ConnTracker {
-    pub fn register(&self) -> ConnGuard<'_> {
+    /// Registers a connection; `socket` is our socket facing the agent, when there is one to
+    /// destroy on a kill.
+    pub fn register(&self, socket: Option<SocketPair>) -> ConnGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(false);
+        let (kill, rx) = watch::channel(false);
         self.open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+            .insert(id, Open { kill, socket });
         ConnGuard {
             tracker: self,
             id,
@@ -40,11 +51,17 @@ impl ConnTracker {
         }
     }
 
+    /// Our socket facing the agent, of every open connection.
+    pub fn sockets(&self) -> Vec<SocketPair> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.values().filter_map(|o| o.socket).collect()
+    }
+
     /// Signals every open connection to cut itself; returns how many were signalled.
     pub fn kill_all(&self) -> usize {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        for tx in open.values() {
-            let _ = tx.send(true);
+        for o in open.values() {
+            let _ = o.kill.send(true);
         }
         open.len()
     }
@@ -71,8 +88,13 @@ mod tests {
     #[test]
     fn kill_reaches_registered_connections_and_guards_unregister() {
         let t = ConnTracker::default();
-        let a = t.register();
-        let b = t.register();
+        let pair: SocketPair = (
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        let a = t.register(Some(pair));
+        let b = t.register(None);
+        assert_eq!(t.sockets(), [pair]);
         assert_eq!(t.count(), 2);
         drop(b);
         assert_eq!(t.count(), 1);

@@ -20,7 +20,10 @@ pub const FIRST_SEQ: u64 = 1;
 
 /// Lowercase hex SHA-256 of one line, without its newline.
 pub fn line_hash(line: &[u8]) -> String {
-    hex::encode(Sha256::digest(line))
+    let mut hex = [0u8; 64];
+    // 32 bytes always fit 64 hex digits, and hex digits are ASCII.
+    hex::encode_to_slice(Sha256::digest(line), &mut hex).expect("64 hex digits");
+    std::str::from_utf8(&hex).expect("hex is ASCII").to_owned()
 }
 
 /// The exact bytes a checkpoint signs: `enforcer-audit-v1:{seq}:{head_hash}`, where `seq` is
@@ -37,9 +40,30 @@ pub fn key_id(key: &VerifyingKey) -> String {
 
 /// Now, as RFC 3339 UTC with milliseconds: `2026-03-14T02:14:37.512Z`.
 pub fn timestamp_now() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string()
+    format_timestamp(jiff::Timestamp::now())
+}
+
+fn format_timestamp(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// [`timestamp_now`] for a busy writer: the text is formatted once per millisecond.
+#[derive(Debug, Default)]
+pub struct Clock {
+    millis: i64,
+    text: String,
+}
+
+impl Clock {
+    pub fn now(&mut self) -> &str {
+        let now = jiff::Timestamp::now();
+        let millis = now.as_millisecond();
+        if self.text.is_empty() || millis != self.millis {
+            self.millis = millis;
+            self.text = format_timestamp(now);
+        }
+        &self.text
+    }
 }
 
 /// The fields only a checkpoint has.
@@ -62,6 +86,7 @@ struct Line<'a> {
 }
 
 /// One event as a line (no newline).
+#[cfg(test)]
 pub fn render_event(seq: u64, timestamp: &str, event: &AuditEvent, prev_hash: &str) -> Vec<u8> {
     render(&Line {
         seq,
@@ -97,9 +122,35 @@ pub fn render_checkpoint(
     })
 }
 
+/// [`render_event`], appended to `buf`.
+pub fn render_event_into(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    timestamp: &str,
+    event: &AuditEvent,
+    prev_hash: &str,
+) {
+    render_into(
+        buf,
+        &Line {
+            seq,
+            timestamp,
+            event,
+            checkpoint: None,
+            prev_hash,
+        },
+    );
+}
+
 fn render(line: &Line<'_>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(512);
+    render_into(&mut buf, line);
+    buf
+}
+
+fn render_into(buf: &mut Vec<u8>, line: &Line<'_>) {
     // Serializing plain strings, integers and unit enums into a Vec cannot fail.
-    serde_json::to_vec(line).expect("an audit record always serializes")
+    serde_json::to_writer(buf, line).expect("an audit record always serializes");
 }
 
 /// The fields verification and recovery read back from a line.
@@ -195,6 +246,24 @@ mod tests {
             check_signature(10, &head, &sig, &vk),
             Err(SignatureProblem::BadSignature)
         );
+    }
+
+    #[test]
+    fn line_hash_is_lowercase_hex_sha256() {
+        assert_eq!(
+            line_hash(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn clock_matches_timestamp_format() {
+        let mut clock = Clock::default();
+        let a = clock.now().to_owned();
+        assert_eq!(a.len(), "2026-03-14T02:14:37.512Z".len(), "{a}");
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let b = clock.now().to_owned();
+        assert!(b > a, "{a} then {b}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use ed25519_dalek::SigningKey;
 use super::{
     AuditError, AuditOptions,
     aggregate::KernelDenyAggregator,
-    chain::{key_id, line_hash, render_checkpoint, render_event, timestamp_now},
+    chain::{Clock, key_id, line_hash, render_checkpoint, render_event_into},
     event::{Action, AuditEvent, EventKind},
     key::{fsync_parent, load_signing_key},
     recover::{self, open_live, rotated_file_name},
@@ -36,6 +36,10 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(250);
 const DENY_WINDOW: Duration = Duration::from_secs(1);
 /// How long to wait before retrying a rotation that failed.
 const ROTATE_RETRY: Duration = Duration::from_secs(10);
+/// After writing a batch the writer waits this long before taking the next one, so that a
+/// busy proxy hands it records without waking it for each (a futex wake and a context switch
+/// on the request path) and a batch costs one `write`. Records reach the file this much later.
+const COALESCE: Duration = Duration::from_millis(2);
 
 /// What the writer has done, for `enforcer status` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -134,6 +138,8 @@ impl AuditLog {
             needs_truncate: false,
             needs_sync: false,
             needs_reopen: false,
+            batch: Batch::default(),
+            clock: Clock::default(),
             retry: VecDeque::new(),
             lost: 0,
             failing_since: None,
@@ -149,13 +155,11 @@ impl AuditLog {
             let event = AuditEvent::new(EventKind::Daemon)
                 .action(Action::Sealed)
                 .reason(reason);
-            writer
-                .write_event(&event)
-                .and_then(|()| writer.checkpoint())
-                .map_err(|e| AuditError::Recover {
-                    path: writer.opts.path.clone(),
-                    message: format!("cannot record the sealed torn record: {e}"),
-                })?;
+            writer.write_event(event, false);
+            writer.checkpoint().map_err(|e| AuditError::Recover {
+                path: writer.opts.path.clone(),
+                message: format!("cannot record the sealed torn record: {e}"),
+            })?;
         }
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         let thread = std::thread::Builder::new()
@@ -318,6 +322,9 @@ struct Writer {
     needs_truncate: bool,
     needs_sync: bool,
     needs_reopen: bool,
+    /// Records rendered since the last write.
+    batch: Batch,
+    clock: Clock,
     /// Events queued before a failure, waiting for the retry.
     retry: VecDeque<AuditEvent>,
     lost: u64,
@@ -328,18 +335,38 @@ struct Writer {
     shared: Arc<Shared>,
 }
 
+/// Records rendered but not yet written: the writer makes one `write` per batch.
+#[derive(Default)]
+struct Batch {
+    buf: Vec<u8>,
+    /// The events whose lines are in `buf`; if the write fails they go back to the retry.
+    events: Vec<AuditEvent>,
+    /// The chain before the first line in `buf`, restored if the write fails.
+    base: Option<ChainState>,
+    records: u64,
+    checkpoints: u64,
+    last_checkpoint_seq: Option<u64>,
+}
+
+struct ChainState {
+    next_seq: u64,
+    head: String,
+    since_checkpoint: u64,
+    pending_since: Option<Instant>,
+}
+
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
         let _guard = StoppedGuard(Arc::clone(&self.shared));
         'outer: loop {
             let timeout = self.next_wakeup().saturating_duration_since(Instant::now());
-            match rx.recv_timeout(timeout) {
+            let busy = match rx.recv_timeout(timeout) {
                 Ok(msg) => {
                     if !self.handle(msg) {
                         break;
                     }
                     // Take what else is queued before looking at the clock again.
-                    for _ in 0..1024 {
+                    for _ in 0..4096 {
                         match rx.try_recv() {
                             Ok(msg) => {
                                 if !self.handle(msg) {
@@ -349,11 +376,16 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
+                    true
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => break,
-            }
+            };
             self.tick(Instant::now());
+            self.end_batch();
+            if busy {
+                std::thread::sleep(COALESCE);
+            }
         }
         // Close: what is still queued, the last refusals, a final checkpoint, fsync.
         while let Ok(msg) = rx.try_recv() {
@@ -446,17 +478,13 @@ impl Writer {
         }
     }
 
-    /// Writes one event, or keeps it for the retry when the log is failing.
+    /// Renders one event into the batch, or keeps it for the retry when the log is failing.
     fn append(&mut self, event: AuditEvent) {
         if self.failing() {
             self.keep_for_retry(event);
             return;
         }
-        if let Err(e) = self.write_event(&event) {
-            self.fail(&e);
-            self.keep_for_retry(event);
-            return;
-        }
+        self.write_event(event, true);
         if self.opts.checkpoint_records > 0
             && self.since_checkpoint >= self.opts.checkpoint_records
             && let Err(e) = self.checkpoint()
@@ -476,31 +504,51 @@ impl Writer {
         }
     }
 
-    /// Appends one record (not a checkpoint).
-    fn write_event(&mut self, event: &AuditEvent) -> std::io::Result<()> {
-        let line = render_event(self.next_seq, &timestamp_now(), event, &self.head);
-        self.write_line(line)?;
-        self.since_checkpoint += 1;
-        self.pending_since.get_or_insert_with(Instant::now);
-        Ok(())
+    /// Writes the batch, then rotates if the file is due.
+    fn end_batch(&mut self) {
+        if let Err(e) = self.commit() {
+            self.fail(&e);
+            return;
+        }
+        self.maybe_rotate();
     }
 
-    /// Appends a signed checkpoint over the records since the last one, and fsyncs.
+    /// Renders one record (not a checkpoint) into the batch as record `next_seq`. `keep`:
+    /// whether the event goes back to the retry if the batch cannot be written (the writer's
+    /// own `resumed` and `sealed` records are made afresh instead).
+    fn write_event(&mut self, event: AuditEvent, keep: bool) {
+        let start = self.begin_line();
+        render_event_into(
+            &mut self.batch.buf,
+            self.next_seq,
+            self.clock.now(),
+            &event,
+            &self.head,
+        );
+        self.end_line(start);
+        self.since_checkpoint += 1;
+        self.pending_since.get_or_insert_with(Instant::now);
+        if keep {
+            self.batch.events.push(event);
+        }
+    }
+
+    /// Appends a signed checkpoint over the records since the last one, writes the batch
+    /// and fsyncs.
     fn checkpoint(&mut self) -> std::io::Result<()> {
-        if self.since_checkpoint == 0 {
-            return self.sync();
+        if self.since_checkpoint > 0 {
+            let seq = self.next_seq;
+            let line =
+                render_checkpoint(seq, self.clock.now(), &self.head, &self.key, &self.key_id);
+            let start = self.begin_line();
+            self.batch.buf.extend_from_slice(&line);
+            self.end_line(start);
+            self.since_checkpoint = 0;
+            self.pending_since = None;
+            self.batch.checkpoints += 1;
+            self.batch.last_checkpoint_seq = Some(seq);
         }
-        let seq = self.next_seq;
-        let line = render_checkpoint(seq, &timestamp_now(), &self.head, &self.key, &self.key_id);
-        self.write_line(line)?;
-        self.since_checkpoint = 0;
-        self.pending_since = None;
-        {
-            let mut stats = self.shared.stats();
-            stats.checkpoints += 1;
-            stats.last_checkpoint_seq = Some(seq);
-        }
-        self.needs_sync = true;
+        self.commit()?;
         self.sync()
     }
 
@@ -512,9 +560,78 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends `line` and a newline as record `next_seq`, and moves the head on. On failure
-    /// the file is cut back to its last whole record (now, or before the next write).
-    fn write_line(&mut self, mut line: Vec<u8>) -> std::io::Result<()> {
+    /// Where the next line starts in the batch; remembers the chain before the batch.
+    fn begin_line(&mut self) -> usize {
+        if self.batch.base.is_none() {
+            self.batch.base = Some(ChainState {
+                next_seq: self.next_seq,
+                head: self.head.clone(),
+                since_checkpoint: self.since_checkpoint,
+                pending_since: self.pending_since,
+            });
+        }
+        self.batch.buf.len()
+    }
+
+    /// Seals the line that starts at `start`: hashes it, ends it with a newline, and moves
+    /// the head on.
+    fn end_line(&mut self, start: usize) {
+        self.head = line_hash(&self.batch.buf[start..]);
+        self.batch.buf.push(b'\n');
+        self.next_seq += 1;
+        self.batch.records += 1;
+    }
+
+    /// Writes the batch with one `write`. On failure the file is cut back to its last whole
+    /// record (now, or before the next write), the chain is put back as it was before the
+    /// batch, and the batch's events go to the front of the retry.
+    fn commit(&mut self) -> std::io::Result<()> {
+        if self.batch.buf.is_empty() {
+            return Ok(());
+        }
+        let result = self.write_batch();
+        let mut batch = std::mem::take(&mut self.batch);
+        let base = batch.base.take().expect("a batch with lines has a base");
+        match result {
+            Ok(()) => {
+                if self.file_len == 0 {
+                    self.file_first_seq = Some(base.next_seq);
+                }
+                self.file_len += batch.buf.len() as u64;
+                self.needs_sync = true;
+                let mut stats = self.shared.stats();
+                stats.records_written += batch.records;
+                stats.last_seq = self.next_seq - 1;
+                stats.head_hash.clone_from(&self.head);
+                stats.checkpoints += batch.checkpoints;
+                if batch.last_checkpoint_seq.is_some() {
+                    stats.last_checkpoint_seq = batch.last_checkpoint_seq;
+                }
+                drop(stats);
+                // Keep the buffer's capacity for the next batch.
+                batch.buf.clear();
+                self.batch.buf = batch.buf;
+                Ok(())
+            }
+            Err(e) => {
+                self.next_seq = base.next_seq;
+                self.head = base.head;
+                self.since_checkpoint = base.since_checkpoint;
+                self.pending_since = base.pending_since;
+                for event in batch.events.into_iter().rev() {
+                    if self.retry.len() < RETRY_CAPACITY {
+                        self.retry.push_front(event);
+                    } else {
+                        self.lost += 1;
+                    }
+                }
+                self.shared.stats().lost = self.lost;
+                Err(e)
+            }
+        }
+    }
+
+    fn write_batch(&mut self) -> std::io::Result<()> {
         if self.needs_reopen {
             return Err(std::io::Error::other(
                 "the live file could not be reopened after rotation",
@@ -524,31 +641,17 @@ impl Writer {
             self.file.set_len(self.file_len)?;
             self.needs_truncate = false;
         }
-        let hash = line_hash(&line);
-        line.push(b'\n');
-        if let Err(e) = self.file.write_all(&line) {
+        if let Err(e) = self.file.write_all(&self.batch.buf) {
             self.needs_truncate = self.file.set_len(self.file_len).is_err();
             return Err(e);
         }
-        if self.file_len == 0 {
-            self.file_first_seq = Some(self.next_seq);
-        }
-        self.file_len += line.len() as u64;
-        self.needs_sync = true;
-        let mut stats = self.shared.stats();
-        stats.records_written += 1;
-        stats.last_seq = self.next_seq;
-        stats.head_hash.clone_from(&hash);
-        drop(stats);
-        self.head = hash;
-        self.next_seq += 1;
         Ok(())
     }
 
     fn maybe_rotate(&mut self) {
         let now = Instant::now();
         if self.opts.rotate_bytes == 0
-            || self.file_len < self.opts.rotate_bytes
+            || self.file_len + (self.batch.buf.len() as u64) < self.opts.rotate_bytes
             || now < self.rotate_not_before
             || self.failing()
         {
@@ -650,10 +753,9 @@ impl Writer {
                 self.needs_truncate = false;
             }
             self.sync()?;
-            while let Some(event) = self.retry.front() {
-                let event = event.clone();
-                self.write_event(&event)?;
-                self.retry.pop_front();
+            // If the write below fails, the events go back to the retry.
+            while let Some(event) = self.retry.pop_front() {
+                self.write_event(event, true);
             }
             let refused = self.shared.refused.load(Ordering::Relaxed) - failure.refused_before;
             let reason = format!(
@@ -664,10 +766,11 @@ impl Writer {
                 self.lost - failure.lost_before,
             );
             self.write_event(
-                &AuditEvent::new(EventKind::Daemon)
+                AuditEvent::new(EventKind::Daemon)
                     .action(Action::Resumed)
                     .reason(reason),
-            )?;
+                false,
+            );
             self.checkpoint()
         })();
         match result {

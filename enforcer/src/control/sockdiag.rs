@@ -33,7 +33,8 @@ pub enum SockDiagError {
 struct Found {
     family: u8,
     id: SocketId,
-    states: u8,
+    /// The state the dump saw; `None`: any.
+    states: Option<u8>,
 }
 
 /// Destroys every TCP socket (any state) whose cgroup id is in `cgroups`: the agent's own
@@ -43,6 +44,7 @@ pub fn destroy_tcp_in(cgroups: &HashSet<u64>) -> Result<usize, SockDiagError> {
     if cgroups.is_empty() {
         return Ok(0);
     }
+    let t0 = std::time::Instant::now();
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?;
     socket.bind_auto().map_err(SockDiagError::Socket)?;
     socket
@@ -52,11 +54,72 @@ pub fn destroy_tcp_in(cgroups: &HashSet<u64>) -> Result<usize, SockDiagError> {
     for family in [AF_INET, AF_INET6] {
         found.extend(dump(&mut socket, family, cgroups)?);
     }
+    let dumped = t0.elapsed();
+    let mut destroyed = 0;
+    for batch in found.chunks(DESTROY_BATCH) {
+        destroyed += destroy_batch(&mut socket, batch)?;
+    }
+    tracing::debug!(
+        found = found.len(),
+        destroyed,
+        dump_us = dumped.as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "sock_diag destroy"
+    );
+    Ok(destroyed)
+}
+
+/// Destroys the TCP sockets with these `(local, remote)` addresses, found by their
+/// addresses alone (no dump): the kill switch knows our end of every proxied stream. The
+/// kernel sends each peer a reset. Returns how many were destroyed; sockets that closed
+/// meanwhile are not errors.
+pub fn destroy_tcp(
+    sockets: &[(std::net::SocketAddr, std::net::SocketAddr)],
+) -> Result<usize, SockDiagError> {
+    if sockets.is_empty() {
+        return Ok(0);
+    }
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?;
+    socket.bind_auto().map_err(SockDiagError::Socket)?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(SockDiagError::Socket)?;
+    let found: Vec<Found> = sockets
+        .iter()
+        .map(|&(local, remote)| {
+            let (local, remote) = (unmap(local), unmap(remote));
+            Found {
+                family: if local.is_ipv4() { AF_INET } else { AF_INET6 },
+                id: SocketId {
+                    source_port: local.port(),
+                    destination_port: remote.port(),
+                    source_address: local.ip(),
+                    destination_address: remote.ip(),
+                    interface_id: 0,
+                    // INET_DIAG_NOCOOKIE: match on the addresses alone.
+                    cookie: [0xff; 8],
+                },
+                states: None,
+            }
+        })
+        .collect();
     let mut destroyed = 0;
     for batch in found.chunks(DESTROY_BATCH) {
         destroyed += destroy_batch(&mut socket, batch)?;
     }
     Ok(destroyed)
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 one: an IPv4 socket seen from a dual-stack
+/// listener.
+fn unmap(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
 }
 
 /// Destroy requests sent in one `sendmsg` (their acks must fit the receive buffer).
@@ -124,7 +187,7 @@ fn dump(
             out.push(Found {
                 family,
                 id: r.header.socket_id.clone(),
-                states: r.header.state,
+                states: Some(r.header.state),
             });
             Ok(true)
         }
@@ -175,7 +238,9 @@ fn cgroup_of(r: &InetResponse) -> Option<u64> {
 fn destroy_batch(socket: &mut Socket, batch: &[Found]) -> Result<usize, SockDiagError> {
     let mut out = Vec::new();
     for (seq, f) in batch.iter().enumerate() {
-        let states = StateFlags::from_bits_truncate(1 << f.states);
+        let states = f.states.map_or(StateFlags::all(), |st| {
+            StateFlags::from_bits_truncate(1 << st)
+        });
         out.extend(serialize(
             NLM_F_REQUEST | NLM_F_ACK,
             seq as u32 + 1,

@@ -213,7 +213,7 @@ impl Proxy {
             while let Ok((stream, _)) = listener.accept().await {
                 let (env, agent) = (env.clone(), a.clone());
                 tokio::spawn(async move {
-                    let guard = agent.conns.register();
+                    let guard = agent.conns.register(None);
                     let scope = Scope::new();
                     let io = Rewind::new(Bytes::new(), Tracked::new(stream, scope.clone()));
                     let conn = ClientConn {
@@ -738,7 +738,7 @@ async fn http2_through_interception_judges_each_stream_and_refuses_fronting() {
             security_mode: SecurityMode::Strict,
             upstream_tls: None,
         });
-        let guard = agent.conns.register();
+        let guard = agent.conns.register(None);
         let conn = ClientConn {
             agent: agent.clone(),
             pid: 1,
@@ -810,7 +810,7 @@ async fn over_tls_a_host_other_than_the_sni_is_misdirected() {
             security_mode: SecurityMode::Strict,
             upstream_tls: None,
         });
-        let guard = agent.conns.register();
+        let guard = agent.conns.register(None);
         let conn = ClientConn {
             agent: agent.clone(),
             pid: 1,
