@@ -410,8 +410,23 @@ impl TestDaemon {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// The audit log, once it has stopped growing: the daemon's writer takes queued records
+    /// in batches every 10 ms, so a record of something that just happened (a completion
+    /// written as a response ends) may land a little after the client is done. Read until
+    /// two reads 50 ms apart agree (at most 5 s, for a daemon that keeps writing).
     pub fn audit_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("audit/audit.jsonl")).unwrap_or_default()
+        let path = self.dir.path().join("audit/audit.jsonl");
+        let read = || std::fs::read_to_string(&path).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut text = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let again = read();
+            if again == text || Instant::now() > deadline {
+                return again;
+            }
+            text = again;
+        }
     }
 
     /// Starts (or restarts) the daemon process and waits until it answers.

@@ -39,7 +39,7 @@ const ROTATE_RETRY: Duration = Duration::from_secs(10);
 /// After writing a batch the writer waits this long before taking the next one, so that a
 /// busy proxy hands it records without waking it for each (a futex wake and a context switch
 /// on the request path) and a batch costs one `write`. Records reach the file this much later.
-const COALESCE: Duration = Duration::from_millis(2);
+const COALESCE: Duration = Duration::from_millis(10);
 
 /// What the writer has done, for `enforcer status` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
