@@ -152,14 +152,7 @@ fn human_ns(ns: f64) -> String {
 }
 
 fn kill(root: &Path) -> anyhow::Result<()> {
-    run_cmd(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "enforcer",
-        "-p",
-        "enforcer-tests",
-    ]))?;
+    build_release()?;
     clean_stale();
     let bin = root.join("target/release/enforcer-bench-kill");
     eprintln!("xtask: {} 30 1000", bin.display());
@@ -185,15 +178,8 @@ fn kill(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
-    if !is_root() {
-        bail!(
-            "the benchmark starts the daemon (eBPF) and enrols the load tools: run \
-             `sudo -E cargo xtask bench`"
-        );
-    }
-    let wrk = ensure_wrk()?;
-    let oha = ensure_oha()?;
+/// The daemon and the test binaries the benchmarks run, optimised.
+fn build_release() -> anyhow::Result<()> {
     run_cmd(cargo().args([
         "build",
         "--release",
@@ -201,7 +187,13 @@ fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
         "enforcer",
         "-p",
         "enforcer-tests",
-    ]))?;
+    ]))
+}
+
+fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
+    let wrk = ensure_wrk()?;
+    let oha = ensure_oha()?;
+    build_release()?;
     let bins = root.join("target/release");
     let env = Env::start(&bins)?;
     eprintln!("xtask: bench environment ready in {}", env.dir.display());
