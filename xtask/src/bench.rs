@@ -15,6 +15,9 @@
 //! HTTPS host is intercepted (`tls.mode: auto`). The audit log is on: two records per
 //! request.
 //!
+//! A third, reference path for plain HTTP: `enforcer-upstream relay`, a bare tokio TCP relay
+//! (no policy, no audit), which prices one more hop on the machine apart from enforcer.
+//!
 //! Each load tool runs once directly and once enrolled (`enforcer exec`), same arguments:
 //! - throughput: `wrk -t1 -c16 -d<secs>s` (keep-alive), Debian's wrk;
 //! - latency at a fixed 1,000 requests/s: `oha -q 1000 --latency-correction -c16`, because
@@ -207,13 +210,22 @@ fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
         // the runs is reported.
         let (mut direct_rps, mut proxied_rps) = (Vec::new(), Vec::new());
         let (mut direct_lat, mut proxied_lat) = (Vec::new(), Vec::new());
+        // Plain HTTP also goes through the bare relay, the cost of one more hop alone.
+        let relay_url = (url == &plain).then(|| format!("http://{}/v1/bench", env.relay));
+        let (mut relay_rps, mut relay_lat) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             direct_rps.push(env.wrk(&wrk, url, secs, false)?);
             proxied_rps.push(env.wrk(&wrk, url, secs, true)?);
+            if let Some(r) = &relay_url {
+                relay_rps.push(env.wrk(&wrk, r, secs, false)?.rps);
+            }
         }
         for _ in 0..runs {
             direct_lat.push(env.oha(&oha, url, secs, false)?);
             proxied_lat.push(env.oha(&oha, url, secs, true)?);
+            if let Some(r) = &relay_url {
+                relay_lat.push(env.oha(&oha, r, secs, false)?);
+            }
         }
         let proxied: Vec<Thru> = proxied_rps;
         results.push(Row {
@@ -224,6 +236,7 @@ fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
             audit_us: median(proxied.iter().map(|t| t.audit_us).collect()),
             direct_lat: Latency::median(&direct_lat),
             proxied_lat: Latency::median(&proxied_lat),
+            relay: relay_url.map(|_| (median(relay_rps), Latency::median(&relay_lat))),
         });
     }
     let (requests, completions) = env.audit_counts();
@@ -317,6 +330,8 @@ struct Row {
     audit_us: f64,
     direct_lat: Latency,
     proxied_lat: Latency,
+    /// The bare relay's throughput and latency, for plain HTTP.
+    relay: Option<(f64, Latency)>,
 }
 
 /// Upstreams and daemon; stopped and cleaned up on drop.
@@ -329,6 +344,8 @@ struct Env {
     bpffs: PathBuf,
     plain: String,
     tls: String,
+    /// A bare TCP relay to `plain` (`enforcer-upstream relay`), the reference hop.
+    relay: String,
     children: Vec<Child>,
 }
 
@@ -349,12 +366,18 @@ impl Env {
             bpffs: bpffs.clone(),
             plain: String::new(),
             tls: String::new(),
+            relay: String::new(),
             children: Vec::new(),
         };
         let upstream = bins.join("enforcer-upstream");
         let ca = dir.join("upstream-ca.pem");
         env.plain =
             env.spawn_upstream(Command::new(&upstream).args(["http", "127.0.0.5:0", "1"]))?;
+        env.relay = env.spawn_upstream(Command::new(&upstream).args([
+            "relay",
+            "127.0.0.1:0",
+            env.plain.as_str(),
+        ]))?;
         env.tls = env.spawn_upstream(
             Command::new(&upstream)
                 .args(["https", "127.0.0.6:0", "1"])
@@ -722,6 +745,13 @@ fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: us
             row.daemon_us,
             row.audit_us,
         ));
+        if let Some((rps, _)) = row.relay {
+            s.push_str(&format!(
+                "| {what}, bare TCP relay (reference) | {:.0} | {rps:.0} | {:.2} | | | |\n",
+                row.direct_rps,
+                rps / row.direct_rps,
+            ));
+        }
     }
     s.push_str(&format!(
         "\nLatency at a fixed {RATE} requests/s: `oha -q {RATE} --latency-correction \
@@ -754,7 +784,25 @@ fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: us
             p.p99,
             added99
         ));
+        if let Some((_, r)) = row.relay {
+            s.push_str(&format!(
+                "| {}, bare TCP relay (reference) | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | | |\n",
+                row.label,
+                d.p50,
+                r.p50,
+                r.p50 - d.p50,
+                d.p99,
+                r.p99,
+                r.p99 - d.p99
+            ));
+        }
     }
+    s.push_str(
+        "\nThe reference rows go through `enforcer-upstream relay` instead: a bare TCP relay on \
+         the same tokio runtime as the daemon (`copy_bidirectional`, no policy, no audit, not \
+         enrolled). It is the cost of one more hop on this machine, where the client, the hop \
+         and the upstream share 2 cores; enforcer's figures include that hop.\n",
+    );
     s
 }
 

@@ -2,9 +2,13 @@
 //!
 //! enforcer-upstream http ADDR THREADS
 //! enforcer-upstream https ADDR THREADS CA_PEM_OUT NAME...
+//! enforcer-upstream relay ADDR TARGET
 //!
 //! `https` makes a test CA, writes its certificate to CA_PEM_OUT and serves a leaf for the
-//! NAMEs. Prints `ready ADDR` once listening.
+//! NAMEs. `relay` is the benchmark's reference hop: a bare TCP relay to TARGET on the same
+//! tokio runtime the daemon uses (a worker per core, `copy_bidirectional`, no policy, no
+//! audit), so the cost of one more hop on this machine is measured apart from enforcer's.
+//! Prints `ready ADDR` once listening.
 
 use std::{io::Write as _, net::SocketAddr};
 
@@ -14,7 +18,8 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || -> ! {
         eprintln!(
-            "usage: enforcer-upstream (http ADDR THREADS | https ADDR THREADS CA_PEM NAME...)"
+            "usage: enforcer-upstream (http ADDR THREADS | https ADDR THREADS CA_PEM NAME... \
+             | relay ADDR TARGET)"
         );
         std::process::exit(2)
     };
@@ -22,6 +27,10 @@ fn main() {
         usage()
     };
     let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+    if mode == "relay" {
+        let target: SocketAddr = threads.parse().unwrap_or_else(|_| usage());
+        relay(addr, target);
+    }
     let threads: usize = threads.parse().unwrap_or_else(|_| usage());
     let ip = addr.ip().to_string();
     let upstream = match mode.as_str() {
@@ -51,4 +60,31 @@ fn main() {
     loop {
         std::thread::park();
     }
+}
+
+/// Relays every connection on `addr` to `target` until killed.
+fn relay(addr: SocketAddr, target: SocketAddr) -> ! {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("cannot listen on {addr}: {e}"));
+        println!("ready {}", listener.local_addr().expect("a bound address"));
+        let _ = std::io::stdout().flush();
+        loop {
+            let Ok((mut down, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    })
 }
