@@ -852,8 +852,10 @@ impl Daemon {
         // and our task sees its socket fail. This comes before signalling our tasks, which
         // would otherwise compete with it for the CPU to close the same streams one by one.
         // It blocks this task for about a millisecond per 300 streams (measured), which is
-        // what this moment is for.
-        let streams_destroyed = match crate::control::sockdiag::destroy_tcp(&proxied) {
+        // what this moment is for, at the highest CPU priority so busy agents cannot slow it.
+        let destroyed =
+            crate::control::sockdiag::urgently(|| crate::control::sockdiag::destroy_tcp(&proxied));
+        let streams_destroyed = match destroyed {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!("destroying the proxied streams of killed agents failed: {e}");

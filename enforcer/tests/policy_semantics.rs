@@ -174,6 +174,24 @@ fn default_deny_and_default_allow() {
         req("GET", "https://evil.com/x").check(&p).kind,
         DecisionKind::Deny
     );
+
+    // An IPv4-mapped IPv6 literal is the IPv4 host it reaches: a deny on the IPv4 address
+    // cannot be stepped around by writing it as [::ffff:a.b.c.d].
+    let p = policy(
+        "default: allow\nrules:\n  - name: no-meta\n    deny: { url: \"169.254.169.254/**\" }\n",
+    );
+    for url in [
+        "http://169.254.169.254/latest",
+        "http://[::ffff:169.254.169.254]/latest",
+        "http://[::ffff:a9fe:a9fe]/latest",
+    ] {
+        let d = req("GET", url).check(&p);
+        assert_eq!(
+            kind_rule(&d),
+            (DecisionKind::Deny, Some("no-meta")),
+            "{url}"
+        );
+    }
 }
 
 #[test]
@@ -316,6 +334,7 @@ fn canonical_host_table() {
         ("bücher.example", Some("xn--bcher-kva.example")),
         ("[2001:db8::1]", Some("2001:db8::1")),
         ("2001:DB8::1", Some("2001:db8::1")),
+        ("[::ffff:192.168.0.1]", Some("192.168.0.1")),
         ("192.168.0.1", Some("192.168.0.1")),
         ("2130706433", None),
         ("0x7f.1", None),

@@ -110,6 +110,32 @@ pub fn destroy_tcp(
     Ok(destroyed)
 }
 
+/// Runs `f` with the calling thread at the highest CPU priority (nice -20), then puts the
+/// thread's priority back. The kill switch destroys streams under it: the agents it stops,
+/// however busy, must not be able to starve the thread that stops them (on a loaded 2-vCPU VM
+/// that took the time to reset 1,000 streams from ~3 ms to over 20 ms). Without
+/// `CAP_SYS_NICE` the priority stays as it was and `f` runs all the same.
+pub fn urgently<T>(f: impl FnOnce() -> T) -> T {
+    let tid = nix::unistd::gettid().as_raw() as libc::id_t;
+    // getpriority returns the nice value, which may be -1: errno tells an error apart.
+    nix::errno::Errno::clear();
+    // SAFETY: plain syscalls on this thread's id; no memory is passed.
+    let before = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+    let readable = !(before == -1 && nix::errno::Errno::last_raw() != 0);
+    // SAFETY: as above.
+    let raised = readable && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, -20) } == 0;
+    let out = f();
+    // Lowering a priority back needs no privilege.
+    // SAFETY: as above.
+    if raised && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, before) } != 0 {
+        tracing::warn!(
+            "cannot restore this thread's CPU priority after the kill switch: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    out
+}
+
 /// An IPv4-mapped IPv6 address as the IPv4 one: an IPv4 socket seen from a dual-stack
 /// listener.
 fn unmap(addr: std::net::SocketAddr) -> std::net::SocketAddr {

@@ -62,8 +62,13 @@ pub(crate) fn canonicalize(host: &str) -> Result<Cow<'_, str>, &'static str> {
 
 fn ipv6(text: &str) -> Result<Cow<'static, str>, &'static str> {
     // std's parser refuses zone ids and other non-address forms; its Display is RFC 5952.
+    // An IPv4-mapped address is the IPv4 host it reaches, so it is written as that: a rule on
+    // 192.0.2.1 must also judge [::ffff:192.0.2.1] (the proxy maps socket addresses alike).
     text.parse::<Ipv6Addr>()
-        .map(|a| Cow::Owned(a.to_string()))
+        .map(|a| match a.to_ipv4_mapped() {
+            Some(v4) => Cow::Owned(v4.to_string()),
+            None => Cow::Owned(a.to_string()),
+        })
         .map_err(|_| "invalid IPv6 address")
 }
 
@@ -157,6 +162,8 @@ mod tests {
             ("[::1]", "::1"),
             ("::1", "::1"),
             ("[2001:DB8:0:0:0:0:0:1]", "2001:db8::1"),
+            ("[::ffff:192.0.2.1]", "192.0.2.1"),
+            ("::FFFF:c000:0201", "192.0.2.1"),
             ("a_b.example", "a_b.example"),
             ("1a.example", "1a.example"),
         ] {
