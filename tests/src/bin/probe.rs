@@ -548,6 +548,14 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
     let mut ended = vec![false; n];
     let mut open = n;
     let mut last = 0;
+    // Whether new connects are refused is checked as soon as the first stream has ended (the
+    // daemon sets the kernel flag before it resets streams), not after the last: checked at
+    // the end, the time to drain every reset would be charged to the refusal too.
+    let refused_now = || match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Some(enforcer_tests::monotonic_ns()),
+        _ => None,
+    };
+    let mut refused = None;
     while open > 0 {
         let r = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 30_000) };
         if r <= 0 {
@@ -571,16 +579,17 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
                 }
             }
         }
+        if refused.is_none() && open < n {
+            refused = refused_now();
+        }
     }
     unsafe { libc::close(ep) };
-    // New connects must now be refused.
+    // New connects must be refused by now; poll until they are.
     let refused = loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                break enforcer_tests::monotonic_ns();
-            }
-            _ => std::thread::sleep(Duration::from_micros(100)),
+        if let Some(t) = refused.or_else(refused_now) {
+            break t;
         }
+        std::thread::sleep(Duration::from_micros(100));
     };
     println!("closed {last} refused {refused}");
     0
