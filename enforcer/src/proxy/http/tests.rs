@@ -176,6 +176,11 @@ struct Proxy {
 
 impl Proxy {
     async fn start(policy: &str, dst: SocketAddr) -> Proxy {
+        Self::start_speaking(policy, dst, Proto::Http1).await
+    }
+
+    /// As [`start`](Self::start), with clients speaking `proto` (HTTP/2: prior knowledge).
+    async fn start_speaking(policy: &str, dst: SocketAddr, proto: Proto) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("audit.key");
         generate_key_file(&key).unwrap();
@@ -224,7 +229,7 @@ impl Proxy {
                         scheme: Scheme::Http,
                         sni: None,
                     };
-                    serve(env, conn, io, Proto::Http1, scope, guard.killed.clone()).await;
+                    serve(env, conn, io, proto, scope, guard.killed.clone()).await;
                 });
             }
         });
@@ -850,4 +855,94 @@ async fn send_tls(
     req: Request<Full<Bytes>>,
 ) -> (StatusCode, HeaderMap, String) {
     send(c, req).await
+}
+
+/// An HTTP/2 request for `path` on up.test, as the raw h2 client sends it.
+fn h2_get(path: &str) -> Request<()> {
+    Request::builder()
+        .uri(format!("http://up.test{path}"))
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http2_caps_streams_and_refuses_an_oversized_header_list() {
+    let up = upstream().await;
+    let p = Proxy::start_speaking(POLICY, up.addr, Proto::Http2).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, mut conn) = h2::client::handshake(stream).await.unwrap();
+    // One ordinary request, so that the proxy's SETTINGS have arrived.
+    let (resp, _) = h2.send_request(h2_get("/ok"), true).unwrap();
+    let resp = tokio::select! {
+        r = resp => r.unwrap(),
+        _ = &mut conn => panic!("the connection ended before the first response"),
+    };
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        conn.max_concurrent_send_streams(),
+        MAX_CONCURRENT_STREAMS as usize
+    );
+    // A header list twice the cap never reaches the upstream.
+    let big = "a".repeat(MAX_HEADER_LIST_BYTES as usize * 2);
+    let mut req = h2_get("/ok-big");
+    req.headers_mut().insert("x-big", big.parse().unwrap());
+    let outcome = match h2.send_request(req, true) {
+        Err(e) => format!("refused by the client: {e}"),
+        Ok((resp, _)) => tokio::time::timeout(WAIT, async {
+            tokio::select! {
+                r = resp => match r {
+                    Ok(r) => {
+                        assert!(!r.status().is_success(), "an oversized header list was served");
+                        format!("status {}", r.status())
+                    }
+                    Err(e) => format!("stream error: {e}"),
+                },
+                r = &mut conn => format!("connection ended: {r:?}"),
+            }
+        })
+        .await
+        .expect("the proxy answers an oversized header list"),
+    };
+    let seen: Vec<String> = up
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert_eq!(seen, ["/ok"], "{outcome}");
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_closes_the_connection_with_enhance_your_calm() {
+    let up = upstream().await;
+    let p = Proxy::start_speaking(POLICY, up.addr, Proto::Http2).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(stream).await.unwrap();
+    let ended = tokio::spawn(conn);
+    // Open streams and reset each at once, far more than the guard allows (CVE-2023-44487).
+    let attempts = MAX_PENDING_RESET_STREAMS * 3;
+    let mut sent = 0;
+    for _ in 0..attempts {
+        h2 = match h2.ready().await {
+            Ok(h2) => h2,
+            Err(_) => break,
+        };
+        let Ok((_resp, mut body)) = h2.send_request(h2_get("/ok"), false) else {
+            break;
+        };
+        body.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+    }
+    let result = tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("the proxy closes a rapid-reset connection")
+        .unwrap();
+    let err = result.expect_err("the connection ends in an error");
+    assert!(err.is_go_away(), "{err}");
+    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err}");
+    assert!(
+        sent > MAX_PENDING_RESET_STREAMS,
+        "only {sent} streams were opened"
+    );
 }
