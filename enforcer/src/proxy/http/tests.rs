@@ -169,6 +169,7 @@ async fn upstream() -> Upstream {
 struct Proxy {
     addr: SocketAddr,
     agent: Arc<Agent>,
+    env: Arc<L7Env>,
     audit: AuditLog,
     audit_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -213,10 +214,10 @@ impl Proxy {
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let a = agent.clone();
+        let (a, e) = (agent.clone(), env.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (env, agent) = (env.clone(), a.clone());
+                let (env, agent) = (e.clone(), a.clone());
                 tokio::spawn(async move {
                     let guard = agent.conns.register(None);
                     let scope = Scope::new();
@@ -236,6 +237,7 @@ impl Proxy {
         Proxy {
             addr,
             agent,
+            env,
             audit,
             audit_path,
             _dir: dir,
@@ -726,44 +728,17 @@ async fn http2_through_interception_judges_each_stream_and_refuses_fronting() {
     let up = upstream().await;
     let p = Proxy::start(POLICY, up.addr).await;
     let (server, client_config, _dir) = tls_pair("up.test");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let audit = p.audit.clone();
-    let agent = p.agent.clone();
-    let dst = up.addr;
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let tls = tokio_rustls::TlsAcceptor::from(server)
-            .accept(stream)
-            .await
-            .unwrap();
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        let env = Arc::new(L7Env {
-            audit,
-            security_mode: SecurityMode::Strict,
-            upstream_tls: None,
-        });
-        let guard = agent.conns.register(None);
-        let conn = ClientConn {
-            agent: agent.clone(),
-            pid: 1,
-            comm: "h2".into(),
-            dst,
-            // Judged as plain HTTP so the plain upstream can answer; the SNI check applies
-            // to Https only, so it is exercised below with its own connection.
-            scheme: Scheme::Http,
-            sni: None,
-        };
-        serve(
-            env,
-            conn,
-            tls,
-            Proto::Http2,
-            Scope::new(),
-            guard.killed.clone(),
-        )
-        .await;
-    });
+    let conn = ClientConn {
+        agent: p.agent.clone(),
+        pid: 1,
+        comm: "h2".into(),
+        dst: up.addr,
+        // Judged as plain HTTP so the plain upstream can answer; the SNI check applies
+        // to Https only, so it is exercised below with its own connection.
+        scheme: Scheme::Http,
+        sni: None,
+    };
+    let addr = serve_tls_once(&p, server, Proto::Http2, conn).await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(client_config)
         .connect("up.test".try_into().unwrap(), stream)
@@ -801,60 +776,59 @@ async fn over_tls_a_host_other_than_the_sni_is_misdirected() {
     let p = Proxy::start(POLICY, up.addr).await;
     let (server, mut client_config, _dir) = tls_pair("up.test");
     Arc::get_mut(&mut client_config).unwrap().alpn_protocols = vec![b"http/1.1".to_vec()];
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (audit, agent, dst) = (p.audit.clone(), p.agent.clone(), up.addr);
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let tls = tokio_rustls::TlsAcceptor::from(server)
-            .accept(stream)
-            .await
-            .unwrap();
-        let env = Arc::new(L7Env {
-            audit,
-            security_mode: SecurityMode::Strict,
-            upstream_tls: None,
-        });
-        let guard = agent.conns.register(None);
-        let conn = ClientConn {
-            agent: agent.clone(),
-            pid: 1,
-            comm: "fronting".into(),
-            dst,
-            scheme: Scheme::Https,
-            sni: Some("up.test".into()),
-        };
-        serve(
-            env,
-            conn,
-            tls,
-            Proto::Http1,
-            Scope::new(),
-            guard.killed.clone(),
-        )
-        .await;
-    });
+    let conn = ClientConn {
+        agent: p.agent.clone(),
+        pid: 1,
+        comm: "fronting".into(),
+        dst: up.addr,
+        scheme: Scheme::Https,
+        sni: Some("up.test".into()),
+    };
+    let addr = serve_tls_once(&p, server, Proto::Http1, conn).await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(client_config)
         .connect("up.test".try_into().unwrap(), stream)
         .await
         .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let (s, h, body) = send_tls(&mut send, get("other.test", "/ok")).await;
+    let (s, h, body) = send(&mut sender, get("other.test", "/ok")).await;
     assert_eq!(s, StatusCode::MISDIRECTED_REQUEST, "{body}");
     assert_eq!(h.get(DECISION_HEADER).unwrap(), "deny");
     assert!(body.contains("domain fronting"), "{body}");
     assert!(up.seen.lock().unwrap().is_empty());
 }
 
-async fn send_tls(
-    c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    req: Request<Full<Bytes>>,
-) -> (StatusCode, HeaderMap, String) {
-    send(c, req).await
+/// Listens for one TLS client on loopback and serves it as an intercepted connection `conn`
+/// of `p`'s agent, speaking `proto` (which the client must have chosen by ALPN). Returns the
+/// address to connect to.
+async fn serve_tls_once(
+    p: &Proxy,
+    server: Arc<rustls::ServerConfig>,
+    proto: Proto,
+    conn: ClientConn,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let env = p.env.clone();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(server)
+            .accept(stream)
+            .await
+            .unwrap();
+        let alpn: &[u8] = match proto {
+            Proto::Http1 => b"http/1.1",
+            Proto::Http2 => b"h2",
+        };
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        let agent = conn.agent.clone();
+        let guard = agent.conns.register(None);
+        serve(env, conn, tls, proto, Scope::new(), guard.killed.clone()).await;
+    });
+    addr
 }
 
 /// An HTTP/2 request for `path` on up.test, as the raw h2 client sends it.
