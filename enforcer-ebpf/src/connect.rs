@@ -175,32 +175,21 @@ fn connect_stream<const V6: bool>(
     dst: &Addr,
     port: u16,
 ) -> Result<i32, i32> {
+    // Every refusal here is counted and reported the same way.
+    let deny = |reason| {
+        refuse(ctx, agent, dst, port, IPPROTO_TCP as u16, reason);
+        Ok(DENY_CALL)
+    };
     // SAFETY: `sk` is a valid socket pointer in sock_addr hooks; bound_dev_if is readable.
     let bound_dev = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).bound_dev_if };
     if bound_dev != 0 {
         // SO_BINDTODEVICE would send the rewritten connect out of that device, not to us.
-        refuse(
-            ctx,
-            agent,
-            dst,
-            port,
-            IPPROTO_TCP as u16,
-            deny_reason::BOUND_TO_DEVICE,
-        );
-        return Ok(DENY_CALL);
+        return deny(deny_reason::BOUND_TO_DEVICE);
     }
 
     if port == 853 {
         // DNS over TLS would carry names past the resolver.
-        refuse(
-            ctx,
-            agent,
-            dst,
-            port,
-            IPPROTO_TCP as u16,
-            deny_reason::DNS_OVER_TLS,
-        );
-        return Ok(DENY_CALL);
+        return deny(deny_reason::DNS_OVER_TLS);
     }
     if port == 53 {
         return Ok(redirect_dns::<V6>(
@@ -229,28 +218,10 @@ fn connect_stream<const V6: bool>(
         // Other local services only when the policy names them explicitly.
         match listed {
             Some(v) if v.flags & allow_flags::EXPLICIT != 0 => {}
-            _ => {
-                refuse(
-                    ctx,
-                    agent,
-                    dst,
-                    port,
-                    IPPROTO_TCP as u16,
-                    deny_reason::LOOPBACK,
-                );
-                return Ok(DENY_CALL);
-            }
+            _ => return deny(deny_reason::LOOPBACK),
         }
     } else if listed.is_none() && agent_flags_bits & agent_flags::REDIRECT_ALL_TCP == 0 {
-        refuse(
-            ctx,
-            agent,
-            dst,
-            port,
-            IPPROTO_TCP as u16,
-            deny_reason::NOT_ALLOWED,
-        );
-        return Ok(DENY_CALL);
+        return deny(deny_reason::NOT_ALLOWED);
     }
 
     let flags = if listed.is_some() {
@@ -260,15 +231,7 @@ fn connect_stream<const V6: bool>(
     };
     if !record::<V6>(ctx, agent, dst, port, flags) {
         // Without the record the proxy cannot know where to go: fail the connect now.
-        refuse(
-            ctx,
-            agent,
-            dst,
-            port,
-            IPPROTO_TCP as u16,
-            deny_reason::NOT_READY,
-        );
-        return Ok(DENY_CALL);
+        return deny(deny_reason::NOT_READY);
     }
     rewrite_to_loopback::<V6>(ctx, dst, cfg.proxy_port);
     count(agent, Counter::Redirected);
