@@ -98,18 +98,33 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}", std::process::id())
 }
 
-/// A TCP port free on both 127.0.0.1 and ::1.
+/// A TCP port free on both 127.0.0.1 and ::1 (and for UDP on 127.0.0.1), for a daemon to
+/// bind later. It is taken below the kernel's ephemeral range: a port from that range (what
+/// binding port 0 gives) can be taken by any outgoing connection of a parallel test before
+/// the daemon binds it, which made daemon starts fail now and then with "address in use".
+/// A per-process counter, started at an offset from the pid, keeps parallel tests apart.
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = l.local_addr().expect("local addr").port();
-        if TcpListener::bind(("::1", port)).is_ok()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const FIRST: usize = 10_000;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    let span = low.saturating_sub(FIRST).max(1_000);
+    let offset = std::process::id() as usize * 997;
+    for _ in 0..span {
+        let port = FIRST + (offset + NEXT.fetch_add(1, Ordering::SeqCst)) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("::1", port)).is_ok()
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
         {
             return port;
         }
     }
-    panic!("no free port found");
+    panic!("no free port found below the ephemeral range (from {FIRST} to {low})");
 }
 
 /// One request an upstream saw.
