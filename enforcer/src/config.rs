@@ -117,6 +117,9 @@ pub struct AgentConfig {
 }
 
 /// The whole configuration file.
+/// Most proxy threads: past a few dozen, more threads only add memory.
+pub const MAX_PROXY_THREADS: usize = 256;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -134,6 +137,9 @@ pub struct Config {
     pub proxy_port: u16,
     /// Local DNS resolver port on 127.0.0.1 and [::1]. Default: 1002.
     pub dns_port: u16,
+    /// Proxy threads, each running its own connections. Default: one per CPU the daemon may
+    /// run on.
+    pub proxy_threads: Option<usize>,
     /// Prometheus metrics and health. Default: `127.0.0.1:15090`.
     pub metrics_listen: SocketAddr,
     /// Global kill-switch file. Default: `<state_dir>/killswitch`.
@@ -166,6 +172,7 @@ impl Default for Config {
             admin_group: None,
             proxy_port: 1001,
             dns_port: 1002,
+            proxy_threads: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 15090)),
             kill_switch: None,
             audit_log: PathBuf::from("/var/log/enforcer/audit.jsonl"),
@@ -258,6 +265,13 @@ impl Config {
                 self.proxy_port
             )));
         }
+        if let Some(n) = self.proxy_threads
+            && !(1..=MAX_PROXY_THREADS).contains(&n)
+        {
+            return Err(invalid(format!(
+                "proxy_threads is {n}; give 1 to {MAX_PROXY_THREADS}, or leave it out for one per CPU"
+            )));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for agent in &self.agents {
             validate_agent_name(&agent.name).map_err(|m| invalid(format!("agents: {m}")))?;
@@ -294,6 +308,15 @@ impl Config {
     }
 
     /// The admin API socket.
+    /// How many proxy threads to run: `proxy_threads`, or one per CPU.
+    pub fn proxy_threads(&self) -> usize {
+        self.proxy_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_PROXY_THREADS)
+        })
+    }
+
     pub fn admin_socket_path(&self) -> PathBuf {
         self.runtime_dir.join("admin.sock")
     }
@@ -426,6 +449,17 @@ mod tests {
         assert!(parse("agents:\n  - {name: a, policy: p}\n  - {name: a, policy: q}\n").is_err());
         assert!(parse("proxy_port: 5\ndns_port: 5\n").is_err());
         assert!(parse("dns: {upstream: [not-an-ip]}\n").is_err());
+    }
+
+    #[test]
+    fn proxy_threads_default_to_one_per_cpu_and_are_bounded() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(parse("").unwrap().proxy_threads(), cpus);
+        assert_eq!(parse("proxy_threads: 3\n").unwrap().proxy_threads(), 3);
+        for bad in ["proxy_threads: 0\n", "proxy_threads: 257\n"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("give 1 to 256"), "{bad}: {err}");
+        }
     }
 
     #[test]

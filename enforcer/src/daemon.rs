@@ -235,8 +235,11 @@ pub async fn run(
         ("dns-tcp-v4", dns_tcp_v4.as_fd()),
         ("dns-tcp-v6", dns_tcp_v6.as_fd()),
     ]);
-    tokio::spawn(proxy::serve(proxy_v4, proxy_ctx.clone()));
-    tokio::spawn(proxy::serve(proxy_v6, proxy_ctx));
+    let threads = daemon.config.proxy_threads();
+    let workers = proxy::Workers::start(threads, proxy_ctx)
+        .with_context(|| format!("starting {threads} proxy threads"))?;
+    tokio::spawn(proxy::accept(proxy_v4, workers.clone()));
+    tokio::spawn(proxy::accept(proxy_v6, workers));
 
     let admin_path = daemon.config.admin_socket_path();
     let admin_listener = admin::bind(&admin_path, daemon.config.admin_group.as_deref())?;

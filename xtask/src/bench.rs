@@ -798,9 +798,9 @@ fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: us
         }
     }
     s.push_str(
-        "\nThe reference rows go through `enforcer-upstream relay` instead: a bare TCP relay on \
-         the same tokio runtime as the daemon (`copy_bidirectional`, no policy, no audit, not \
-         enrolled). It is the cost of one more hop on this machine, where the client, the hop \
+        "\nThe reference rows go through `enforcer-upstream relay` instead: a bare TCP relay \
+         threaded like the daemon's proxy (one single-threaded tokio runtime per CPU, \
+         `copy_bidirectional`, no policy, no audit, not enrolled). It is the cost of one more hop on this machine, where the client, the hop \
          and the upstream share 2 cores; enforcer's figures include that hop.\n",
     );
     s

@@ -15,6 +15,13 @@ pub(crate) fn canonicalize(host: &str) -> Result<Cow<'_, str>, &'static str> {
     if is_plain_ldh(trimmed) {
         return Ok(Cow::Borrowed(trimmed));
     }
+    // A dotted quad is canonical when it prints back the same (std reads only four decimal
+    // octets, without leading zeros); the URL parser below would only confirm it, slowly.
+    if let Ok(v4) = trimmed.parse::<std::net::Ipv4Addr>()
+        && v4.to_string() == trimmed
+    {
+        return Ok(Cow::Borrowed(trimmed));
+    }
     if let Some(inner) = trimmed.strip_prefix('[') {
         let inner = inner
             .strip_suffix(']')

@@ -5,9 +5,10 @@
 //! enforcer-upstream relay ADDR TARGET
 //!
 //! `https` makes a test CA, writes its certificate to CA_PEM_OUT and serves a leaf for the
-//! NAMEs. `relay` is the benchmark's reference hop: a bare TCP relay to TARGET on the same
-//! tokio runtime the daemon uses (a worker per core, `copy_bidirectional`, no policy, no
-//! audit), so the cost of one more hop on this machine is measured apart from enforcer's.
+//! NAMEs. `relay` is the benchmark's reference hop: a bare TCP relay to TARGET threaded like
+//! the daemon's proxy (one single-threaded tokio runtime per CPU, `copy_bidirectional`, no
+//! policy, no audit), so the cost of one more hop on this machine is measured apart from
+//! enforcer's.
 //! Prints `ready ADDR` once listening.
 
 use std::{io::Write as _, net::SocketAddr};
@@ -62,9 +63,38 @@ fn main() {
     }
 }
 
-/// Relays every connection on `addr` to `target` until killed.
+/// Relays every connection on `addr` to `target` until killed, with the daemon's proxy
+/// threading: one acceptor, connections handed round robin to one single-threaded runtime
+/// per CPU.
 fn relay(addr: SocketAddr, target: SocketAddr) -> ! {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let queues: Vec<_> = (0..threads)
+        .map(|_| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                runtime.block_on(async move {
+                    while let Some(down) = rx.recv().await {
+                        tokio::spawn(async move {
+                            let Ok(mut down) = tokio::net::TcpStream::from_std(down) else {
+                                return;
+                            };
+                            let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+                                return;
+                            };
+                            let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        });
+                    }
+                });
+            });
+            tx
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
@@ -74,17 +104,14 @@ fn relay(addr: SocketAddr, target: SocketAddr) -> ! {
             .unwrap_or_else(|e| panic!("cannot listen on {addr}: {e}"));
         println!("ready {}", listener.local_addr().expect("a bound address"));
         let _ = std::io::stdout().flush();
-        loop {
-            let Ok((mut down, _)) = listener.accept().await else {
+        for i in 0.. {
+            let Ok((down, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
-                    return;
-                };
-                let _ = (down.set_nodelay(true), up.set_nodelay(true));
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-            });
+            if let Ok(down) = down.into_std() {
+                let _ = queues[i % threads].send(down);
+            }
         }
+        unreachable!("the accept loop never ends")
     })
 }
