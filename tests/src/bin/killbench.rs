@@ -94,7 +94,7 @@ fn main() {
     let p99 = percentile(&total, 0.99);
     println!(
         "\nGoal: within 10 ms at p99: **{}** ({p99:.2} ms). The daemon sets the agent's kernel \
-         flag, then destroys the agent's end of every proxied stream by its addresses with \
+         flag, then destroys the proxy's end of every proxied stream by its addresses with \
          sock_diag `SOCK_DESTROY`, then signals its own tasks, then dumps the agent's cgroups \
          for any other TCP socket; its log gives each phase (`kill switch change applied`).",
         if p99 <= 10.0 { "met" } else { "missed" }
