@@ -118,6 +118,64 @@ fn metrics_move_with_traffic() {
     );
 }
 
+/// Each thread's voluntary context switches, by thread name, for the daemon's `proxy-*`
+/// threads.
+fn proxy_thread_wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with("proxy-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        out.insert(comm.to_owned(), switches);
+    }
+    out
+}
+
+#[test]
+fn proxy_threads_follow_the_config_and_share_the_connections() {
+    let Some(()) = prerequisites("proxy threads") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "ok");
+    let d = TestDaemon::start(&[("a", &policy())], &[], "proxy_threads: 3\n");
+    let pid = d.pid().expect("the daemon runs");
+    let before = proxy_thread_wakeups(pid);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["proxy-0", "proxy-1", "proxy-2"],
+        "proxy_threads: 3 must start exactly three proxy threads"
+    );
+    // Six connections, handed round robin: every thread serves two, so every thread wakes.
+    let addr = up.addr.to_string();
+    for i in 0..6 {
+        let out = d.probe("a", &["tcp", &addr, &addr]);
+        assert!(
+            out.status.success(),
+            "request {i}: {}\n{}",
+            stdout(&out),
+            d.log()
+        );
+    }
+    let after = proxy_thread_wakeups(pid);
+    for (name, n) in &before {
+        assert!(
+            after[name] > *n,
+            "{name} served nothing: {before:?} -> {after:?}"
+        );
+    }
+}
+
 #[test]
 fn healthz_turns_degraded_when_a_link_is_detached_behind_the_daemons_back() {
     let Some(()) = prerequisites("healthz") else {
