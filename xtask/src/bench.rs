@@ -154,13 +154,18 @@ fn human_ns(ns: f64) -> String {
     }
 }
 
+/// Kill-switch benchmark runs.
+const KILL_RUNS: &str = "100";
+
 fn kill(root: &Path) -> anyhow::Result<()> {
     build_release()?;
     clean_stale();
     let bin = root.join("target/release/enforcer-bench-kill");
-    eprintln!("xtask: {} 30 1000", bin.display());
+    // 100 runs: a p99 needs about that many samples to be one (of 30 runs it is the maximum,
+    // so a single slow run decides it).
+    eprintln!("xtask: {} {KILL_RUNS} 1000", bin.display());
     let out = Command::new(&bin)
-        .args(["30", "1000"])
+        .args([KILL_RUNS, "1000"])
         .env("ENFORCER_BIN", root.join("target/release/enforcer"))
         .stderr(Stdio::inherit())
         .output()
