@@ -35,6 +35,15 @@ fn a_refused_destination_is_never_reached_across_sigkill_restart_and_program_upg
             .wait_for(Duration::from_secs(10), |l| l.starts_with("ok "))
             .is_some()
     );
+    // The refused loop must be enrolled and running before the first kill: its `enforcer
+    // exec` talks to the daemon, and a kill during that request would end it before its
+    // first attempt (seen once in CI as "the refused loop made only 0 attempts").
+    let first = bad_lines.next(Duration::from_secs(10));
+    assert!(
+        first.as_deref().is_some_and(|l| l.starts_with("fail ")),
+        "the refused loop did not start: {first:?}\n{}",
+        d.log()
+    );
 
     for round in 0..2 {
         if round == 0 {
@@ -60,7 +69,7 @@ fn a_refused_destination_is_never_reached_across_sigkill_restart_and_program_upg
     // Stop the refused loop, then read everything it printed: all failures, and nothing
     // reached the target.
     reap(bad);
-    let mut seen = 0;
+    let mut seen = 1;
     while let Some(line) = bad_lines.next(Duration::from_secs(2)) {
         assert!(
             line.starts_with("fail "),
