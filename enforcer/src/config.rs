@@ -116,10 +116,10 @@ pub struct AgentConfig {
     pub exec_cgroup: Option<PathBuf>,
 }
 
-/// The whole configuration file.
 /// Most proxy threads: past a few dozen, more threads only add memory.
 pub const MAX_PROXY_THREADS: usize = 256;
 
+/// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -307,7 +307,6 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("audit.key"))
     }
 
-    /// The admin API socket.
     /// How many proxy threads to run: `proxy_threads`, or one per CPU.
     pub fn proxy_threads(&self) -> usize {
         self.proxy_threads.unwrap_or_else(|| {
@@ -317,6 +316,7 @@ impl Config {
         })
     }
 
+    /// The admin API socket.
     pub fn admin_socket_path(&self) -> PathBuf {
         self.runtime_dir.join("admin.sock")
     }
