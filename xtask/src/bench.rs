@@ -154,15 +154,14 @@ fn human_ns(ns: f64) -> String {
     }
 }
 
-/// Kill-switch benchmark runs.
+/// Kill-switch benchmark runs: a p99 needs about 100 samples to be one (of 30 runs it is the
+/// maximum, so a single slow run decides it).
 const KILL_RUNS: &str = "100";
 
 fn kill(root: &Path) -> anyhow::Result<()> {
     build_release()?;
     clean_stale();
     let bin = root.join("target/release/enforcer-bench-kill");
-    // 100 runs: a p99 needs about that many samples to be one (of 30 runs it is the maximum,
-    // so a single slow run decides it).
     eprintln!("xtask: {} {KILL_RUNS} 1000", bin.display());
     let out = Command::new(&bin)
         .args([KILL_RUNS, "1000"])
