@@ -8,6 +8,7 @@ use notify::Watcher as _;
 use tokio::sync::mpsc;
 
 pub mod killswitch;
+pub mod sched;
 pub mod sockdiag;
 
 use crate::daemon::Daemon;

@@ -10,7 +10,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -32,7 +33,10 @@ use crate::{
     ca::{self, Ca},
     cgroup::Hierarchy,
     config::{AgentConfig, Config, TlsMode, validate_agent_name},
-    control::killswitch::{KillFiles, KillState, changes},
+    control::{
+        killswitch::{KillFiles, KillState, changes},
+        sched::Yielders,
+    },
     dns::{self, server::Resolver},
     enrol::Enroller,
     policy::Policy,
@@ -70,7 +74,16 @@ pub struct Daemon {
     kill_state: tokio::sync::Mutex<KillState>,
     /// Names learned by the previous run, handed to agents as they are added.
     saved_learned: Mutex<std::collections::BTreeMap<String, Vec<crate::agents::LearnedName>>>,
+    /// The proxy threads, lowered while they tear down streams the kill switch cut; unset
+    /// until they start, or when the daemon may not raise their priority back.
+    proxy_threads: OnceLock<Arc<Yielders>>,
 }
+
+/// How long the proxy threads may stay lowered after the kill switch cut streams, at most:
+/// tearing down 1,000 streams takes them about 20 ms of CPU. Past it they get their priority
+/// back whether or not every killed stream is gone, so that other agents' traffic is never
+/// held back for long.
+const DEFER_TEARDOWN_MAX: Duration = Duration::from_millis(250);
 
 /// Checks what the daemon cannot run without, naming what is missing and what to do.
 pub fn preflight() -> anyhow::Result<Hierarchy> {
@@ -170,6 +183,7 @@ pub async fn run(
         kill_files,
         kill_state: tokio::sync::Mutex::new(initial_kill.clone()),
         saved_learned: Mutex::new(LearnedFile::load(&config_state_dir).agents),
+        proxy_threads: OnceLock::new(),
     });
 
     // Kernel-wide settings first. READY stays as it was (set by a previous run, or clear on
@@ -238,6 +252,16 @@ pub async fn run(
     let threads = daemon.config.proxy_threads();
     let workers = proxy::Workers::start(threads, proxy_ctx)
         .with_context(|| format!("starting {threads} proxy threads"))?;
+    match Yielders::new(workers.thread_ids()) {
+        Some(y) => {
+            let _ = daemon.proxy_threads.set(y);
+        }
+        None => tracing::info!(
+            "no CAP_SYS_NICE: the kill switch cannot run at real-time priority or let the proxy \
+             threads yield while they tear down cut streams; it still works, only slower on a \
+             busy host"
+        ),
+    }
     tokio::spawn(proxy::accept(proxy_v4, workers.clone()));
     tokio::spawn(proxy::accept(proxy_v6, workers));
 
@@ -825,6 +849,7 @@ impl Daemon {
         let mut cut = 0usize;
         let mut cgroups = std::collections::HashSet::new();
         let mut proxied = Vec::new();
+        let mut cut_agents = Vec::new();
         for (name, killed) in &changed {
             let Some(agent) = self.registry.get(name) else {
                 continue;
@@ -844,19 +869,27 @@ impl Daemon {
             }
             if *killed {
                 proxied.extend(agent.conns.sockets());
+                cut_agents.push(agent.clone());
                 for e in self.enroller.list().iter().filter(|e| &e.agent == name) {
                     cgroups.extend(crate::cgroup::subtree_ids(&e.path));
                 }
             }
         }
         let kernel_at = started.elapsed();
+        // Our own tear-down of the streams cut below can wait; the killed agents reading
+        // their resets cannot, and on a small host both want the same cores.
+        let deferral = if proxied.is_empty() {
+            None
+        } else {
+            self.proxy_threads.get().map(|threads| threads.defer())
+        };
         // Then our end of every proxied stream of those agents, destroyed in the kernel by
         // its addresses: the kernel resets each stream at once (the agent sees ECONNRESET)
         // and our task sees its socket fail. This comes before signalling our tasks, which
         // would otherwise compete with it for the CPU to close the same streams one by one.
-        // It blocks this task for a few milliseconds per 1,000 streams (measured), which is
-        // what this moment is for: on every CPU, at the highest CPU priority, so that busy
-        // agents cannot slow it.
+        // It blocks this task for about 2 ms per 1,000 streams (measured), which is what this
+        // moment is for: on every CPU, under SCHED_FIFO, so that neither busy agents nor the
+        // readers its resets wake can slow it.
         let streams_destroyed = match crate::control::sockdiag::destroy_tcp_urgently(&proxied) {
             Ok(n) => n,
             Err(e) => {
@@ -873,6 +906,22 @@ impl Daemon {
             }
         }
         let cut_at = started.elapsed();
+        if let Some(deferral) = deferral {
+            tokio::spawn(async move {
+                let lowered = tokio::time::Instant::now();
+                let deadline = lowered + DEFER_TEARDOWN_MAX;
+                let left = || cut_agents.iter().map(|a| a.conns.count()).sum::<usize>();
+                while left() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                drop(deferral);
+                tracing::debug!(
+                    lowered_ms = lowered.elapsed().as_millis() as u64,
+                    connections_left = left(),
+                    "proxy threads back to their priority after the kill switch's tear-down"
+                );
+            });
+        }
         // And every other TCP socket of those cgroups (DNS over TCP, accepted sockets, a
         // stream that raced the list above), found by a dump.
         let others_destroyed = if cgroups.is_empty() {

@@ -126,21 +126,27 @@ pub struct ProxyContext {
 pub struct Workers {
     queues: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
     next: std::sync::atomic::AtomicUsize,
+    /// The threads' kernel ids, for the kill switch to lower their priority while they tear
+    /// down killed streams.
+    tids: Vec<libc::pid_t>,
 }
 
 impl Workers {
     /// Starts `count` threads. Fails when a runtime or a thread cannot be set up.
     pub fn start(count: usize, ctx: Arc<ProxyContext>) -> std::io::Result<Arc<Workers>> {
         let mut queues = Vec::with_capacity(count);
+        let mut tids = Vec::with_capacity(count);
         for i in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let ctx = ctx.clone();
+            let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name(format!("proxy-{i}"))
                 .spawn(move || {
+                    let _ = tid_tx.send(nix::unistd::gettid().as_raw());
                     runtime.block_on(async move {
                         while let Some((stream, peer)) = rx.recv().await {
                             let ctx = ctx.clone();
@@ -154,11 +160,18 @@ impl Workers {
                     });
                 })?;
             queues.push(tx);
+            tids.extend(tid_rx.recv().ok());
         }
         Ok(Arc::new(Workers {
             queues,
             next: std::sync::atomic::AtomicUsize::new(0),
+            tids,
         }))
+    }
+
+    /// The proxy threads' kernel thread ids.
+    pub fn thread_ids(&self) -> &[libc::pid_t] {
+        &self.tids
     }
 
     /// Hands a connection to the next thread, round robin (connections, not requests, are
@@ -228,9 +241,11 @@ async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr)
         // connect that got through just before.
         return;
     }
-    // Our end of the agent's stream, for the kill switch to destroy in the kernel.
-    let our_socket = client.local_addr().ok().map(|local| (local, peer));
-    let guard = agent.conns.register(our_socket);
+    // Our end of the agent's stream, for the kill switch to destroy in the kernel. Without
+    // it (its cookie unreadable) the kill switch still cuts the stream from this task.
+    let guard = agent
+        .conns
+        .register(crate::control::sockdiag::SocketRef::of(&client));
 
     let policy = agent.policy();
     agent.touch_eval();

@@ -10,6 +10,30 @@ fn allow_literal(ip: &str) -> String {
     format!("default: deny\nrules:\n  - name: lit\n    allow: {{ url: \"{ip}:*\" }}\n")
 }
 
+/// A thread's name and nice value, from `/proc/PID/task/TID/stat` (or `/proc/PID/stat`).
+fn name_and_nice(stat: &std::path::Path) -> Option<(String, i64)> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    // "TID (COMM) STATE ...": the nice value is the 19th field, the 17th after COMM.
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let comm = head.split_once(" (")?.1.to_owned();
+    Some((comm, rest.split_whitespace().nth(16)?.parse().ok()?))
+}
+
+/// The nice value of each of the daemon's `proxy-*` threads, by thread name, and that of its
+/// main thread.
+fn proxy_thread_nice(pid: u32) -> (std::collections::BTreeMap<String, i64>, i64) {
+    let main = name_and_nice(std::path::Path::new(&format!("/proc/{pid}/stat")))
+        .expect("the daemon's stat")
+        .1;
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| name_and_nice(&task.path().join("stat")))
+        .filter(|(comm, _)| comm.starts_with("proxy-"))
+        .collect();
+    (threads, main)
+}
+
 #[test]
 fn kill_switch_resets_open_streams_refuses_new_connects_and_lifts() {
     // Scenario: an enrolled process holds a proxied keep-alive stream. `enforcer kill` cuts it
@@ -48,6 +72,20 @@ fn kill_switch_resets_open_streams_refuses_new_connects_and_lifts() {
         eventually(5, || d.log().contains("streams_destroyed=1")),
         "{}",
         d.log()
+    );
+    // The proxy threads were lowered for the tear-down, and are back at their priority.
+    assert!(
+        eventually(5, || d
+            .log()
+            .contains("proxy threads back to their priority")),
+        "{}",
+        d.log()
+    );
+    let pid = d.pid().expect("the daemon runs");
+    let (threads, main) = proxy_thread_nice(pid);
+    assert!(
+        !threads.is_empty() && threads.values().all(|&n| n == main),
+        "{threads:?}, main thread at {main}"
     );
     let refused = d.probe("a", &["tcp", &up.addr.to_string()]);
     assert!(

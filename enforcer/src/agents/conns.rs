@@ -2,7 +2,6 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -10,6 +9,8 @@ use std::{
 };
 
 use tokio::sync::watch;
+
+use crate::control::sockdiag::SocketRef;
 
 /// Tracks open connections; each one watches a kill signal.
 #[derive(Default)]
@@ -20,11 +21,8 @@ pub struct ConnTracker {
 
 struct Open {
     kill: watch::Sender<bool>,
-    socket: Option<SocketPair>,
+    socket: Option<SocketRef>,
 }
-
-/// Our accepted socket of a proxied connection, as `(local, remote)`.
-pub type SocketPair = (SocketAddr, SocketAddr);
 
 /// A registered connection. Dropping it unregisters the connection.
 pub struct ConnGuard<'a> {
@@ -37,7 +35,7 @@ pub struct ConnGuard<'a> {
 impl ConnTracker {
     /// Registers a connection; `socket` is our socket facing the agent, when there is one to
     /// destroy on a kill.
-    pub fn register(&self, socket: Option<SocketPair>) -> ConnGuard<'_> {
+    pub fn register(&self, socket: Option<SocketRef>) -> ConnGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (kill, rx) = watch::channel(false);
         self.open
@@ -52,7 +50,7 @@ impl ConnTracker {
     }
 
     /// Our socket facing the agent, of every open connection.
-    pub fn sockets(&self) -> Vec<SocketPair> {
+    pub fn sockets(&self) -> Vec<SocketRef> {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.values().filter_map(|o| o.socket).collect()
     }
@@ -88,10 +86,11 @@ mod tests {
     #[test]
     fn kill_reaches_registered_connections_and_guards_unregister() {
         let t = ConnTracker::default();
-        let pair: SocketPair = (
-            "127.0.0.1:40000".parse().unwrap(),
-            "127.0.0.1:15001".parse().unwrap(),
-        );
+        let pair = SocketRef {
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:15001".parse().unwrap(),
+            cookie: 7,
+        };
         let a = t.register(Some(pair));
         let b = t.register(None);
         assert_eq!(t.sockets(), [pair]);
