@@ -556,6 +556,7 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
         _ => None,
     };
     let mut refused = None;
+    let mut first = 0u64;
     while open > 0 {
         let r = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 30_000) };
         if r <= 0 {
@@ -576,6 +577,9 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
                     unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
                     open -= 1;
                     last = enforcer_tests::monotonic_ns();
+                    if first == 0 {
+                        first = last;
+                    }
                 }
             }
         }
@@ -591,7 +595,9 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
         }
         std::thread::sleep(Duration::from_micros(100));
     };
-    println!("closed {last} refused {refused}");
+    // `first`: when the first stream ended, i.e. when the kill switch's resets began to
+    // arrive; the rest, up to `last`, is this client reading them.
+    println!("closed {last} refused {refused} first {first}");
     0
 }
 
