@@ -202,16 +202,46 @@ mod tests {
         unsafe { libc::sched_getscheduler(0) }
     }
 
+    /// Can this process take `SCHED_FIFO`? Tried on a thread of its own (root may still be
+    /// refused, by a cgroup without a real-time budget).
+    fn may_be_real_time() -> bool {
+        std::thread::spawn(|| {
+            let fifo = libc::sched_param {
+                sched_priority: FIFO_PRIORITY,
+            };
+            // SAFETY: plain syscall on this scratch thread.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) == 0 }
+        })
+        .join()
+        .unwrap()
+    }
+
     #[test]
     fn urgently_runs_real_time_and_puts_the_thread_back() {
         let tid = nix::unistd::gettid().as_raw();
         let nice = nice_of(tid).unwrap();
-        let inside = urgently(policy);
-        if nix::unistd::geteuid().is_root() {
+        let (inside, inside_nice) = urgently(|| (policy(), nice_of(tid).unwrap()));
+        if may_be_real_time() {
             assert_eq!(inside, libc::SCHED_FIFO);
+        } else if may_raise_priority() {
+            assert_eq!((inside, inside_nice), (libc::SCHED_OTHER, -20));
+        } else {
+            assert_eq!((inside, inside_nice), (libc::SCHED_OTHER, nice));
         }
         assert_eq!(policy(), libc::SCHED_OTHER);
         assert_eq!(nice_of(tid), Some(nice));
+    }
+
+    #[test]
+    fn helpers_started_by_an_urgent_thread_are_urgent_too() {
+        if !may_be_real_time() {
+            eprintln!("skipped: SCHED_FIFO is refused here");
+            return;
+        }
+        // destroy_tcp_urgently's helpers rely on this: they do not raise themselves.
+        let helper = urgently(|| std::thread::spawn(policy).join().unwrap());
+        assert_eq!(helper, libc::SCHED_FIFO);
+        assert_eq!(policy(), libc::SCHED_OTHER);
     }
 
     /// A thread that waits until told to end, and its id.
