@@ -243,9 +243,11 @@ async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr)
     }
     // Our end of the agent's stream, for the kill switch to destroy in the kernel. Without
     // it (its cookie unreadable) the kill switch still cuts the stream from this task.
-    let guard = agent
-        .conns
-        .register(crate::control::sockdiag::SocketRef::of(&client));
+    let our_socket = client
+        .local_addr()
+        .ok()
+        .and_then(|local| crate::control::sockdiag::SocketRef::new(&client, local, peer));
+    let guard = agent.conns.register(our_socket);
 
     let policy = agent.policy();
     agent.touch_eval();

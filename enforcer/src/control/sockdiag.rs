@@ -97,27 +97,20 @@ pub struct SocketRef {
 }
 
 impl SocketRef {
-    /// The connected socket `fd`, or `None` when its addresses or cookie cannot be read.
-    pub fn of(fd: &impl std::os::fd::AsFd) -> Option<SocketRef> {
-        use nix::sys::socket::{SockaddrStorage, getpeername, getsockname};
+    /// The connected socket `fd`, whose addresses the caller knows; `None` when its cookie
+    /// cannot be read.
+    pub fn new(
+        fd: &impl std::os::fd::AsFd,
+        local: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+    ) -> Option<SocketRef> {
         use std::os::fd::AsRawFd as _;
-        let fd = fd.as_fd();
-        let addr = |s: SockaddrStorage| -> Option<std::net::SocketAddr> {
-            if let Some(v4) = s.as_sockaddr_in() {
-                Some(std::net::SocketAddrV4::from(*v4).into())
-            } else {
-                s.as_sockaddr_in6()
-                    .map(|v6| std::net::SocketAddrV6::from(*v6).into())
-            }
-        };
-        let local = addr(getsockname(fd.as_raw_fd()).ok()?)?;
-        let remote = addr(getpeername(fd.as_raw_fd()).ok()?)?;
         let mut cookie = 0u64;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a u64.
         let r = unsafe {
             libc::getsockopt(
-                fd.as_raw_fd(),
+                fd.as_fd().as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_COOKIE,
                 (&raw mut cookie).cast(),
@@ -308,7 +301,7 @@ fn dump_filtered(
         .send(&message, 0)
         .map_err(|e| SockDiagError::Dump(e.to_string()))?;
     let mut out = Vec::new();
-    recv_until(socket, |payload| match payload {
+    recv_until(socket, Wait::ForMore, |payload| match payload {
         NetlinkPayload::Done(_) => Ok(false),
         NetlinkPayload::Error(e) => Err(SockDiagError::Dump(format!("{e:?}"))),
         // The cgroup is checked here too: the filter only saves work.
@@ -348,16 +341,35 @@ fn append_attribute(message: &mut Vec<u8>, nla: &DefaultNla) {
     NetlinkBuffer::new(&mut message[..]).set_length(len);
 }
 
-/// Reads netlink messages and hands each payload to `each`, until it returns `Ok(false)`.
+/// Which messages [`recv_until`] waits for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Until `each` says stop.
+    ForMore,
+    /// None: only those already queued, then it stops.
+    Never,
+}
+
+/// Reads netlink messages and hands each payload to `each`, until it returns `Ok(false)` (or,
+/// with [`Wait::Never`], until none is queued).
 fn recv_until(
     socket: &mut Socket,
+    wait: Wait,
     mut each: impl FnMut(NetlinkPayload<SockDiagMessage>) -> Result<bool, SockDiagError>,
 ) -> Result<(), SockDiagError> {
     let mut buf = vec![0u8; 64 * 1024];
+    let flags = match wait {
+        Wait::ForMore => 0,
+        Wait::Never => libc::MSG_DONTWAIT,
+    };
     loop {
-        let size = socket
-            .recv(&mut &mut buf[..], 0)
-            .map_err(|e| SockDiagError::Dump(e.to_string()))?;
+        let size = match socket.recv(&mut &mut buf[..], flags) {
+            Ok(size) => size,
+            Err(e) if wait == Wait::Never && e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Ok(());
+            }
+            Err(e) => return Err(SockDiagError::Dump(e.to_string())),
+        };
         let mut offset = 0;
         while offset < size {
             let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&buf[offset..size])
@@ -410,30 +422,15 @@ fn destroy_batch(socket: &mut Socket, batch: &[Found]) -> Result<usize, SockDiag
         .send(&out, 0)
         .map_err(|e| SockDiagError::Dump(e.to_string()))?;
     let mut failed = 0;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let size = match socket.recv(&mut &mut buf[..], libc::MSG_DONTWAIT) {
-            Ok(size) => size,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(SockDiagError::Dump(e.to_string())),
-        };
-        let mut offset = 0;
-        while offset < size {
-            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&buf[offset..size])
-                .map_err(|e| SockDiagError::Dump(e.to_string()))?;
-            // Most often ENOENT: the socket closed meanwhile.
-            if let NetlinkPayload::Error(e) = &msg.payload
-                && e.code.is_some()
-            {
-                failed += 1;
-            }
-            let len = msg.header.length as usize;
-            if len == 0 {
-                break;
-            }
-            offset += len;
+    recv_until(socket, Wait::Never, |payload| {
+        // Most often ENOENT: the socket closed meanwhile.
+        if let NetlinkPayload::Error(e) = payload
+            && e.code.is_some()
+        {
+            failed += 1;
         }
-    }
+        Ok(true)
+    })?;
     Ok(batch.len().saturating_sub(failed))
 }
 
@@ -454,6 +451,11 @@ mod tests {
         (id, (client, server), port)
     }
 
+    /// A socket of ours, named exactly.
+    fn own_ref(s: &std::net::TcpStream) -> SocketRef {
+        SocketRef::new(s, s.local_addr().unwrap(), s.peer_addr().unwrap()).unwrap()
+    }
+
     fn ports(found: &[Found]) -> Vec<u16> {
         found.iter().map(|f| f.id.source_port).collect()
     }
@@ -471,10 +473,7 @@ mod tests {
         let pairs: Vec<_> = (0..3).map(|_| own_sockets().1).collect();
         // Our server ends, as the proxy knows its own ends; one of them twice: the second
         // destroy fails and is not counted.
-        let mut ends: Vec<_> = pairs
-            .iter()
-            .map(|(_, server)| SocketRef::of(server).unwrap())
-            .collect();
+        let mut ends: Vec<_> = pairs.iter().map(|(_, server)| own_ref(server)).collect();
         assert_eq!(ends[0].local, pairs[0].1.local_addr().unwrap());
         assert_eq!(ends[0].remote, pairs[0].1.peer_addr().unwrap());
         ends.push(ends[0]);
@@ -494,7 +493,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        let gone = SocketRef::of(&server).unwrap();
+        let gone = own_ref(&server);
         drop(client);
         drop(server);
         assert_eq!(destroy_tcp(&[gone]).unwrap(), 0);
