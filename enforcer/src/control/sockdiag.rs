@@ -58,11 +58,7 @@ pub fn destroy_tcp_in(cgroups: &HashSet<u64>) -> Result<usize, SockDiagError> {
         return Ok(0);
     }
     let t0 = std::time::Instant::now();
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?;
-    socket.bind_auto().map_err(SockDiagError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(SockDiagError::Socket)?;
+    let mut socket = diag_socket()?;
     let mut found = Vec::new();
     for family in [AF_INET, AF_INET6] {
         found.extend(dump(&mut socket, family, cgroups)?);
@@ -80,6 +76,16 @@ pub fn destroy_tcp_in(cgroups: &HashSet<u64>) -> Result<usize, SockDiagError> {
         "sock_diag destroy"
     );
     Ok(destroyed)
+}
+
+/// A netlink socket talking to the kernel's sock_diag.
+fn diag_socket() -> Result<Socket, SockDiagError> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?;
+    socket.bind_auto().map_err(SockDiagError::Socket)?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(SockDiagError::Socket)?;
+    Ok(socket)
 }
 
 /// One TCP socket, named exactly: its addresses and its cookie.
@@ -140,11 +146,7 @@ pub fn destroy_tcp(sockets: &[SocketRef]) -> Result<usize, SockDiagError> {
     if sockets.is_empty() {
         return Ok(0);
     }
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?;
-    socket.bind_auto().map_err(SockDiagError::Socket)?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(SockDiagError::Socket)?;
+    let mut socket = diag_socket()?;
     let found: Vec<Found> = sockets
         .iter()
         .map(|s| {
@@ -460,13 +462,6 @@ mod tests {
         found.iter().map(|f| f.id.source_port).collect()
     }
 
-    fn diag_socket() -> Socket {
-        let mut socket = Socket::new(NETLINK_SOCK_DIAG).unwrap();
-        socket.bind_auto().unwrap();
-        socket.connect(&SocketAddr::new(0, 0)).unwrap();
-        socket
-    }
-
     #[test]
     fn destroys_are_counted_without_acks_and_the_peer_reads_a_reset() {
         use std::io::Read as _;
@@ -501,7 +496,7 @@ mod tests {
         assert!(again.is_ok(), "the listener was destroyed: {again:?}");
         // The same request without a cookie (INET_DIAG_NOCOOKIE) does reach it, which is
         // what this guards against.
-        let mut socket = diag_socket();
+        let mut socket = diag_socket().unwrap();
         let blind = Found {
             family: AF_INET,
             id: SocketId {
@@ -525,7 +520,7 @@ mod tests {
     #[test]
     fn the_kernel_filters_a_dump_by_cgroup() {
         let (own, _sockets, port) = own_sockets();
-        let mut socket = diag_socket();
+        let mut socket = diag_socket().unwrap();
         let wanted = HashSet::from([own]);
         // Filtered on our cgroup: our client socket is there.
         let found = dump_filtered(&mut socket, AF_INET, Some(own), &wanted).unwrap();
@@ -542,7 +537,7 @@ mod tests {
     #[test]
     fn many_cgroups_are_dumped_at_once_and_picked_here() {
         let (own, _sockets, port) = own_sockets();
-        let mut socket = diag_socket();
+        let mut socket = diag_socket().unwrap();
         let few = HashSet::from([own, own ^ 1]);
         let many: HashSet<u64> = (0..FILTERED_DUMPS_MAX as u64 + 1)
             .map(|i| own ^ (i << 1))
