@@ -925,6 +925,20 @@ pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// The daemon's `proxy-*` threads: each name, with its `/proc/PID/task/TID` directory.
+pub fn proxy_threads(pid: u32) -> std::collections::BTreeMap<String, PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            let comm = comm.trim();
+            comm.starts_with("proxy-")
+                .then(|| (comm.to_owned(), task.path()))
+        })
+        .collect()
+}
+
 /// CLOCK_MONOTONIC in nanoseconds (comparable across processes, for benchmarks).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -10,26 +10,22 @@ fn allow_literal(ip: &str) -> String {
     format!("default: deny\nrules:\n  - name: lit\n    allow: {{ url: \"{ip}:*\" }}\n")
 }
 
-/// A thread's name and nice value, from `/proc/PID/task/TID/stat` (or `/proc/PID/stat`).
-fn name_and_nice(stat: &std::path::Path) -> Option<(String, i64)> {
+/// A thread's nice value, from `/proc/PID/task/TID/stat` (or `/proc/PID/stat`).
+fn nice_in(stat: &std::path::Path) -> Option<i64> {
     let stat = std::fs::read_to_string(stat).ok()?;
     // "TID (COMM) STATE ...": the nice value is the 19th field, the 17th after COMM.
-    let (head, rest) = stat.rsplit_once(") ")?;
-    let comm = head.split_once(" (")?.1.to_owned();
-    Some((comm, rest.split_whitespace().nth(16)?.parse().ok()?))
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(16)?.parse().ok()
 }
 
 /// The nice value of each of the daemon's `proxy-*` threads, by thread name, and that of its
 /// main thread.
 fn proxy_thread_nice(pid: u32) -> (std::collections::BTreeMap<String, i64>, i64) {
-    let main = name_and_nice(std::path::Path::new(&format!("/proc/{pid}/stat")))
-        .expect("the daemon's stat")
-        .1;
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|task| name_and_nice(&task.path().join("stat")))
-        .filter(|(comm, _)| comm.starts_with("proxy-"))
+    let main =
+        nice_in(std::path::Path::new(&format!("/proc/{pid}/stat"))).expect("the daemon's stat");
+    let threads = enforcer_tests::proxy_threads(pid)
+        .into_iter()
+        .filter_map(|(name, task)| Some((name, nice_in(&task.join("stat"))?)))
         .collect();
     (threads, main)
 }

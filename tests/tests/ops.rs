@@ -130,25 +130,18 @@ fn metrics_move_with_traffic() {
 /// Each thread's voluntary context switches, by thread name, for the daemon's `proxy-*`
 /// threads.
 fn proxy_thread_wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
-    let mut out = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let comm = comm.trim();
-        if !comm.starts_with("proxy-") {
-            continue;
-        }
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        let switches = status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        out.insert(comm.to_owned(), switches);
-    }
-    out
+    enforcer_tests::proxy_threads(pid)
+        .into_iter()
+        .map(|(name, task)| {
+            let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+            let switches = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            (name, switches)
+        })
+        .collect()
 }
 
 #[test]
