@@ -114,6 +114,7 @@
 mod body;
 mod engine;
 mod host;
+mod json;
 mod jsonpath;
 mod limit;
 mod load;
@@ -123,7 +124,7 @@ mod window;
 
 use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use limit::{MAX_RATE_LIMIT_BUCKETS, RateLimiter};
 
@@ -151,7 +152,7 @@ pub struct Policy {
 }
 
 /// Whether decisions are enforced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Decisions are enforced (the default).

@@ -4,8 +4,6 @@
 
 use std::fmt;
 
-use super::body::Json;
-
 /// Longest JSONPath accepted, in bytes.
 const MAX_LEN: usize = 1024;
 
@@ -144,44 +142,6 @@ impl JsonPath {
             segments,
         })
     }
-
-    /// Every value the path selects in a JSON document.
-    pub(crate) fn select<'v, 'a>(&self, root: &'v Json<'a>) -> Vec<&'v Json<'a>> {
-        let mut current = vec![root];
-        for segment in &self.segments {
-            let mut next = Vec::new();
-            for value in current {
-                match (segment, value) {
-                    (Segment::Name(n), v) => next.extend(v.get(n)),
-                    (Segment::Index(i), Json::Arr(items)) => next.extend(items.get(*i)),
-                    (Segment::Wildcard, Json::Obj(pairs)) => {
-                        next.extend(pairs.iter().map(|(_, v)| v));
-                    }
-                    (Segment::Wildcard, Json::Arr(items)) => next.extend(items.iter()),
-                    _ => {}
-                }
-            }
-            if next.is_empty() {
-                return next;
-            }
-            current = next;
-        }
-        current
-    }
-
-    /// Every value the path selects in a form body (a flat object of strings in which a key
-    /// may repeat: `$.key` selects each of its values).
-    pub(crate) fn select_form<'v, 'a>(&self, pairs: &'v [(String, Json<'a>)]) -> Vec<&'v Json<'a>> {
-        match self.segments.as_slice() {
-            [Segment::Name(n)] | [Segment::Name(n), Segment::Wildcard] => pairs
-                .iter()
-                .filter(|(k, _)| k == n)
-                .map(|(_, v)| v)
-                .collect(),
-            [Segment::Wildcard] => pairs.iter().map(|(_, v)| v).collect(),
-            _ => Vec::new(),
-        }
-    }
 }
 
 /// RFC 9535 member-name shorthand: a letter, `_` or non-ASCII, then also digits.
@@ -248,32 +208,5 @@ mod tests {
         ] {
             assert!(JsonPath::parse(text).is_err(), "{text} should be refused");
         }
-    }
-
-    #[test]
-    fn selects() {
-        let n = |i: u64| Json::Num(i.into());
-        let obj = |k: &'static str, v: Json<'static>| Json::Obj(vec![(k.into(), v)]);
-        let doc = Json::Obj(vec![
-            (
-                "a".into(),
-                Json::Arr(vec![obj("b", n(1)), obj("b", n(2)), obj("c", n(3))]),
-            ),
-            ("k".into(), Json::Str("v".into())),
-        ]);
-        let sel = |p: &str| {
-            JsonPath::parse(p)
-                .unwrap()
-                .select(&doc)
-                .into_iter()
-                .cloned()
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(sel("$.a[*].b"), vec![n(1), n(2)]);
-        assert_eq!(sel("$.a[2].c"), vec![n(3)]);
-        assert_eq!(sel("$.a[3]"), vec![]);
-        assert_eq!(sel("$.k.x"), vec![]);
-        assert_eq!(sel("$['k']"), vec![Json::Str("v".into())]);
-        assert_eq!(sel("$.*").len(), 2);
     }
 }
