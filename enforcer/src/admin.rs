@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 
 pub mod api;
+pub mod service;
 
 use api::{ErrorBody, Target};
 
@@ -47,8 +48,40 @@ pub enum AdminError {
     Permission { path: PathBuf },
     #[error("admin request failed: {0}")]
     Transport(String),
+    #[error("{message}")]
+    Refused { status: u16, message: String },
+}
+
+/// Why the daemon refused an admin request; each kind has its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// 403: the caller may not do this.
     #[error("{0}")]
-    Refused(String),
+    Forbidden(String),
+    /// 404: no such agent, process or cgroup.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: it conflicts with what is already there.
+    #[error("{0}")]
+    Conflict(String),
+    /// 400: the request itself is wrong.
+    #[error("{0}")]
+    BadInput(String),
+    /// 500: the daemon failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+            Refusal::Conflict(_) => StatusCode::CONFLICT,
+            Refusal::BadInput(_) => StatusCode::BAD_REQUEST,
+            Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
 }
 
 /// Who is calling.
@@ -80,23 +113,24 @@ impl Peer {
     }
 }
 
-/// What the daemon does for each request; implemented by the composition root.
+/// What the daemon does for each request; implemented by [`service::Service`].
 pub trait Handler: Send + Sync + 'static {
     /// Is this process inside an enrolled cgroup?
     fn peer_is_enrolled(&self, pid: u32) -> bool;
-    fn status(&self) -> serde_json::Value;
+    fn status(&self) -> crate::status::Status;
     fn enrol(
         &self,
         peer: &Peer,
         req: api::EnrolRequest,
-    ) -> impl std::future::Future<Output = Result<api::EnrolResponse, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<api::EnrolResponse, Refusal>> + Send;
     fn unenrol(
         &self,
         peer: &Peer,
         req: api::UnenrolRequest,
-    ) -> Result<api::UnenrolResponse, String>;
-    fn reload(&self)
-    -> impl std::future::Future<Output = Result<serde_json::Value, String>> + Send;
+    ) -> Result<api::UnenrolResponse, Refusal>;
+    fn reload(
+        &self,
+    ) -> impl std::future::Future<Output = Result<api::ReloadResponse, Refusal>> + Send;
 }
 
 /// Binds the admin socket: mode 0660, group `admin_group` when given.
@@ -230,7 +264,7 @@ async fn route<H: Handler>(
                 }
                 match handler.enrol(peer, r).await {
                     Ok(resp) => json(StatusCode::OK, &resp),
-                    Err(e) => error(StatusCode::BAD_REQUEST, e),
+                    Err(e) => refused(&e),
                 }
             }
             Err(e) => error(StatusCode::BAD_REQUEST, format!("bad enrol request: {e}")),
@@ -242,7 +276,7 @@ async fn route<H: Handler>(
             match serde_json::from_slice::<api::UnenrolRequest>(&body) {
                 Ok(r) => match handler.unenrol(peer, r) {
                     Ok(resp) => json(StatusCode::OK, &resp),
-                    Err(e) => error(StatusCode::BAD_REQUEST, e),
+                    Err(e) => refused(&e),
                 },
                 Err(e) => error(StatusCode::BAD_REQUEST, format!("bad unenrol request: {e}")),
             }
@@ -253,7 +287,7 @@ async fn route<H: Handler>(
             }
             match handler.reload().await {
                 Ok(v) => json(StatusCode::OK, &v),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Err(e) => refused(&e),
             }
         }
         _ => error(
@@ -274,6 +308,10 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
 
 fn error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
     json(status, &ErrorBody { error: message })
+}
+
+fn refused(r: &Refusal) -> Response<Full<Bytes>> {
+    error(r.status(), r.to_string())
 }
 
 /// A client of the admin API.
@@ -344,7 +382,10 @@ impl Client {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(AdminError::Refused(message));
+            return Err(AdminError::Refused {
+                status: status.as_u16(),
+                message,
+            });
         }
         serde_json::from_slice(&bytes).map_err(|e| AdminError::Transport(e.to_string()))
     }

@@ -26,8 +26,35 @@ use crate::{
 
 pub mod allowlist;
 pub mod conns;
+pub mod lifecycle;
+pub mod sweeper;
 
 pub use conns::ConnTracker;
+
+/// Records a kernel refusal in the audit log under its agent's name (aggregated there per
+/// destination and second).
+pub fn record_denial(
+    registry: &Registry,
+    audit: &crate::audit::AuditLog,
+    d: crate::bpf::events::Denial,
+) {
+    let agent = registry
+        .by_id(d.agent_id)
+        .map(|a| a.name.clone())
+        .unwrap_or_else(|| format!("#{}", d.agent_id));
+    tracing::debug!(%agent, pid = d.pid, comm = %d.comm, dest = %d.dest, reason = d.reason_name(), "kernel refused");
+    if d.reason == enforcer_common::deny_reason::OTHER_NETNS {
+        tracing::warn!(%agent, pid = d.pid, comm = %d.comm, dest = %d.dest,
+            "refused a socket in another network namespace: containers with their own network namespace are not supported yet");
+    }
+    audit.kernel_deny(&agent, d.pid, &d.comm, d.dest);
+}
+
+/// Whether the kill switch holds an agent, asked when the agent is added (so its flags reach
+/// the kernel already killed). Implemented by the kill switch, which sits above this module.
+pub trait KillFlags: Send + Sync {
+    fn engaged_for(&self, agent: &str) -> bool;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -45,16 +72,18 @@ pub enum AgentError {
 }
 
 /// Where an agent's policy comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Origin {
     /// Listed in the config file.
+    #[serde(rename = "configured")]
     Configured,
     /// Registered by `enforcer exec --policy`, kept in `<state_dir>/agents/`.
+    #[serde(rename = "ad-hoc")]
     AdHoc,
 }
 
 /// Result of the last (re)load of an agent's policy.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReloadStatus {
     /// RFC 3339.
     pub at: String,

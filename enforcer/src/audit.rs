@@ -105,6 +105,27 @@ impl AuditOptions {
     }
 }
 
+/// Opens the daemon's audit log. A first start creates the signing key, like an sshd host
+/// key, and logs its public half for the operator to keep for `enforcer audit verify`.
+pub fn open_daemon_log(config: &crate::config::Config) -> Result<AuditLog, AuditError> {
+    let opts = AuditOptions::from_config(config);
+    if !opts.key_path.exists() {
+        let public = generate_key_file(&opts.key_path)?;
+        tracing::warn!(
+            key = %opts.key_path.display(),
+            public_key = %public_key_base64(&public),
+            "created a new audit signing key; keep the public key to verify the log"
+        );
+    }
+    if let Some(dir) = opts.path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| AuditError::Open {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    AuditLog::open(opts)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit key {path} does not exist; create it with `enforcer keygen`")]

@@ -28,10 +28,11 @@ use aya::{
     },
 };
 use enforcer_common::{
-    Addr, AgentCounters, AgentState, AllowKey, AllowValue, DnsClient, GlobalConfig, MAX_AGENTS,
-    OrigDst, SockKey, allow_flags, maps, programs,
+    Addr, AgentCounters, AgentState, AllowKey, AllowValue, DnsClient, GlobalConfig, LAYOUT_VERSION,
+    MAX_AGENTS, OrigDst, SockKey, allow_flags, global_flags, maps, programs,
 };
 
+pub mod events;
 pub mod layout;
 pub mod sys;
 
@@ -83,6 +84,13 @@ pub enum BpfError {
         path: PathBuf,
         message: String,
     },
+    #[error(
+        "the pinned maps under {} were written with layout version {found}, this enforcer uses \
+         {LAYOUT_VERSION}; refusing to misread them. Stop the old daemon, run `enforcer detach \
+         --all --force`, then start this one",
+        dir.display()
+    )]
+    ConfigLayout { dir: PathBuf, found: u32 },
     #[error("agent id {0} is out of range (at most {max} agents)", max = MAX_AGENTS - 1)]
     AgentId(u32),
     #[error(
@@ -123,7 +131,7 @@ pub struct AttachOutcome {
 }
 
 /// The state of one program on one cgroup, as the kernel reports it now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LinkState {
     /// The pinned link is attached to this cgroup.
@@ -304,12 +312,40 @@ impl Kernel {
             .unwrap_or_default()
     }
 
+    /// Writes the kernel-wide settings at start, keeping READY as it was (set by a previous
+    /// run, or clear on a first start, which refuses everything) until the proxy listens.
+    /// Refuses pins written with another layout rather than misread them.
+    pub fn start_config(
+        &self,
+        proxy_port: u16,
+        dns_port: u16,
+        netns_cookie: u64,
+        globally_killed: bool,
+    ) -> Result<(), BpfError> {
+        let previous = self.config().unwrap_or_default();
+        if previous.layout_version != 0 && previous.layout_version != LAYOUT_VERSION {
+            return Err(BpfError::ConfigLayout {
+                dir: self.dir.clone(),
+                found: previous.layout_version,
+            });
+        }
+        let mut flags = previous.flags & global_flags::READY;
+        if globally_killed {
+            flags |= global_flags::KILLED;
+        }
+        self.set_config(GlobalConfig {
+            layout_version: LAYOUT_VERSION,
+            flags,
+            proxy_port,
+            dns_port,
+            _pad0: 0,
+            netns_cookie,
+        })
+    }
+
     pub fn config(&self) -> Result<GlobalConfig, BpfError> {
         let control = lock(&self.control);
-        control.config.get(&0, 0).map_err(|source| BpfError::Map {
-            name: maps::CONFIG,
-            source,
-        })
+        control.config.get(&0, 0).map_err(map_error(maps::CONFIG))
     }
 
     pub fn set_config(&self, cfg: GlobalConfig) -> Result<(), BpfError> {
@@ -317,27 +353,18 @@ impl Kernel {
         control
             .config
             .set(0, cfg, 0)
-            .map_err(|source| BpfError::Map {
-                name: maps::CONFIG,
-                source,
-            })
+            .map_err(map_error(maps::CONFIG))
     }
 
     /// Reads, changes and writes the global config under one lock.
     pub fn update_config(&self, f: impl FnOnce(&mut GlobalConfig)) -> Result<(), BpfError> {
         let mut control = lock(&self.control);
-        let mut cfg = control.config.get(&0, 0).map_err(|source| BpfError::Map {
-            name: maps::CONFIG,
-            source,
-        })?;
+        let mut cfg = control.config.get(&0, 0).map_err(map_error(maps::CONFIG))?;
         f(&mut cfg);
         control
             .config
             .set(0, cfg, 0)
-            .map_err(|source| BpfError::Map {
-                name: maps::CONFIG,
-                source,
-            })
+            .map_err(map_error(maps::CONFIG))
     }
 
     pub fn agent_flags(&self, agent: u32) -> Result<u32, BpfError> {
@@ -347,10 +374,7 @@ impl Kernel {
             .agents
             .get(&agent, 0)
             .map(|s| s.flags)
-            .map_err(|source| BpfError::Map {
-                name: maps::AGENTS,
-                source,
-            })
+            .map_err(map_error(maps::AGENTS))
     }
 
     pub fn set_agent_flags(&self, agent: u32, flags: u32) -> Result<(), BpfError> {
@@ -359,10 +383,7 @@ impl Kernel {
         control
             .agents
             .set(agent, AgentState { flags, _pad0: 0 }, 0)
-            .map_err(|source| BpfError::Map {
-                name: maps::AGENTS,
-                source,
-            })
+            .map_err(map_error(maps::AGENTS))
     }
 
     pub fn map_cgroup(&self, cgroup_id: u64, agent: u32) -> Result<(), BpfError> {
@@ -371,20 +392,14 @@ impl Kernel {
         control
             .cgroup_agent
             .insert(cgroup_id, agent, 0)
-            .map_err(|source| BpfError::Map {
-                name: maps::CGROUP_AGENT,
-                source,
-            })
+            .map_err(map_error(maps::CGROUP_AGENT))
     }
 
     pub fn unmap_cgroup(&self, cgroup_id: u64) -> Result<(), BpfError> {
         let mut control = lock(&self.control);
         match control.cgroup_agent.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map {
-                name: maps::CGROUP_AGENT,
-                source,
-            }),
+            Err(source) => Err(map_error(maps::CGROUP_AGENT)(source)),
         }
     }
 
@@ -413,10 +428,7 @@ impl Kernel {
             control
                 .allow
                 .insert(key, *value, 0)
-                .map_err(|source| BpfError::Map {
-                    name: maps::ALLOW,
-                    source,
-                })?;
+                .map_err(map_error(maps::ALLOW))?;
         }
         for key in existing {
             let keep = wanted
@@ -438,10 +450,7 @@ impl Kernel {
             control
                 .allow
                 .insert(&key, value, 0)
-                .map_err(|source| BpfError::Map {
-                    name: maps::ALLOW,
-                    source,
-                })?;
+                .map_err(map_error(maps::ALLOW))?;
         }
         Ok(())
     }
@@ -475,10 +484,7 @@ impl Kernel {
         control
             .allow
             .insert(&key, value, 0)
-            .map_err(|source| BpfError::Map {
-                name: maps::ALLOW,
-                source,
-            })
+            .map_err(map_error(maps::ALLOW))
     }
 
     /// Removes one entry.
@@ -593,6 +599,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The error of a failed operation on map `name`.
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
+    move |source| BpfError::Map { name, source }
+}
+
 fn check_agent(agent: u32) -> Result<(), BpfError> {
     if agent == 0 || agent >= MAX_AGENTS {
         return Err(BpfError::AgentId(agent));
@@ -607,6 +618,12 @@ pub fn addr_of(ip: IpAddr) -> Addr {
         IpAddr::V6(v6) => v6,
     };
     Addr::from_octets(v6.octets())
+}
+
+/// A task's `comm` as the kernel recorded it (NUL-padded, not always UTF-8).
+pub fn comm_str(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 /// The address of a 16-byte form (IPv4-mapped back to IPv4).

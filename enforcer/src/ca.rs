@@ -146,6 +146,25 @@ pub enum Origin {
     Created,
 }
 
+/// The daemon's CA, created at the first start, when TLS may be intercepted (`tls.mode` other
+/// than `sni`).
+pub fn for_daemon(config: &crate::config::Config) -> Result<Option<Arc<Ca>>, CaError> {
+    if config.tls.mode == crate::config::TlsMode::Sni {
+        return Ok(None);
+    }
+    let dir = Ca::dir_in(&config.state_dir);
+    let (ca, origin) = Ca::open_or_create(&dir)?;
+    if origin == Origin::Created {
+        tracing::warn!(
+            cert = %dir.join(CERT_FILE).display(),
+            sha256 = %ca.fingerprint(),
+            "created the local CA that signs intercepted TLS; `enforcer exec` makes enrolled \
+             commands trust it, `enforcer ca export` prints it for anything else"
+        );
+    }
+    Ok(Some(Arc::new(ca)))
+}
+
 impl Ca {
     /// `<state_dir>/ca`.
     pub fn dir_in(state_dir: &Path) -> PathBuf {

@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Where the daemon looks when neither `--config` nor `ENFORCER_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/enforcer/enforcer.yaml";
@@ -33,7 +33,7 @@ pub enum ConfigError {
 }
 
 /// What to do when enforcer itself fails (an internal error, an unwritable audit log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum SecurityMode {
     /// Internal errors deny (the default).
@@ -114,6 +114,20 @@ pub struct AgentConfig {
     /// `enforcer.slice/<name>` under the cgroup2 mount.
     #[serde(default)]
     pub exec_cgroup: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    /// The cgroup `enforcer exec` puts this agent's commands in.
+    pub fn exec_cgroup(&self) -> PathBuf {
+        self.exec_cgroup
+            .clone()
+            .unwrap_or_else(|| default_exec_cgroup(&self.name))
+    }
+}
+
+/// `enforcer.slice/<agent>`, relative to the cgroup2 mount.
+pub fn default_exec_cgroup(agent: &str) -> PathBuf {
+    PathBuf::from("enforcer.slice").join(agent)
 }
 
 /// Most proxy threads: past a few dozen, more threads only add memory.

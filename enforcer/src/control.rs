@@ -1,17 +1,26 @@
 //! Controls an operator reaches without the admin API: the kill-switch files, policy files
 //! and the config's agent list, watched with inotify (notify) and stat'ed every 500 ms in case
 //! an event is missed; SIGHUP reloads too.
+//!
+//! # Layout
+//! - [`killfiles`]: the kill-switch files (engaged, created, removed; failing closed).
+//! - [`killswitch`]: the service that applies a change of those files.
+//! - this module: the watch loop that drives both and the reloads.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 
+pub mod killfiles;
 pub mod killswitch;
-pub mod sched;
-pub mod sockdiag;
 
-use crate::daemon::Daemon;
+use crate::agents::lifecycle::Lifecycle;
+use killswitch::KillSwitch;
 
 /// How often the kill-switch files are stat'ed besides inotify.
 pub const KILL_POLL: Duration = Duration::from_millis(500);
@@ -26,10 +35,42 @@ enum Trigger {
     Event(Vec<PathBuf>),
 }
 
+/// What the watch loop drives: the kill switch, and the reloads.
+#[derive(Clone)]
+pub struct Controls {
+    pub kill_switch: Arc<KillSwitch>,
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+impl Controls {
+    /// Directories to watch: the kill-switch files', the config's and every configured
+    /// policy's.
+    fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = self.kill_switch.files().dirs();
+        dirs.extend(self.lifecycle.watched_dirs());
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    /// Is `path` a file the loop reads: a kill-switch file, the config file or a configured
+    /// policy file?
+    fn is_watched_file(&self, path: &Path) -> bool {
+        let files = self.kill_switch.files();
+        path == files.global
+            || path.parent() == Some(files.agent_dir.as_path())
+            || self.lifecycle.is_watched_config(path)
+    }
+}
+
 /// Watches and applies until the daemon stops.
-pub async fn run(daemon: Arc<Daemon>) {
+pub async fn run(controls: Controls) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
-    let _watcher = watch(&daemon, tx);
+    let _watcher = watch(&controls, tx);
+    let Controls {
+        kill_switch,
+        lifecycle,
+    } = controls;
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -46,21 +87,21 @@ pub async fn run(daemon: Arc<Daemon>) {
         tokio::select! {
             Some(Trigger::Event(paths)) = rx.recv() => {
                 // Kill files first and at once: this is the latency that matters.
-                daemon.check_kill_switch().await;
-                if paths.iter().any(|p| daemon.is_watched_config(p)) {
+                kill_switch.check().await;
+                if paths.iter().any(|p| lifecycle.is_watched_config(p)) {
                     reload_pending = true;
                     reload_at.as_mut().reset(tokio::time::Instant::now() + RELOAD_DEBOUNCE);
                 }
             }
-            _ = kill_tick.tick() => daemon.check_kill_switch().await,
-            _ = policy_tick.tick() => daemon.reload_if_changed().await,
+            _ = kill_tick.tick() => kill_switch.check().await,
+            _ = policy_tick.tick() => lifecycle.reload_if_changed().await,
             () = &mut reload_at, if reload_pending => {
                 reload_pending = false;
-                daemon.reload("file change").await;
+                lifecycle.reload("file change").await;
             }
             Some(()) = recv_hup(&mut hup) => {
                 tracing::info!("SIGHUP: reloading");
-                daemon.reload("SIGHUP").await;
+                lifecycle.reload("SIGHUP").await;
             }
         }
     }
@@ -76,10 +117,10 @@ async fn recv_hup(hup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
 /// Starts an inotify watcher on every directory that holds a file we care about. Events are
 /// forwarded to the control loop, which decides what they mean.
 fn watch(
-    daemon: &Arc<Daemon>,
+    controls: &Controls,
     tx: mpsc::UnboundedSender<Trigger>,
 ) -> Option<notify::RecommendedWatcher> {
-    let filter = Arc::clone(daemon);
+    let filter = controls.clone();
     // Only events on the files we read are forwarded: the state directory also holds files
     // the daemon rewrites itself (learned names, agent ids), and waking the control loop
     // for those would cost a stat of every kill file each time.
@@ -99,7 +140,7 @@ fn watch(
             return None;
         }
     };
-    for dir in daemon.watched_dirs() {
+    for dir in controls.watched_dirs() {
         if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %dir.display(), "cannot watch ({e}); polling covers it");
         }

@@ -65,7 +65,7 @@ struct EnrolFile {
 }
 
 /// Where an enrolled cgroup comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     Exec,
@@ -74,7 +74,7 @@ pub enum Source {
 }
 
 /// An enrolled cgroup.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Enrolled {
     pub path: PathBuf,
     pub agent: String,

@@ -32,8 +32,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     audit::{AuditEvent, EventKind, PolicyResult},
-    bpf::LinkState,
-    daemon::Daemon,
+    status::{AgentLive, AuditStatus, Counters, Health, HealthState},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -151,11 +150,42 @@ fn result_name(r: PolicyResult) -> &'static str {
 }
 
 /// Picks one kernel counter.
-type CounterOf = fn(&enforcer_common::AgentCounters) -> u64;
+type CounterOf = fn(&Counters) -> u64;
+
+/// What the endpoint reads at scrape time; implemented by [`status::Reporter`].
+///
+/// [`status::Reporter`]: crate::status::Reporter
+pub trait Source: Send + Sync + 'static {
+    /// Every agent's live values.
+    fn live(&self) -> Vec<AgentLive>;
+    /// The global kill flag.
+    fn global_kill(&self) -> bool;
+    fn audit(&self) -> AuditStatus;
+    /// The `/healthz` report.
+    fn health(&self) -> Health;
+}
+
+impl Source for crate::status::Reporter {
+    fn live(&self) -> Vec<AgentLive> {
+        crate::status::Reporter::live(self)
+    }
+
+    fn global_kill(&self) -> bool {
+        crate::status::Reporter::global_kill(self)
+    }
+
+    fn audit(&self) -> AuditStatus {
+        self.audit_status()
+    }
+
+    fn health(&self) -> Health {
+        crate::status::Reporter::health(self)
+    }
+}
 
 /// Values read from the daemon at scrape time.
 struct Live {
-    daemon: Arc<Daemon>,
+    source: Arc<dyn Source>,
 }
 
 impl std::fmt::Debug for Live {
@@ -166,18 +196,7 @@ impl std::fmt::Debug for Live {
 
 impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let agents = self.daemon.registry.all();
-        let per_agent: Vec<(String, enforcer_common::AgentCounters, usize, bool)> = agents
-            .iter()
-            .map(|a| {
-                (
-                    a.name.clone(),
-                    self.daemon.kernel.counters(a.id),
-                    a.conns.count(),
-                    a.is_killed(),
-                )
-            })
-            .collect();
+        let per_agent = self.source.live();
         let counters: [(&str, &str, CounterOf); 4] = [
             (
                 "enforcer_kernel_refused",
@@ -207,11 +226,11 @@ impl Collector for Live {
                 None,
                 ConstCounter::new(0u64).metric_type(),
             )?;
-            for (agent, c, _, _) in &per_agent {
+            for a in &per_agent {
                 let labels = AgentLabels {
-                    agent: agent.clone(),
+                    agent: a.name.clone(),
                 };
-                ConstCounter::new(get(c)).encode(m.encode_family(&labels)?)?;
+                ConstCounter::new(get(&a.counters)).encode(m.encode_family(&labels)?)?;
             }
         }
         let mut open = encoder.encode_descriptor(
@@ -220,10 +239,12 @@ impl Collector for Live {
             None,
             ConstGauge::new(0i64).metric_type(),
         )?;
-        for (agent, _, n, _) in &per_agent {
-            ConstGauge::new(*n as i64).encode(open.encode_family(&AgentLabels {
-                agent: agent.clone(),
-            })?)?;
+        for a in &per_agent {
+            ConstGauge::new(a.open_connections as i64).encode(open.encode_family(
+                &AgentLabels {
+                    agent: a.name.clone(),
+                },
+            )?)?;
         }
         let mut killed = encoder.encode_descriptor(
             "enforcer_kill_switch_engaged",
@@ -231,43 +252,37 @@ impl Collector for Live {
             None,
             ConstGauge::new(0i64).metric_type(),
         )?;
-        for (agent, _, _, k) in &per_agent {
-            ConstGauge::new(i64::from(*k)).encode(killed.encode_family(&AgentLabels {
-                agent: agent.clone(),
+        for a in &per_agent {
+            ConstGauge::new(i64::from(a.killed)).encode(killed.encode_family(&AgentLabels {
+                agent: a.name.clone(),
             })?)?;
         }
-        let global = self
-            .daemon
-            .kernel
-            .config()
-            .map(|c| c.flags & enforcer_common::global_flags::KILLED != 0)
-            .unwrap_or(false);
-        ConstGauge::new(i64::from(global)).encode(encoder.encode_descriptor(
-            "enforcer_kill_switch_global_engaged",
-            "1 when the global kill switch is engaged",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?)?;
-        let stats = self.daemon.audit.stats();
-        ConstCounter::new(stats.records_written).encode(encoder.encode_descriptor(
+        ConstGauge::new(i64::from(self.source.global_kill())).encode(
+            encoder.encode_descriptor(
+                "enforcer_kill_switch_global_engaged",
+                "1 when the global kill switch is engaged",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?,
+        )?;
+        let audit = self.source.audit();
+        ConstCounter::new(audit.records_written).encode(encoder.encode_descriptor(
             "enforcer_audit_records_written",
             "audit records written, checkpoints included",
             None,
             ConstCounter::new(0u64).metric_type(),
         )?)?;
-        ConstGauge::new(i64::from(self.daemon.audit.healthy())).encode(
-            encoder.encode_descriptor(
-                "enforcer_audit_healthy",
-                "1 while the audit log can be written",
-                None,
-                ConstGauge::new(0i64).metric_type(),
-            )?,
-        )?;
+        ConstGauge::new(i64::from(audit.healthy)).encode(encoder.encode_descriptor(
+            "enforcer_audit_healthy",
+            "1 while the audit log can be written",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?)?;
         Ok(())
     }
 }
 
-fn registry(daemon: Arc<Daemon>) -> Registry {
+fn registry(source: Arc<dyn Source>) -> Registry {
     let m = global();
     let mut r = Registry::default();
     r.register(
@@ -295,23 +310,23 @@ fn registry(daemon: Arc<Daemon>) -> Registry {
         "time to evaluate one decision",
         m.evaluation.clone(),
     );
-    r.register_collector(Box::new(Live { daemon }));
+    r.register_collector(Box::new(Live { source }));
     r
 }
 
 /// Serves `/metrics` and `/healthz` until the listener fails.
-pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
-    let registry = Arc::new(registry(daemon.clone()));
+pub async fn serve(listener: TcpListener, source: Arc<dyn Source>) {
+    let registry = Arc::new(registry(source.clone()));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (registry, daemon) = (registry.clone(), daemon.clone());
+        let (registry, source) = (registry.clone(), source.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (registry, daemon) = (registry.clone(), daemon.clone());
-                async move { Ok::<_, Infallible>(route(&registry, &daemon, &req)) }
+                let (registry, source) = (registry.clone(), source.clone());
+                async move { Ok::<_, Infallible>(route(&registry, &*source, &req)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
@@ -321,7 +336,11 @@ pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
     }
 }
 
-fn route(registry: &Registry, daemon: &Daemon, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(
+    registry: &Registry,
+    source: &dyn Source,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             let mut text = String::new();
@@ -339,13 +358,17 @@ fn route(registry: &Registry, daemon: &Daemon, req: &Request<Incoming>) -> Respo
             }
         }
         "/healthz" => {
-            let health = health(daemon);
-            let status = if health["status"] == "degraded" {
+            let health = source.health();
+            let status = if health.status == HealthState::Degraded {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
                 StatusCode::OK
             };
-            response(status, "application/json", health.to_string())
+            response(
+                status,
+                "application/json",
+                serde_json::to_string(&health).unwrap_or_default(),
+            )
         }
         _ => response(
             StatusCode::NOT_FOUND,
@@ -361,86 +384,4 @@ fn response(status: StatusCode, content_type: &str, body: String) -> Response<Fu
         .header(http::header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts")
-}
-
-/// The health report. `degraded`: a program is missing from an enrolled cgroup, or the audit
-/// log cannot be written. `disabled`: no agent is loaded, so nothing is enforced.
-pub fn health(daemon: &Daemon) -> serde_json::Value {
-    let agents = daemon.registry.all();
-    let mut degraded = Vec::new();
-    let cgroups: Vec<serde_json::Value> = daemon
-        .enroller
-        .list()
-        .iter()
-        .map(|e| {
-            let id = crate::cgroup::cgroup_id(&e.path).ok();
-            let programs: serde_json::Map<String, serde_json::Value> = match id {
-                Some(id) => daemon
-                    .kernel
-                    .link_states(id)
-                    .into_iter()
-                    .map(|(name, state)| {
-                        if state != LinkState::Attached {
-                            degraded.push(format!("{}: {name} is {state:?}", e.path.display()));
-                        }
-                        (name.to_string(), serde_json::json!(state))
-                    })
-                    .collect(),
-                None => {
-                    degraded.push(format!("{}: cgroup is gone", e.path.display()));
-                    serde_json::Map::new()
-                }
-            };
-            serde_json::json!({ "path": e.path, "agent": e.agent, "programs": programs })
-        })
-        .collect();
-    if !daemon.audit.healthy() {
-        degraded.push("audit log cannot be written".into());
-    }
-    let status = if !degraded.is_empty() {
-        "degraded"
-    } else if agents.is_empty() {
-        "disabled"
-    } else {
-        "healthy"
-    };
-    let last_eval = agents
-        .iter()
-        .map(|a| a.last_eval_ms())
-        .max()
-        .filter(|ms| *ms > 0);
-    let global_kill = daemon
-        .kernel
-        .config()
-        .map(|c| c.flags & enforcer_common::global_flags::KILLED != 0)
-        .unwrap_or(false);
-    let stats = daemon.audit.stats();
-    serde_json::json!({
-        "status": status,
-        "problems": degraded,
-        "engine_loaded": !agents.is_empty(),
-        "agents": agents.iter().map(|a| {
-            let p = a.policy();
-            serde_json::json!({
-                "name": a.name,
-                "policy_sha256": p.sha256(),
-                "mode": p.mode(),
-                "enforce": p.mode() == crate::policy::Mode::Enforce,
-                "killed": a.is_killed(),
-            })
-        }).collect::<Vec<_>>(),
-        "kill_switch": {
-            "global": global_kill,
-            "agents": agents.iter().filter(|a| a.is_killed()).map(|a| a.name.clone()).collect::<Vec<_>>(),
-        },
-        "enforce": agents.iter().all(|a| a.policy().mode() == crate::policy::Mode::Enforce),
-        "security_mode": format!("{:?}", daemon.config.security_mode).to_lowercase(),
-        "last_eval_at": last_eval.and_then(|ms| jiff::Timestamp::from_millisecond(ms as i64).ok()).map(|t| t.to_string()),
-        "audit": {
-            "records_written": stats.records_written,
-            "head_hash": stats.head_hash,
-            "healthy": daemon.audit.healthy(),
-        },
-        "cgroups": cgroups,
-    })
 }

@@ -27,7 +27,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    os::fd::AsFd as _,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -246,7 +245,7 @@ async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr)
     let our_socket = client
         .local_addr()
         .ok()
-        .and_then(|local| crate::control::sockdiag::SocketRef::new(&client, local, peer));
+        .and_then(|local| crate::sys::sockdiag::SocketRef::new(&client, local, peer));
     let guard = agent.conns.register(our_socket);
 
     let policy = agent.policy();
@@ -625,12 +624,12 @@ async fn forward(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(agent = %agent.name, dst = %conn.dst, "upstream connect failed: {e}");
-            reset(&client);
+            crate::sys::reset_on_close(&client);
             return;
         }
         Err(_) => {
             tracing::info!(agent = %agent.name, dst = %conn.dst, "upstream connect timed out");
-            reset(&client);
+            crate::sys::reset_on_close(&client);
             return;
         }
     };
@@ -650,8 +649,8 @@ async fn forward(
             }
         }
         _ = guard.killed.wait_for(|k| *k) => {
-            reset(&client);
-            reset(&upstream);
+            crate::sys::reset_on_close(&client);
+            crate::sys::reset_on_close(&upstream);
             // One summary line is logged by the kill switch, not one per connection.
             tracing::debug!(agent = %agent.name, dst = %conn.dst, "connection cut by the kill switch");
         }
@@ -707,17 +706,6 @@ fn record(
             true
         }
     }
-}
-
-/// Makes the socket's close send a reset (`SO_LINGER` 0) instead of a FIN. The reset goes
-/// out when the stream is dropped.
-pub fn reset(stream: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    let _ =
-        nix::sys::socket::setsockopt(&stream.as_fd(), nix::sys::socket::sockopt::Linger, &linger);
 }
 
 fn comm_str(orig: &OrigDst) -> String {

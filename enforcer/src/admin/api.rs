@@ -49,6 +49,12 @@ pub struct UnenrolResponse {
     pub cgroup: String,
 }
 
+/// `/v1/reload`: what happened to each agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadResponse {
+    pub agents: Vec<crate::agents::lifecycle::ReloadResult>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,

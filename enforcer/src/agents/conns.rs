@@ -10,7 +10,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::control::sockdiag::SocketRef;
+use crate::sys::sockdiag::SocketRef;
 
 /// Tracks open connections; each one watches a kill signal.
 #[derive(Default)]

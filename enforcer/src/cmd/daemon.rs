@@ -6,7 +6,7 @@ use crate::config::Config;
 
 pub fn run(config: Config, config_path: Option<std::path::PathBuf>) -> ExitCode {
     // SAFETY: still single-threaded: no runtime, no other thread reads the environment.
-    let inherited = unsafe { crate::daemon::listeners::Inherited::from_env() };
+    let inherited = unsafe { crate::sys::listeners::Inherited::from_env() };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use crate::{
     config::{Config, validate_agent_name},
-    control::killswitch,
+    control::killfiles,
 };
 
 #[derive(clap::Args, Debug)]
@@ -44,7 +44,7 @@ pub fn kill(args: KillArgs, config: &Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match killswitch::create(&path) {
+    match killfiles::create(&path) {
         Ok(()) => {
             let scope = args
                 .agent
@@ -71,10 +71,10 @@ pub fn revive(args: KillArgs, config: &Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match killswitch::remove(&path) {
+    match killfiles::remove(&path) {
         Ok(true) => {
             println!("kill switch lifted ({})", path.display());
-            if args.agent.is_some() && killswitch::engaged(&config.kill_switch_path()) {
+            if args.agent.is_some() && killfiles::engaged(&config.kill_switch_path()) {
                 println!(
                     "note: the global kill switch {} is still engaged",
                     config.kill_switch_path().display()

@@ -4,7 +4,11 @@ use std::process::ExitCode;
 
 use crate::{
     admin::{AdminError, Client},
-    config::Config,
+    agents::Origin,
+    config::{Config, SecurityMode},
+    enrol::Source,
+    policy::Mode,
+    status::Status,
 };
 
 #[derive(clap::Args, Debug)]
@@ -20,7 +24,7 @@ pub const NOT_RUNNING: u8 = 3;
 pub fn run(args: StatusArgs, config: &Config) -> ExitCode {
     let client = Client::new(config.admin_socket_path());
     let result = match super::runtime() {
-        Ok(rt) => rt.block_on(client.get::<serde_json::Value>("/v1/status")),
+        Ok(rt) => rt.block_on(client.get::<Status>("/v1/status")),
         Err(e) => Err(AdminError::Transport(e.to_string())),
     };
     let status = match result {
@@ -46,82 +50,86 @@ pub fn run(args: StatusArgs, config: &Config) -> ExitCode {
 }
 
 /// Human-readable status.
-pub fn render(s: &serde_json::Value) -> String {
+pub fn render(s: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let d = &s["daemon"];
+    let d = &s.daemon;
     let _ = writeln!(
         out,
         "enforcer {} (pid {}), started {}, proxy port {}, {} mode",
-        d["version"].as_str().unwrap_or("?"),
-        d["pid"],
-        d["started"].as_str().unwrap_or("?"),
-        d["proxy_port"],
-        d["security_mode"].as_str().unwrap_or("?"),
+        d.version,
+        d.pid,
+        d.started,
+        d.proxy_port,
+        match d.security_mode {
+            SecurityMode::Strict => "strict",
+            SecurityMode::Permissive => "permissive",
+        },
     );
-    let global = s["kill_switch"]["global"].as_bool().unwrap_or(false);
     let _ = writeln!(
         out,
         "kill switch: {}",
-        if global { "ENGAGED (global)" } else { "off" }
+        if s.kill_switch.global {
+            "ENGAGED (global)"
+        } else {
+            "off"
+        }
     );
-    let a = &s["audit"];
+    let a = &s.audit;
     let _ = writeln!(
         out,
         "audit: {} records, head {}{}",
-        a["records_written"],
-        a["head_hash"].as_str().unwrap_or("-"),
-        if a["healthy"].as_bool() == Some(false) {
-            ", FAILING"
-        } else {
-            ""
-        }
+        a.records_written,
+        a.head_hash,
+        if a.healthy { "" } else { ", FAILING" }
     );
-    for agent in s["agents"].as_array().into_iter().flatten() {
+    for agent in &s.agents {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
             "agent {} ({}){}",
-            agent["name"].as_str().unwrap_or("?"),
-            agent["origin"].as_str().unwrap_or("?"),
-            if agent["killed"].as_bool() == Some(true) {
-                "  KILLED"
-            } else {
-                ""
-            }
+            agent.name,
+            match agent.origin {
+                Origin::Configured => "configured",
+                Origin::AdHoc => "ad-hoc",
+            },
+            if agent.killed { "  KILLED" } else { "" }
         );
         let _ = writeln!(
             out,
             "  policy   {} ({} rules, {}, sha256 {})",
-            agent["policy"].as_str().unwrap_or("?"),
-            agent["rules"],
-            agent["mode"].as_str().unwrap_or("?"),
-            agent["policy_sha256"].as_str().unwrap_or("?"),
+            agent.policy.display(),
+            agent.rules,
+            match agent.mode {
+                Mode::Enforce => "enforce",
+                Mode::DryRun => "dry_run",
+            },
+            agent.policy_sha256,
         );
-        let r = &agent["last_reload"];
+        let r = &agent.last_reload;
         let _ = writeln!(
             out,
             "  reload   {} at {}: {}",
-            if r["ok"].as_bool() == Some(true) {
-                "ok"
-            } else {
-                "FAILED"
-            },
-            r["at"].as_str().unwrap_or("?"),
-            r["message"].as_str().unwrap_or(""),
+            if r.ok { "ok" } else { "FAILED" },
+            r.at,
+            r.message,
         );
-        let c = &agent["counters"];
+        let c = &agent.counters;
         let _ = writeln!(
             out,
             "  kernel   redirected {}, refused {}, dropped packets {}; open connections {}",
-            c["redirected"], c["refused"], c["dropped_packets"], agent["open_connections"]
+            c.redirected, c.refused, c.dropped_packets, agent.open_connections
         );
-        for cg in agent["cgroups"].as_array().into_iter().flatten() {
+        for cg in &agent.cgroups {
             let _ = writeln!(
                 out,
                 "  cgroup   {} ({})",
-                cg["path"].as_str().unwrap_or("?"),
-                cg["source"].as_str().unwrap_or("?")
+                cg.path.display(),
+                match cg.source {
+                    Source::Exec => "exec",
+                    Source::Config => "config",
+                    Source::Enrolled => "enrolled",
+                }
             );
         }
     }

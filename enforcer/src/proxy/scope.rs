@@ -110,7 +110,7 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         if self.scope.is_killed() {
-            super::reset(&self.inner);
+            crate::sys::reset_on_close(&self.inner);
         }
     }
 }

@@ -66,6 +66,22 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
+    /// The daemon's upstream TLS: `None` when no root at all is available, which is logged
+    /// (intercepted requests then fail with 502, never unverified).
+    pub fn for_daemon(config: &crate::config::TlsConfig) -> Result<Option<Arc<Self>>, TlsError> {
+        match UpstreamTls::new(&config.extra_upstream_roots) {
+            Ok(t) => {
+                tracing::debug!(roots = t.roots, "upstream TLS roots loaded");
+                Ok(Some(Arc::new(t)))
+            }
+            Err(e @ TlsError::NoRoots) => {
+                tracing::warn!("{e}; intercepted requests will fail with 502");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The system roots (rustls-native-certs) plus the PEM files in `extra`.
     pub fn new(extra: &[PathBuf]) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();

@@ -12,8 +12,28 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
-use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+
+/// A listening socket that could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(
+        "binding {name} to {proto} {addr}: {source}; is another enforcer running, or is the port \
+         taken? (`ss -lntup` shows who holds it)"
+    )]
+    Bind {
+        name: String,
+        proto: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("setting up {name} on {addr}: {source}")]
+    Setup {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
 
 /// Sockets systemd handed back, by name.
 #[derive(Default)]
@@ -76,35 +96,59 @@ impl Inherited {
 }
 
 /// A TCP listener on `addr`: the inherited one, or a new one.
-pub fn tcp(inherited: &mut Inherited, name: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub fn tcp(
+    inherited: &mut Inherited,
+    name: &str,
+    addr: SocketAddr,
+) -> Result<TcpListener, ListenError> {
+    let setup = |source| ListenError::Setup {
+        name: name.to_owned(),
+        addr,
+        source,
+    };
     if let Some(fd) = inherited.take(name, addr, libc::SOCK_STREAM) {
         let std = std::net::TcpListener::from(fd);
-        std.set_nonblocking(true)?;
-        return Ok(TcpListener::from_std(std)?);
+        std.set_nonblocking(true).map_err(setup)?;
+        return TcpListener::from_std(std).map_err(setup);
     }
     let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
+        TcpSocket::new_v4()
     } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr).with_context(|| {
-        format!("binding {name} to {addr}; is another enforcer running, or is the port taken?")
+        TcpSocket::new_v6()
+    }
+    .map_err(setup)?;
+    socket.set_reuseaddr(true).map_err(setup)?;
+    socket.bind(addr).map_err(|source| ListenError::Bind {
+        name: name.to_owned(),
+        proto: "tcp",
+        addr,
+        source,
     })?;
-    Ok(socket.listen(4096)?)
+    socket.listen(4096).map_err(setup)
 }
 
 /// A UDP socket on `addr`: the inherited one, or a new one.
-pub fn udp(inherited: &mut Inherited, name: &str, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
-    if let Some(fd) = inherited.take(name, addr, libc::SOCK_DGRAM) {
-        let std = std::net::UdpSocket::from(fd);
-        std.set_nonblocking(true)?;
-        return Ok(UdpSocket::from_std(std)?);
-    }
-    let std = std::net::UdpSocket::bind(addr)
-        .with_context(|| format!("binding {name} to udp {addr}; is dns_port taken?"))?;
-    std.set_nonblocking(true)?;
-    Ok(UdpSocket::from_std(std)?)
+pub fn udp(
+    inherited: &mut Inherited,
+    name: &str,
+    addr: SocketAddr,
+) -> Result<UdpSocket, ListenError> {
+    let setup = |source| ListenError::Setup {
+        name: name.to_owned(),
+        addr,
+        source,
+    };
+    let std = match inherited.take(name, addr, libc::SOCK_DGRAM) {
+        Some(fd) => std::net::UdpSocket::from(fd),
+        None => std::net::UdpSocket::bind(addr).map_err(|source| ListenError::Bind {
+            name: name.to_owned(),
+            proto: "udp",
+            addr,
+            source,
+        })?,
+    };
+    std.set_nonblocking(true).map_err(setup)?;
+    UdpSocket::from_std(std).map_err(setup)
 }
 
 /// Hands a socket to systemd's fd store (a no-op without `NOTIFY_SOCKET`).
@@ -141,5 +185,49 @@ pub fn forget(names: &[String]) {
 pub fn store_all(sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
     for (name, fd) in sockets {
         store(name, fd.as_fd());
+    }
+}
+
+/// The daemon's listening sockets: the proxy on 127.0.0.1 and [::1] at `proxy_port`, the
+/// resolver on both at `dns_port` over UDP and TCP.
+pub struct Listeners {
+    pub proxy_v4: TcpListener,
+    pub proxy_v6: TcpListener,
+    pub dns_udp_v4: UdpSocket,
+    pub dns_udp_v6: UdpSocket,
+    pub dns_tcp_v4: TcpListener,
+    pub dns_tcp_v6: TcpListener,
+}
+
+impl Listeners {
+    /// Takes the sockets systemd kept across a restart, binds the others, hands them all to
+    /// systemd's store, and asks it to forget any stored socket that is no longer wanted.
+    pub fn open(
+        mut inherited: Inherited,
+        proxy_port: u16,
+        dns_port: u16,
+    ) -> Result<Listeners, ListenError> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        let inherited = &mut inherited;
+        let listeners = Listeners {
+            proxy_v4: tcp(inherited, "proxy-v4", SocketAddr::new(v4, proxy_port))?,
+            proxy_v6: tcp(inherited, "proxy-v6", SocketAddr::new(v6, proxy_port))?,
+            dns_udp_v4: udp(inherited, "dns-udp-v4", SocketAddr::new(v4, dns_port))?,
+            dns_udp_v6: udp(inherited, "dns-udp-v6", SocketAddr::new(v6, dns_port))?,
+            dns_tcp_v4: tcp(inherited, "dns-tcp-v4", SocketAddr::new(v4, dns_port))?,
+            dns_tcp_v6: tcp(inherited, "dns-tcp-v6", SocketAddr::new(v6, dns_port))?,
+        };
+        forget(&inherited.leftovers());
+        store_all(&[
+            ("proxy-v4", listeners.proxy_v4.as_fd()),
+            ("proxy-v6", listeners.proxy_v6.as_fd()),
+            ("dns-udp-v4", listeners.dns_udp_v4.as_fd()),
+            ("dns-udp-v6", listeners.dns_udp_v6.as_fd()),
+            ("dns-tcp-v4", listeners.dns_tcp_v4.as_fd()),
+            ("dns-tcp-v6", listeners.dns_tcp_v6.as_fd()),
+        ]);
+        Ok(listeners)
     }
 }

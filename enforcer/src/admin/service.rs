@@ -1,0 +1,148 @@
+//! The daemon side of the admin API: what each request does, with the refusals typed by
+//! their cause (403 permission, 404 unknown, 409 conflict, 400 bad input).
+
+use std::{path::Path, sync::Arc};
+
+use super::{
+    Handler, Peer, Refusal,
+    api::{EnrolRequest, EnrolResponse, ReloadResponse, Target, UnenrolRequest, UnenrolResponse},
+};
+use crate::{
+    agents::{
+        Registry,
+        lifecycle::{AdHocRefusal, Lifecycle},
+    },
+    cgroup::CgroupError,
+    config::validate_agent_name,
+    enrol::{EnrolError, Enroller},
+    status::{Reporter, Status},
+};
+
+/// What the admin API acts on.
+pub struct Service {
+    pub lifecycle: Arc<Lifecycle>,
+    pub enroller: Arc<Enroller>,
+    pub registry: Arc<Registry>,
+    pub reporter: Arc<Reporter>,
+    /// The system roots plus the local CA, for `enforcer exec` to point TLS clients at.
+    pub ca_bundle: Option<std::path::PathBuf>,
+}
+
+impl Handler for Service {
+    fn peer_is_enrolled(&self, pid: u32) -> bool {
+        match self.enroller.hierarchy.of_pid(pid) {
+            Ok(cg) => self.enroller.is_enrolled(&cg),
+            // Cannot tell: refuse (fail closed).
+            Err(_) => true,
+        }
+    }
+
+    fn status(&self) -> Status {
+        self.reporter.status()
+    }
+
+    async fn enrol(&self, peer: &Peer, req: EnrolRequest) -> Result<EnrolResponse, Refusal> {
+        validate_agent_name(&req.agent).map_err(Refusal::BadInput)?;
+        let agent = match (&req.policy_yaml, self.registry.get(&req.agent)) {
+            (Some(yaml), _) => self
+                .lifecycle
+                .register_adhoc(&req.agent, yaml, peer.is_root())
+                .await
+                .map_err(adhoc_refusal)?,
+            (None, Some(a)) => a,
+            (None, None) => {
+                return Err(Refusal::NotFound(format!(
+                    "no agent named '{}'; configured agents: {} (or pass --policy FILE to register an ad-hoc agent)",
+                    req.agent,
+                    self.registry.names_list()
+                )));
+            }
+        };
+        let (cgroup, warnings) = match &req.target {
+            Target::SelfProcess => {
+                if !peer.still_alive() {
+                    return Err(Refusal::NotFound("the calling process went away".into()));
+                }
+                let enrolled = self
+                    .enroller
+                    .enrol_pid(peer.pid, &agent)
+                    .map_err(enrol_refusal)?;
+                // The pid could have been recycled between the move and now only if the
+                // caller died; then its pidfd says so.
+                if !peer.still_alive() {
+                    return Err(Refusal::NotFound(
+                        "the calling process went away during enrolment".into(),
+                    ));
+                }
+                enrolled
+            }
+            Target::Pid(pid) => self
+                .enroller
+                .enrol_pid(*pid, &agent)
+                .map_err(enrol_refusal)?,
+            Target::Cgroup(path) => (
+                self.enroller
+                    .enrol_cgroup(Path::new(path), &agent)
+                    .map_err(enrol_refusal)?,
+                Vec::new(),
+            ),
+        };
+        for w in &warnings {
+            tracing::warn!(agent = %agent.name, "{w}");
+        }
+        Ok(EnrolResponse {
+            agent: agent.name.clone(),
+            cgroup: cgroup.display().to_string(),
+            warnings,
+            ca_bundle: self.ca_bundle.as_ref().map(|p| p.display().to_string()),
+        })
+    }
+
+    fn unenrol(&self, _peer: &Peer, req: UnenrolRequest) -> Result<UnenrolResponse, Refusal> {
+        let cgroup = match req.target {
+            Target::Pid(pid) => self.enroller.unenrol_pid(pid),
+            Target::Cgroup(path) => self.enroller.unenrol_cgroup(Path::new(&path)),
+            Target::SelfProcess => {
+                return Err(Refusal::Forbidden("a process cannot unenrol itself".into()));
+            }
+        }
+        .map_err(enrol_refusal)?;
+        Ok(UnenrolResponse {
+            cgroup: cgroup.display().to_string(),
+        })
+    }
+
+    async fn reload(&self) -> Result<ReloadResponse, Refusal> {
+        Ok(ReloadResponse {
+            agents: self.lifecycle.reload("admin API").await,
+        })
+    }
+}
+
+fn adhoc_refusal(e: AdHocRefusal) -> Refusal {
+    match e {
+        AdHocRefusal::Configured { .. } => Refusal::Conflict(e.to_string()),
+        AdHocRefusal::NotRoot(_) => Refusal::Forbidden(e.to_string()),
+        AdHocRefusal::BadPolicy(_) => Refusal::BadInput(e.to_string()),
+        AdHocRefusal::Failed(_) => Refusal::Internal(e.to_string()),
+    }
+}
+
+fn enrol_refusal(e: EnrolError) -> Refusal {
+    let message = e.to_string();
+    match e {
+        EnrolError::Root(_)
+        | EnrolError::OwnCgroup { .. }
+        | EnrolError::OwnProcess(_)
+        | EnrolError::Init(_) => Refusal::Forbidden(message),
+        EnrolError::NoProcess(_) | EnrolError::NotEnrolled(_) => Refusal::NotFound(message),
+        EnrolError::Taken { .. } | EnrolError::PidNotEnrolled { .. } => Refusal::Conflict(message),
+        EnrolError::Cgroup(CgroupError::Missing { .. } | CgroupError::ProcCgroup { .. }) => {
+            Refusal::NotFound(message)
+        }
+        EnrolError::Cgroup(CgroupError::BadPath(_)) => Refusal::BadInput(message),
+        EnrolError::Cgroup(_) | EnrolError::Bpf(_) | EnrolError::Persist { .. } => {
+            Refusal::Internal(message)
+        }
+    }
+}
