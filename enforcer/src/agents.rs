@@ -25,10 +25,12 @@ use crate::{
 };
 
 pub mod allowlist;
+pub mod caller;
 pub mod conns;
 pub mod lifecycle;
 pub mod sweeper;
 
+pub use caller::Caller;
 pub use conns::ConnTracker;
 
 /// Records a kernel refusal in the audit log under its agent's name (aggregated there per
@@ -222,6 +224,30 @@ impl Agent {
     /// the addresses left without any allowed name.
     pub fn forget_disallowed(&self, allowed: impl Fn(&str) -> bool) -> Vec<IpAddr> {
         lock(&self.names).retain_names(allowed)
+    }
+
+    /// The SNI or Host must name the address the agent connected to: an IP literal must be
+    /// that address, and a name must be one the agent's DNS answers associated with it.
+    /// Returns the canonical host, or why it does not belong to `dst`.
+    pub fn check_host(&self, host: &str, dst: IpAddr) -> Result<String, String> {
+        let canonical = crate::policy::canonical_host(host).map_err(|e| e.to_string())?;
+        if let Ok(ip) = canonical.parse::<IpAddr>() {
+            // An IPv4-mapped literal is judged as its IPv4 form, like the kernel does.
+            let ip = crate::addr::canonical(ip);
+            if ip != dst {
+                return Err(format!(
+                    "destination address not associated with host: {host} is not {dst}"
+                ));
+            }
+            return Ok(ip.to_string());
+        }
+        // A name must be one the agent resolved (through us) to this very address.
+        if !self.names_for(dst).contains(&canonical) {
+            return Err(format!(
+                "destination address not associated with host: {canonical} was not resolved to {dst}"
+            ));
+        }
+        Ok(canonical)
     }
 
     /// Records the destinations the policy names explicitly.

@@ -49,12 +49,14 @@
 //! - `recover`: opening the live file, sealing a torn tail, finding the chain head.
 //! - `writer`: [`AuditLog`] and its writer thread.
 //! - `aggregate`: [`KernelDenyAggregator`].
+//! - `decisions`: [`Decisions`], recording a decision under `security_mode`.
 //! - `verify`: [`verify`], used by `enforcer audit verify`.
 
 use std::{path::PathBuf, time::Duration};
 
 mod aggregate;
 mod chain;
+mod decisions;
 mod event;
 mod key;
 mod recover;
@@ -63,6 +65,7 @@ mod writer;
 
 pub use aggregate::{KernelDenyAggregator, MAX_DESTINATIONS_PER_WINDOW};
 pub use chain::{FIRST_SEQ, GENESIS_HASH, checkpoint_message, key_id, line_hash, timestamp_now};
+pub use decisions::Decisions;
 pub use event::{
     Action, AuditEvent, EventKind, MAX_FIELD_BYTES, PolicyResult, Scope, TRUNCATED_MARK,
     path_without_query,

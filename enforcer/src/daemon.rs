@@ -14,7 +14,7 @@ use enforcer_common::global_flags;
 use crate::{
     admin::{self, service::Service},
     agents::{self, Registry, lifecycle, lifecycle::Lifecycle, sweeper},
-    audit::{self, Action, AuditEvent, EventKind},
+    audit::{self, Action, AuditEvent, Decisions, EventKind},
     bpf::{self, Kernel, events},
     ca,
     cgroup::Hierarchy,
@@ -121,16 +121,15 @@ pub async fn run(
     lifecycle.load_all().await?;
 
     let listeners = Listeners::open(inherited, config.proxy_port, config.dns_port)?;
+    let decisions = Decisions::new(audit.clone(), config.security_mode);
     let proxy_ctx = Arc::new(ProxyContext {
-        kernel: kernel.clone(),
+        records: kernel.clone(),
         registry: registry.clone(),
-        audit: audit.clone(),
-        security_mode: config.security_mode,
+        decisions: decisions.clone(),
         deputy: Deputy::new(),
         tls,
         l7: Arc::new(L7Env {
-            audit: audit.clone(),
-            security_mode: config.security_mode,
+            decisions: decisions.clone(),
             upstream_tls,
         }),
     });
@@ -186,7 +185,7 @@ pub async fn run(
     let resolver = Arc::new(Resolver::new(
         kernel.clone(),
         registry.clone(),
-        audit.clone(),
+        decisions,
         &config.dns.static_hosts,
         config.dns_upstreams(),
         config.dns.max_ttl,

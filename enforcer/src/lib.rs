@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`daemon`]: the composition root of `enforcer daemon`: builds the parts and waits.
 //! - [`config`]: the daemon's YAML configuration.
+//! - [`addr`]: canonical address forms.
 //! - [`policy`]: the policy language: parsing, compilation and evaluation.
 //! - [`agents`]: agents at run time (policy, learned names, open connections), their
 //!   lifecycle (add, reload, remove, ad hoc) and the learned-name sweep.
@@ -25,6 +26,7 @@
 //! - [`metrics`]: `/metrics` (Prometheus) and `/healthz`.
 //! - [`sys`]: operating-system primitives (listeners, sock_diag, scheduling, systemd).
 //! - [`cli`] and [`cmd`]: the command line; `main.rs` only parses arguments and dispatches.
+pub mod addr;
 pub mod admin;
 pub mod agents;
 pub mod audit;

@@ -303,6 +303,19 @@ impl Decision {
     pub fn forward(&self) -> bool {
         self.allowed || self.dry_run
     }
+
+    /// A denial that holds in every mode, dry run included: the proxy will not act for the
+    /// agent towards this destination (an internal address the policy does not name).
+    pub fn refused(reason: String) -> Decision {
+        Decision {
+            allowed: false,
+            kind: DecisionKind::Deny,
+            rule: None,
+            reason,
+            dry_run: false,
+            retry_after: None,
+        }
+    }
 }
 
 /// Canonical host form used everywhere: ASCII-lowercase, IDNA to punycode, trailing dot
@@ -423,6 +436,20 @@ impl Policy {
     /// proxy cannot parse is allowed only by an explicit `tcp:` rule).
     pub fn tcp_allowed(&self, host: &str, port: u16) -> Option<&str> {
         engine::tcp_allowed(self, host, port)
+    }
+
+    /// `tcp:` rules as a decision: allowed by the first rule that allows one of `hosts` (the
+    /// names the destination address was resolved for, and the address itself) on `port`.
+    pub fn tcp_decision(&self, hosts: &[String], port: u16) -> Option<Decision> {
+        let rule: Arc<str> = Arc::from(hosts.iter().find_map(|h| self.tcp_allowed(h, port))?);
+        let reason = format!("allowed by rule '{rule}'");
+        Some(self.decision(DecisionKind::Allow, Some(&rule), reason, None))
+    }
+
+    /// A denial made outside the rules (the host does not belong to the address, opaque TCP,
+    /// TLS that cannot be inspected), flagged for dry run like the engine's own.
+    pub fn refusal(&self, reason: String) -> Decision {
+        self.decision(DecisionKind::Deny, None, reason, None)
     }
 
     /// What the kernel allowlist needs. Only allow rules name destinations; deny and limit

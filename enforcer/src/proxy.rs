@@ -38,11 +38,11 @@ use tokio::{
 };
 
 use crate::{
-    agents::{Agent, Registry},
-    audit::{AuditEvent, AuditLog, EventKind, PolicyResult},
+    agents::{Caller, Registry, conns::ConnGuard},
+    audit::{AuditEvent, Decisions, EventKind, PolicyResult},
     bpf::{Kernel, ip_of},
     config::SecurityMode,
-    policy::{Decision, DecisionKind, Scheme, canonical_host},
+    policy::{Decision, Policy, Scheme},
 };
 
 /// The `AsyncWrite` methods of a wrapper that only watches or prefixes reads: each forwards to
@@ -93,6 +93,9 @@ pub mod rewind;
 pub mod scope;
 pub mod tls;
 
+#[cfg(test)]
+mod tests;
+
 use deputy::Deputy;
 use peek::Opening;
 
@@ -101,12 +104,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the agent's side of an intercepted TLS handshake.
 pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where the proxy learns who connected and where they meant to go: the kernel's record of
+/// the redirected connect, looked up by the client's address as the proxy sees it, and
+/// deleted. A trait, so the connection path can be tested without root.
+pub trait Records: Send + Sync + 'static {
+    fn take_orig(&self, peer: SocketAddr) -> Option<OrigDst>;
+}
+
+impl Records for Kernel {
+    fn take_orig(&self, peer: SocketAddr) -> Option<OrigDst> {
+        Kernel::take_orig(self, peer)
+    }
+}
+
 /// What every connection handler needs.
 pub struct ProxyContext {
-    pub kernel: Arc<Kernel>,
+    /// The kernel's records of redirected connects.
+    pub records: Arc<dyn Records>,
     pub registry: Arc<Registry>,
-    pub audit: AuditLog,
-    pub security_mode: SecurityMode,
+    pub decisions: Decisions,
     pub deputy: Deputy,
     /// TLS modes, the local CA, interception.
     pub tls: Arc<tls::TlsContext>,
@@ -214,8 +230,22 @@ struct Verdict {
     host: String,
 }
 
-async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr) {
-    let Some(orig) = ctx.kernel.take_orig(peer) else {
+/// Where a connection goes once its first bytes (or its destination alone) are known.
+enum Route {
+    /// A host-level decision: spliced to the destination if it forwards, refused otherwise.
+    Decided { verdict: Verdict, prefix: Vec<u8> },
+    /// Plain HTTP, served: every request judged on its own.
+    Serve { prefix: Vec<u8> },
+    /// TLS intercepted with a leaf from the local CA, then served.
+    Intercept {
+        prefix: Vec<u8>,
+        /// The canonical SNI, if the client sent one.
+        sni: Option<String>,
+    },
+}
+
+async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr) {
+    let Some(orig) = ctx.records.take_orig(peer) else {
         tracing::debug!(%peer, "closing a connection the kernel did not redirect");
         return;
     };
@@ -223,19 +253,11 @@ async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr)
         tracing::debug!(%peer, "closing a direct connection to the proxy port");
         return;
     }
-    let Some(agent) = ctx.registry.by_id(orig.agent) else {
+    let Some(caller) = Caller::from_record(&ctx.registry, orig.agent, orig.pid, &orig.comm) else {
         tracing::warn!(agent_id = orig.agent, %peer, "redirected connection of an unknown agent; closing");
         return;
     };
-    let dst = SocketAddr::new(ip_of(&orig.addr), orig.port);
-    let conn = Conn {
-        request_id: uuid::Uuid::now_v7().to_string(),
-        comm: comm_str(&orig),
-        pid: orig.pid,
-        dst,
-        started: Instant::now(),
-    };
-    if agent.is_killed() {
+    if caller.agent.is_killed() {
         // The kernel refuses new connects once the flag is set; this closes the race with a
         // connect that got through just before.
         return;
@@ -246,473 +268,405 @@ async fn handle(ctx: Arc<ProxyContext>, mut client: TcpStream, peer: SocketAddr)
         .local_addr()
         .ok()
         .and_then(|local| crate::sys::sockdiag::SocketRef::new(&client, local, peer));
+    let agent = caller.agent.clone();
     let guard = agent.conns.register(our_socket);
-
-    let policy = agent.policy();
-    agent.touch_eval();
-    let dst_ip = deputy::canonical(dst.ip());
-    let ip_text = dst_ip.to_string();
-
-    // Step 2: tcp: rules, judged on the destination alone, before any byte is read.
-    let mut names = agent.names_for(dst_ip);
-    names.push(ip_text.clone());
-    if let Some(rule) = names.iter().find_map(|n| policy.tcp_allowed(n, dst.port())) {
-        let decision = Decision {
-            allowed: true,
-            kind: DecisionKind::Allow,
-            rule: Some(Arc::from(rule)),
-            reason: format!("allowed by rule '{rule}'"),
-            dry_run: false,
-            retry_after: None,
-        };
-        let host = names.first().cloned().unwrap_or(ip_text);
-        let verdict = Verdict {
-            decision,
-            scheme: None,
-            host,
-        };
-        forward(&ctx, &agent, &conn, verdict, client, Vec::new(), guard).await;
-        return;
-    }
-
-    // Step 3: what does the client speak?
-    let (opening, prefix) = peek::classify(&mut client).await;
-    let sni = match &opening {
-        Opening::Tls { sni } => sni.clone(),
-        // Step 4: plain HTTP, every request judged on its own.
-        Opening::Http { .. } => {
-            serve_plain(&ctx, &agent, &conn, client, prefix, guard).await;
-            return;
-        }
-        Opening::Opaque { why } => {
-            let reason = format!("opaque TCP to {dst} is not allowed by any tcp: rule ({why})");
-            let decision = deny_decision(&policy.mode(), reason);
-            let verdict = Verdict {
-                decision,
-                scheme: None,
-                host: ip_text,
-            };
-            refuse_or_forward(&ctx, &agent, &conn, verdict, client, prefix, guard).await;
-            return;
-        }
+    let conn = Connection {
+        policy: agent.policy(),
+        dst: SocketAddr::new(ip_of(&orig.addr), orig.port),
+        caller,
+        request_id: uuid::Uuid::now_v7().to_string(),
+        started: Instant::now(),
+        ctx,
     };
-
-    // Step 5: TLS. The SNI (or, without one, the address) must belong to the address.
-    let host = sni.clone().unwrap_or_else(|| ip_text.clone());
-    let canonical = match host_matches_address(&agent, &host, dst_ip) {
-        Ok(c) => c,
-        Err(reason) => {
-            let verdict = Verdict {
-                decision: deny_decision(&policy.mode(), reason),
-                scheme: Some(Scheme::Https),
-                host,
-            };
-            refuse_or_forward(&ctx, &agent, &conn, verdict, client, prefix, guard).await;
-            return;
-        }
-    };
-    let host_decision = |canonical: &str| {
-        let mut d =
-            policy.host_decision(Scheme::Https, canonical, dst.port(), jiff::Timestamp::now());
-        // Without SNI the host is the address; say so when that fails.
-        if !d.allowed && sni.is_none() {
-            d.reason = format!(
-                "{} (no server name given; judged by address {ip_text})",
-                d.reason
-            );
-        }
-        d
-    };
-    let decision = match ctx.tls.route(&policy, &canonical, dst.port()) {
-        tls::Route::Intercept => {
-            let sni = sni.as_ref().map(|_| canonical);
-            intercept(&ctx, &agent, &conn, client, prefix, sni, guard).await;
-            return;
-        }
-        tls::Route::Splice => host_decision(&canonical),
-        tls::Route::NotIntercepted(why) => {
-            let d = host_decision(&canonical);
-            let reason = format!(
-                "{canonical} has rules that judge each request (method, path, header, body, \
-                 time window or rate limit), but {why}"
-            );
-            if !d.allowed {
-                d
-            } else if ctx.security_mode == SecurityMode::Strict {
-                deny_decision(&policy.mode(), format!("{reason}; denied in strict mode"))
-            } else {
-                tracing::warn!(agent = %agent.name, host = %canonical,
-                    "{reason}; decided at host level (permissive mode)");
-                Decision {
-                    reason: format!(
-                        "{} ({reason}; decided at host level in permissive mode)",
-                        d.reason
-                    ),
-                    ..d
-                }
-            }
-        }
-    };
-    let verdict = Verdict {
-        decision,
-        scheme: Some(Scheme::Https),
-        host,
-    };
-    refuse_or_forward(&ctx, &agent, &conn, verdict, client, prefix, guard).await;
+    conn.run(client, guard).await;
 }
 
-/// Why the proxy will not connect to this destination for the agent (an internal address
-/// the policy does not name explicitly), if it will not.
-fn deputy_refusal(ctx: &ProxyContext, agent: &Agent, dst: SocketAddr) -> Option<String> {
-    let why = ctx.deputy.internal(dst.ip())?;
-    if agent.is_explicit(deputy::canonical(dst.ip()), dst.port()) {
-        return None;
-    }
-    Some(format!(
-        "destination {dst} is {why}; only a policy that names it explicitly may reach it"
-    ))
-}
-
-/// Plain HTTP: served by [`http`], one decision per request.
-async fn serve_plain(
-    ctx: &Arc<ProxyContext>,
-    agent: &Arc<Agent>,
-    conn: &Conn,
-    client: TcpStream,
-    prefix: Vec<u8>,
-    guard: crate::agents::conns::ConnGuard<'_>,
-) {
-    if let Some(reason) = deputy_refusal(ctx, agent, conn.dst) {
-        let host = match peek::recognise(&prefix) {
-            Some(Opening::Http { host: Some(h) }) => h,
-            _ => conn.dst.ip().to_string(),
-        };
-        refuse_internal(ctx, agent, conn, Some(Scheme::Http), host, reason, client).await;
-        return;
-    }
-    let _ = client.set_nodelay(true);
-    let scope = scope::Scope::new();
-    let io = rewind::Rewind::new(prefix, scope::Tracked::new(client, scope.clone()));
-    let served = http::ClientConn {
-        agent: agent.clone(),
-        pid: conn.pid,
-        comm: conn.comm.clone(),
-        dst: conn.dst,
-        scheme: Scheme::Http,
-        sni: None,
-    };
-    let killed = guard.killed.clone();
-    http::serve(
-        ctx.l7.clone(),
-        served,
-        io,
-        http::Proto::Http1,
-        scope,
-        killed,
-    )
-    .await;
-    drop(guard);
-}
-
-/// TLS interception: the agent's handshake is completed with a leaf certificate from the
-/// local CA, then the connection is served by [`http`] (HTTP/2 or HTTP/1.1, by ALPN).
-async fn intercept(
-    ctx: &Arc<ProxyContext>,
-    agent: &Arc<Agent>,
-    conn: &Conn,
-    client: TcpStream,
-    prefix: Vec<u8>,
-    sni: Option<String>,
-    mut guard: crate::agents::conns::ConnGuard<'_>,
-) {
-    let host = sni.clone().unwrap_or_else(|| conn.dst.ip().to_string());
-    if let Some(reason) = deputy_refusal(ctx, agent, conn.dst) {
-        refuse_internal(ctx, agent, conn, Some(Scheme::Https), host, reason, client).await;
-        return;
-    }
-    let dst_ip = deputy::canonical(conn.dst.ip());
-    let Some(config) = ctx.tls.server_config(sni.as_deref(), dst_ip) else {
-        let reason = format!("cannot mint a certificate to intercept TLS for {host}");
-        tracing::error!(agent = %agent.name, dst = %conn.dst, "{reason}");
-        refuse_internal(ctx, agent, conn, Some(Scheme::Https), host, reason, client).await;
-        return;
-    };
-    let _ = client.set_nodelay(true);
-    let scope = scope::Scope::new();
-    let io = rewind::Rewind::new(prefix, scope::Tracked::new(client, scope.clone()));
-    let handshake = tokio::time::timeout(
-        CLIENT_HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(config).accept(io),
-    );
-    let stream = tokio::select! {
-        r = handshake => match r {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    agent = %agent.name, pid = conn.pid, comm = %conn.comm, host = %host,
-                    "TLS handshake with the agent failed: {e} (an agent that does not trust the \
-                     enforcer CA fails here: see `enforcer ca export`, or list the host in \
-                     tls.passthrough_hosts if it pins certificates)"
-                );
-                return;
-            }
-            Err(_) => {
-                tracing::info!(agent = %agent.name, host = %host, "TLS handshake with the agent timed out");
-                return;
-            }
-        },
-        () = scope::killed(&mut guard.killed, &scope) => return,
-    };
-    let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-        http::Proto::Http2
-    } else {
-        http::Proto::Http1
-    };
-    tracing::debug!(agent = %agent.name, host = %host, dst = %conn.dst, ?proto, "intercepting TLS");
-    let served = http::ClientConn {
-        agent: agent.clone(),
-        pid: conn.pid,
-        comm: conn.comm.clone(),
-        dst: conn.dst,
-        scheme: Scheme::Https,
-        sni,
-    };
-    let killed = guard.killed.clone();
-    http::serve(ctx.l7.clone(), served, stream, proto, scope, killed).await;
-    drop(guard);
-}
-
-/// Refuses a connection to an internal destination (recorded; plain HTTP gets a 403).
-async fn refuse_internal(
-    ctx: &ProxyContext,
-    agent: &Agent,
-    conn: &Conn,
-    scheme: Option<Scheme>,
-    host: String,
-    reason: String,
-    mut client: TcpStream,
-) {
-    tracing::info!(agent = %agent.name, dst = %conn.dst, "connection denied: {reason}");
-    let verdict = Verdict {
-        decision: deny_decision(&crate::policy::Mode::Enforce, reason),
-        scheme,
-        host,
-    };
-    record(ctx, agent, conn, &verdict, PolicyResult::Deny);
-    if scheme == Some(Scheme::Http) {
-        let response = deny::http_403(
-            &agent.name,
-            &conn.request_id,
-            None,
-            &verdict.decision.reason,
-        );
-        let _ = client.write_all(&response).await;
-        let _ = client.shutdown().await;
-    }
-}
-
-/// One connection's identity.
-struct Conn {
-    request_id: String,
-    comm: String,
-    pid: u32,
+/// One redirected connection: who made it, where it was going, and the policy it is judged
+/// by (loaded once, so a reload mid-connection does not change its verdict).
+struct Connection {
+    ctx: Arc<ProxyContext>,
+    caller: Caller,
+    /// The original destination.
     dst: SocketAddr,
+    policy: Arc<Policy>,
+    request_id: String,
     started: Instant,
 }
 
-fn deny_decision(mode: &crate::policy::Mode, reason: String) -> Decision {
-    Decision {
-        allowed: false,
-        kind: DecisionKind::Deny,
-        rule: None,
-        reason,
-        dry_run: *mode == crate::policy::Mode::DryRun,
-        retry_after: None,
-    }
-}
-
-/// The SNI/Host must name the address the agent connected to: an IP literal must be that
-/// address, and a name must be one the agent's DNS answers associated with it. Returns the
-/// canonical host.
-fn host_matches_address(agent: &Agent, host: &str, dst: IpAddr) -> Result<String, String> {
-    let canonical = canonical_host(host).map_err(|e| e.to_string())?;
-    if let Ok(ip) = canonical.parse::<IpAddr>() {
-        // An IPv4-mapped literal is judged as its IPv4 form, like the kernel does.
-        let ip = deputy::canonical(ip);
-        if ip != dst {
-            return Err(format!(
-                "destination address not associated with host: {host} is not {dst}"
-            ));
+impl Connection {
+    async fn run(self, mut client: TcpStream, guard: ConnGuard<'_>) {
+        self.caller.agent.touch_eval();
+        let route = self.route(&mut client).await;
+        // Step 6, once for every route that reaches the destination: no confused deputy.
+        let upstream = match &route {
+            Route::Decided { verdict, .. } if verdict.decision.forward() => {
+                Some((verdict.scheme, verdict.host.clone()))
+            }
+            Route::Decided { .. } => None,
+            Route::Serve { prefix } => Some((
+                Some(Scheme::Http),
+                match peek::recognise(prefix) {
+                    Some(Opening::Http { host: Some(h) }) => h,
+                    _ => self.dst.ip().to_string(),
+                },
+            )),
+            Route::Intercept { sni, .. } => Some((
+                Some(Scheme::Https),
+                sni.clone().unwrap_or_else(|| self.dst.ip().to_string()),
+            )),
+        };
+        if let Some((scheme, host)) = upstream
+            && let Some(reason) = self.internal_destination()
+        {
+            tracing::info!(agent = %self.caller.agent.name, dst = %self.dst, "connection denied: {reason}");
+            let verdict = Verdict {
+                decision: Decision::refused(reason),
+                scheme,
+                host,
+            };
+            self.refuse(client, &verdict).await;
+            return;
         }
-        return Ok(ip.to_string());
+        match route {
+            Route::Decided { verdict, prefix } if verdict.decision.forward() => {
+                self.splice(client, verdict, prefix, guard).await;
+            }
+            Route::Decided { verdict, .. } => {
+                tracing::info!(
+                    agent = %self.caller.agent.name, pid = self.caller.pid, comm = %self.caller.comm,
+                    dst = %self.dst, host = %verdict.host,
+                    "connection denied: {}", verdict.decision.reason
+                );
+                self.refuse(client, &verdict).await;
+            }
+            Route::Serve { prefix } => self.serve_plain(client, prefix, guard).await,
+            Route::Intercept { prefix, sni } => self.intercept(client, prefix, sni, guard).await,
+        }
     }
-    // A name must be one the agent resolved (through us) to this very address.
-    if !agent.names_for(dst).contains(&canonical) {
-        return Err(format!(
-            "destination address not associated with host: {canonical} was not resolved to {dst}"
-        ));
-    }
-    Ok(canonical)
-}
 
-async fn refuse_or_forward(
-    ctx: &ProxyContext,
-    agent: &Agent,
-    conn: &Conn,
-    verdict: Verdict,
-    mut client: TcpStream,
-    prefix: Vec<u8>,
-    guard: crate::agents::conns::ConnGuard<'_>,
-) {
-    if verdict.decision.forward() {
+    /// Steps 2-5: the route, from the destination alone (`tcp:` rules) or from the first
+    /// bytes.
+    async fn route(&self, client: &mut TcpStream) -> Route {
+        let dst_ip = crate::addr::canonical(self.dst.ip());
+        let ip_text = dst_ip.to_string();
+
+        // Step 2: tcp: rules, judged on the destination alone, before any byte is read.
+        let mut names = self.caller.agent.names_for(dst_ip);
+        names.push(ip_text.clone());
+        if let Some(decision) = self.policy.tcp_decision(&names, self.dst.port()) {
+            let host = names.first().cloned().unwrap_or(ip_text);
+            return Route::Decided {
+                verdict: Verdict {
+                    decision,
+                    scheme: None,
+                    host,
+                },
+                prefix: Vec::new(),
+            };
+        }
+
+        // Step 3: what does the client speak?
+        let (opening, prefix) = peek::classify(client).await;
+        match opening {
+            // Step 4: plain HTTP, every request judged on its own.
+            Opening::Http { .. } => Route::Serve { prefix },
+            Opening::Opaque { why } => {
+                let reason = format!(
+                    "opaque TCP to {} is not allowed by any tcp: rule ({why})",
+                    self.dst
+                );
+                Route::Decided {
+                    verdict: Verdict {
+                        decision: self.policy.refusal(reason),
+                        scheme: None,
+                        host: ip_text,
+                    },
+                    prefix,
+                }
+            }
+            Opening::Tls { sni } => self.route_tls(sni, prefix, dst_ip),
+        }
+    }
+
+    /// Step 5: TLS. The SNI (or, without one, the address) must belong to the address; then
+    /// `tls.mode` and the policy choose splicing after a host-level decision, or interception.
+    fn route_tls(&self, sni: Option<String>, prefix: Vec<u8>, dst_ip: IpAddr) -> Route {
+        let ip_text = dst_ip.to_string();
+        let host = sni.clone().unwrap_or_else(|| ip_text.clone());
+        let decided = |decision| Route::Decided {
+            verdict: Verdict {
+                decision,
+                scheme: Some(Scheme::Https),
+                host: host.clone(),
+            },
+            prefix: prefix.clone(),
+        };
+        let canonical = match self.caller.agent.check_host(&host, dst_ip) {
+            Ok(c) => c,
+            Err(reason) => return decided(self.policy.refusal(reason)),
+        };
+        let host_decision = |canonical: &str| {
+            let mut d = self.policy.host_decision(
+                Scheme::Https,
+                canonical,
+                self.dst.port(),
+                jiff::Timestamp::now(),
+            );
+            // Without SNI the host is the address; say so when that fails.
+            if !d.allowed && sni.is_none() {
+                d.reason = format!(
+                    "{} (no server name given; judged by address {ip_text})",
+                    d.reason
+                );
+            }
+            d
+        };
+        let decision = match self
+            .ctx
+            .tls
+            .route(&self.policy, &canonical, self.dst.port())
+        {
+            tls::Route::Intercept => {
+                let sni = sni.as_ref().map(|_| canonical);
+                return Route::Intercept { prefix, sni };
+            }
+            tls::Route::Splice => host_decision(&canonical),
+            tls::Route::NotIntercepted(why) => {
+                let mut d = host_decision(&canonical);
+                let reason = format!(
+                    "{canonical} has rules that judge each request (method, path, header, body, \
+                     time window or rate limit), but {why}"
+                );
+                if !d.allowed {
+                    d
+                } else if self.ctx.decisions.mode() == SecurityMode::Strict {
+                    self.policy
+                        .refusal(format!("{reason}; denied in strict mode"))
+                } else {
+                    tracing::warn!(agent = %self.caller.agent.name, host = %canonical,
+                        "{reason}; decided at host level (permissive mode)");
+                    d.reason = format!(
+                        "{} ({reason}; decided at host level in permissive mode)",
+                        d.reason
+                    );
+                    d
+                }
+            }
+        };
+        decided(decision)
+    }
+
+    /// Why the proxy will not connect to this destination for the agent (an internal address
+    /// the policy does not name explicitly), if it will not.
+    fn internal_destination(&self) -> Option<String> {
+        let why = self.ctx.deputy.internal(self.dst.ip())?;
+        if self
+            .caller
+            .agent
+            .is_explicit(crate::addr::canonical(self.dst.ip()), self.dst.port())
+        {
+            return None;
+        }
+        Some(format!(
+            "destination {} is {why}; only a policy that names it explicitly may reach it",
+            self.dst
+        ))
+    }
+
+    /// A record about this connection: the caller and the destination filled in.
+    fn event(&self, kind: EventKind) -> AuditEvent {
+        self.caller
+            .event(kind)
+            .request_id(self.request_id.clone())
+            .dest(self.dst.to_string())
+    }
+
+    /// Writes the connection decision to the audit log. False when it cannot be written in
+    /// strict mode: the connection must then be refused.
+    fn record(&self, verdict: &Verdict) -> bool {
+        let mut ev = self
+            .event(EventKind::Connection)
+            .policy_result(PolicyResult::of(&verdict.decision))
+            .reason(verdict.decision.reason.clone())
+            .url_host(verdict.host.clone());
+        if let Some(rule) = &verdict.decision.rule {
+            ev = ev.matched_rule(rule.to_string());
+        }
+        self.ctx.decisions.record(ev)
+    }
+
+    /// Refuses the connection: recorded; plain HTTP gets a 403, anything else is closed.
+    async fn refuse(&self, mut client: TcpStream, verdict: &Verdict) {
+        let _ = self.record(verdict);
+        if verdict.scheme == Some(Scheme::Http) {
+            let response = deny::http_403(
+                &self.caller.agent.name,
+                &self.request_id,
+                verdict.decision.rule.as_deref(),
+                &verdict.decision.reason,
+            );
+            let _ = client.write_all(&response).await;
+            let _ = client.shutdown().await;
+        }
+    }
+
+    /// Plain HTTP: served by [`http`], one decision per request.
+    async fn serve_plain(&self, client: TcpStream, prefix: Vec<u8>, guard: ConnGuard<'_>) {
+        let _ = client.set_nodelay(true);
+        let scope = scope::Scope::new();
+        let io = rewind::Rewind::new(prefix, scope::Tracked::new(client, scope.clone()));
+        let served = http::ClientConn {
+            caller: self.caller.clone(),
+            dst: self.dst,
+            scheme: Scheme::Http,
+            sni: None,
+        };
+        let killed = guard.killed.clone();
+        http::serve(
+            self.ctx.l7.clone(),
+            served,
+            io,
+            http::Proto::Http1,
+            scope,
+            killed,
+        )
+        .await;
+        drop(guard);
+    }
+
+    /// TLS interception: the agent's handshake is completed with a leaf certificate from the
+    /// local CA, then the connection is served by [`http`] (HTTP/2 or HTTP/1.1, by ALPN).
+    async fn intercept(
+        &self,
+        client: TcpStream,
+        prefix: Vec<u8>,
+        sni: Option<String>,
+        mut guard: ConnGuard<'_>,
+    ) {
+        let agent = &self.caller.agent;
+        let host = sni.clone().unwrap_or_else(|| self.dst.ip().to_string());
+        let dst_ip = crate::addr::canonical(self.dst.ip());
+        let Some(config) = self.ctx.tls.server_config(sni.as_deref(), dst_ip) else {
+            let reason = format!("cannot mint a certificate to intercept TLS for {host}");
+            tracing::error!(agent = %agent.name, dst = %self.dst, "{reason}");
+            let verdict = Verdict {
+                decision: Decision::refused(reason),
+                scheme: Some(Scheme::Https),
+                host,
+            };
+            self.refuse(client, &verdict).await;
+            return;
+        };
+        let _ = client.set_nodelay(true);
+        let scope = scope::Scope::new();
+        let io = rewind::Rewind::new(prefix, scope::Tracked::new(client, scope.clone()));
+        let handshake = tokio::time::timeout(
+            CLIENT_HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(config).accept(io),
+        );
+        let stream = tokio::select! {
+            r = handshake => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        agent = %agent.name, pid = self.caller.pid, comm = %self.caller.comm, host = %host,
+                        "TLS handshake with the agent failed: {e} (an agent that does not trust the \
+                         enforcer CA fails here: see `enforcer ca export`, or list the host in \
+                         tls.passthrough_hosts if it pins certificates)"
+                    );
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(agent = %agent.name, host = %host, "TLS handshake with the agent timed out");
+                    return;
+                }
+            },
+            () = scope::killed(&mut guard.killed, &scope) => return,
+        };
+        let proto = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            http::Proto::Http2
+        } else {
+            http::Proto::Http1
+        };
+        tracing::debug!(agent = %agent.name, host = %host, dst = %self.dst, ?proto, "intercepting TLS");
+        let served = http::ClientConn {
+            caller: self.caller.clone(),
+            dst: self.dst,
+            scheme: Scheme::Https,
+            sni,
+        };
+        let killed = guard.killed.clone();
+        http::serve(self.ctx.l7.clone(), served, stream, proto, scope, killed).await;
+        drop(guard);
+    }
+
+    /// Step 7: records the decision, connects to the original destination and splices both
+    /// ways until either side closes or the kill switch cuts it.
+    async fn splice(
+        &self,
+        client: TcpStream,
+        verdict: Verdict,
+        prefix: Vec<u8>,
+        mut guard: ConnGuard<'_>,
+    ) {
+        let agent = &self.caller.agent;
         if !verdict.decision.allowed {
             tracing::warn!(
-                agent = %agent.name, dst = %conn.dst, host = %verdict.host,
+                agent = %agent.name, dst = %self.dst, host = %verdict.host,
                 "would be denied (dry-run): {}", verdict.decision.reason
             );
         }
-        forward(ctx, agent, conn, verdict, client, prefix, guard).await;
-        return;
-    }
-    tracing::info!(
-        agent = %agent.name, pid = conn.pid, comm = %conn.comm, dst = %conn.dst,
-        host = %verdict.host, "connection denied: {}", verdict.decision.reason
-    );
-    record(ctx, agent, conn, &verdict, PolicyResult::Deny);
-    if verdict.scheme == Some(Scheme::Http) {
-        let response = deny::http_403(
-            &agent.name,
-            &conn.request_id,
-            verdict.decision.rule.as_deref(),
-            &verdict.decision.reason,
-        );
-        let _ = client.write_all(&response).await;
-        let _ = client.shutdown().await;
-    }
-}
-
-async fn forward(
-    ctx: &ProxyContext,
-    agent: &Agent,
-    conn: &Conn,
-    verdict: Verdict,
-    mut client: TcpStream,
-    prefix: Vec<u8>,
-    mut guard: crate::agents::conns::ConnGuard<'_>,
-) {
-    // Step 6: no confused deputy.
-    if let Some(reason) = deputy_refusal(ctx, agent, conn.dst) {
-        tracing::info!(agent = %agent.name, dst = %conn.dst, "connection denied: {reason}");
-        let v = Verdict {
-            decision: deny_decision(&crate::policy::Mode::Enforce, reason),
-            ..verdict
+        if !self.record(&verdict) {
+            return;
+        }
+        let mut client = client;
+        let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.dst)).await;
+        let mut upstream = match upstream {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(agent = %agent.name, dst = %self.dst, "upstream connect failed: {e}");
+                crate::sys::reset_on_close(&client);
+                return;
+            }
+            Err(_) => {
+                tracing::info!(agent = %agent.name, dst = %self.dst, "upstream connect timed out");
+                crate::sys::reset_on_close(&client);
+                return;
+            }
         };
-        record(ctx, agent, conn, &v, PolicyResult::Deny);
-        return;
-    }
-    let result = if verdict.decision.allowed {
-        PolicyResult::Allow
-    } else {
-        PolicyResult::WouldDeny
-    };
-    if !record(ctx, agent, conn, &verdict, result) {
-        return;
-    }
-
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(conn.dst)).await;
-    let mut upstream = match upstream {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::info!(agent = %agent.name, dst = %conn.dst, "upstream connect failed: {e}");
-            crate::sys::reset_on_close(&client);
+        let _ = upstream.set_nodelay(true);
+        let _ = client.set_nodelay(true);
+        if !prefix.is_empty() && upstream.write_all(&prefix).await.is_err() {
             return;
         }
-        Err(_) => {
-            tracing::info!(agent = %agent.name, dst = %conn.dst, "upstream connect timed out");
-            crate::sys::reset_on_close(&client);
-            return;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    let _ = client.set_nodelay(true);
-    if !prefix.is_empty() && upstream.write_all(&prefix).await.is_err() {
-        return;
-    }
 
-    // Step 7: splice until either side closes, or the kill switch cuts it.
-    let (mut up, mut down) = (prefix.len() as u64, 0u64);
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Ok((u, d)) = r {
-                up += u;
-                down += d;
+        let (mut up, mut down) = (prefix.len() as u64, 0u64);
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Ok((u, d)) = r {
+                    up += u;
+                    down += d;
+                }
+            }
+            _ = guard.killed.wait_for(|k| *k) => {
+                crate::sys::reset_on_close(&client);
+                crate::sys::reset_on_close(&upstream);
+                // One summary line is logged by the kill switch, not one per connection.
+                tracing::debug!(agent = %agent.name, dst = %self.dst, "connection cut by the kill switch");
             }
         }
-        _ = guard.killed.wait_for(|k| *k) => {
-            crate::sys::reset_on_close(&client);
-            crate::sys::reset_on_close(&upstream);
-            // One summary line is logged by the kill switch, not one per connection.
-            tracing::debug!(agent = %agent.name, dst = %conn.dst, "connection cut by the kill switch");
+        // Close both ends now (with a reset if the kill switch cut them), before bookkeeping.
+        drop(client);
+        drop(upstream);
+        let mut ev = self
+            .event(EventKind::Completion)
+            .url_host(verdict.host.clone())
+            .latency_ms(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX))
+            .bytes_up(up)
+            .bytes_down(down);
+        if let Some(rule) = &verdict.decision.rule {
+            ev = ev.matched_rule(rule.to_string());
         }
+        let _ = self.ctx.decisions.log().record(ev);
     }
-    // Close both ends now (with a reset if the kill switch cut them), before bookkeeping.
-    drop(client);
-    drop(upstream);
-    let mut ev = AuditEvent::new(EventKind::Completion)
-        .request_id(conn.request_id.clone())
-        .agent_id(agent.name.clone())
-        .pid(conn.pid)
-        .comm(conn.comm.clone())
-        .url_host(verdict.host.clone())
-        .dest(conn.dst.to_string())
-        .latency_ms(u64::try_from(conn.started.elapsed().as_millis()).unwrap_or(u64::MAX))
-        .bytes_up(up)
-        .bytes_down(down);
-    if let Some(rule) = &verdict.decision.rule {
-        ev = ev.matched_rule(rule.to_string());
-    }
-    let _ = ctx.audit.record(ev);
-}
-
-/// Writes the connection decision to the audit log. False when the log is failing and the
-/// security mode is strict: the connection must then be refused.
-fn record(
-    ctx: &ProxyContext,
-    agent: &Agent,
-    conn: &Conn,
-    verdict: &Verdict,
-    result: PolicyResult,
-) -> bool {
-    let mut ev = AuditEvent::new(EventKind::Connection)
-        .request_id(conn.request_id.clone())
-        .agent_id(agent.name.clone())
-        .pid(conn.pid)
-        .comm(conn.comm.clone())
-        .policy_result(result)
-        .reason(verdict.decision.reason.clone())
-        .url_host(verdict.host.clone())
-        .dest(conn.dst.to_string());
-    if let Some(rule) = &verdict.decision.rule {
-        ev = ev.matched_rule(rule.to_string());
-    }
-    match ctx.audit.record(ev) {
-        Ok(()) => true,
-        Err(e) if ctx.security_mode == SecurityMode::Strict => {
-            tracing::error!("audit log unavailable, refusing connection (strict mode): {e}");
-            false
-        }
-        Err(e) => {
-            tracing::warn!("audit log unavailable, continuing (permissive mode): {e}");
-            true
-        }
-    }
-}
-
-fn comm_str(orig: &OrigDst) -> String {
-    let end = orig
-        .comm
-        .iter()
-        .position(|b| *b == 0)
-        .unwrap_or(orig.comm.len());
-    String::from_utf8_lossy(&orig.comm[..end]).into_owned()
 }

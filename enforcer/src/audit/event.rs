@@ -64,6 +64,22 @@ pub enum PolicyResult {
     RateLimited,
 }
 
+impl PolicyResult {
+    /// How a decision is recorded: allowed; not enforced (dry run) and so `would_deny`;
+    /// rate-limited; or denied.
+    pub fn of(d: &crate::policy::Decision) -> PolicyResult {
+        if d.allowed {
+            PolicyResult::Allow
+        } else if d.dry_run {
+            PolicyResult::WouldDeny
+        } else if d.kind == crate::policy::DecisionKind::RateLimited {
+            PolicyResult::RateLimited
+        } else {
+            PolicyResult::Deny
+        }
+    }
+}
+
 /// The `action` field of `kill_switch`, `policy` and `daemon` records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

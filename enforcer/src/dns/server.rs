@@ -32,9 +32,9 @@ use tokio::{
 };
 
 use crate::{
-    agents::{Agent, Registry},
-    audit::{AuditEvent, AuditLog, EventKind, PolicyResult},
-    bpf::Kernel,
+    agents::{Caller, Registry},
+    audit::{Decisions, EventKind, PolicyResult},
+    bpf::{BpfError, Kernel},
     dns::client,
     policy::{HostMatch, Mode, canonical_host},
 };
@@ -64,11 +64,46 @@ const REBINDING: &[&str] = &[
     "fe80::/10",
 ];
 
+/// What the resolver needs from the kernel: the records of who sent a query (by the
+/// client's address, UDP or TCP) and the allowlist that learned addresses go into. A trait,
+/// so queries can be answered in tests without root.
+pub trait DnsKernel: Send + Sync + 'static {
+    fn dns_client(&self, peer: SocketAddr) -> Option<enforcer_common::DnsClient>;
+    fn take_orig(&self, peer: SocketAddr) -> Option<enforcer_common::OrigDst>;
+    fn learn_allow(
+        &self,
+        agent: u32,
+        ip: IpAddr,
+        expires_boot_ns: u64,
+        exact: bool,
+    ) -> Result<(), BpfError>;
+}
+
+impl DnsKernel for Kernel {
+    fn dns_client(&self, peer: SocketAddr) -> Option<enforcer_common::DnsClient> {
+        Kernel::dns_client(self, peer)
+    }
+
+    fn take_orig(&self, peer: SocketAddr) -> Option<enforcer_common::OrigDst> {
+        Kernel::take_orig(self, peer)
+    }
+
+    fn learn_allow(
+        &self,
+        agent: u32,
+        ip: IpAddr,
+        expires_boot_ns: u64,
+        exact: bool,
+    ) -> Result<(), BpfError> {
+        Kernel::learn_allow(self, agent, ip, expires_boot_ns, exact)
+    }
+}
+
 /// What the resolver needs.
 pub struct Resolver {
-    pub kernel: Arc<Kernel>,
+    pub kernel: Arc<dyn DnsKernel>,
     pub registry: Arc<Registry>,
-    pub audit: AuditLog,
+    pub decisions: Decisions,
     /// `dns.static`, keyed by canonical name.
     pub statics: BTreeMap<String, Vec<IpAddr>>,
     pub upstreams: Vec<SocketAddr>,
@@ -77,18 +112,11 @@ pub struct Resolver {
     rebinding: Vec<IpNet>,
 }
 
-/// The process that asked.
-struct Client {
-    agent: Arc<Agent>,
-    pid: u32,
-    comm: String,
-}
-
 impl Resolver {
     pub fn new(
-        kernel: Arc<Kernel>,
+        kernel: Arc<dyn DnsKernel>,
         registry: Arc<Registry>,
-        audit: AuditLog,
+        decisions: Decisions,
         statics: &BTreeMap<String, Vec<IpAddr>>,
         upstreams: Vec<SocketAddr>,
         max_ttl: u32,
@@ -101,7 +129,7 @@ impl Resolver {
         Self {
             kernel,
             registry,
-            audit,
+            decisions,
             statics,
             upstreams,
             max_ttl: max_ttl.max(MIN_TTL),
@@ -113,18 +141,8 @@ impl Resolver {
         }
     }
 
-    fn client(&self, agent_id: u32, pid: u32, comm: &[u8; 16]) -> Option<Client> {
-        let agent = self.registry.by_id(agent_id)?;
-        let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
-        Some(Client {
-            agent,
-            pid,
-            comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
-        })
-    }
-
     /// Answers one query message. `None` when nothing sensible can be sent back.
-    async fn answer(&self, client: Option<&Client>, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
+    async fn answer(&self, client: Option<&Caller>, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
         let request = match Message::from_vec(bytes) {
             Ok(m) => m,
             Err(_) => {
@@ -160,12 +178,10 @@ impl Resolver {
         let name = match canonical_host(qname.trim_end_matches('.')) {
             Ok(n) => n,
             Err(e) => {
-                self.audit_deny(
-                    client,
-                    &qname,
-                    &format!("not a valid host name: {e}"),
-                    false,
-                );
+                let reason = format!("not a valid host name: {e}");
+                if !self.audit_deny(client, &qname, &reason, false) {
+                    return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
+                }
                 return encode(reply(ResponseCode::NXDomain, Vec::new()), &request, udp);
             }
         };
@@ -174,7 +190,9 @@ impl Resolver {
         let matched = policy.host_match(&name);
         if matched == HostMatch::None {
             let reason = format!("no rule of agent '{}' can allow {name}", client.agent.name);
-            self.audit_deny(client, &name, &reason, dry_run);
+            if !self.audit_deny(client, &name, &reason, dry_run) {
+                return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
+            }
             if !dry_run {
                 return encode(reply(ResponseCode::NXDomain, Vec::new()), &request, udp);
             }
@@ -191,8 +209,8 @@ impl Resolver {
                 return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
             }
         };
-        if matched != HostMatch::Exact {
-            self.strip_internal(client, &name, &mut answers);
+        if matched != HostMatch::Exact && !self.strip_internal(client, &name, &mut answers) {
+            return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
         }
         for r in &mut answers {
             r.ttl = r.ttl.min(self.max_ttl);
@@ -248,15 +266,17 @@ impl Resolver {
         Ok((code, answers))
     }
 
-    /// Removes internal addresses from a wildcard-matched answer, auditing each.
-    fn strip_internal(&self, client: &Client, name: &str, answers: &mut Vec<Record>) {
+    /// Removes internal addresses from a wildcard-matched answer, auditing each. False when
+    /// a record could not be written in strict mode: the answer must then be refused.
+    fn strip_internal(&self, client: &Caller, name: &str, answers: &mut Vec<Record>) -> bool {
+        let mut recorded = true;
         answers.retain(|r| {
             let ip = match &r.data {
                 RData::A(a) => IpAddr::V4(a.0),
                 RData::AAAA(a) => IpAddr::V6(a.0),
                 _ => return true,
             };
-            let ip = crate::proxy::deputy::canonical(ip);
+            let ip = crate::addr::canonical(ip);
             let internal = self.rebinding.iter().any(|n| n.contains(&ip));
             let excepted = self.allow_internal.iter().any(|n| n.contains(&ip));
             if internal && !excepted {
@@ -265,15 +285,16 @@ impl Resolver {
                      wildcard (list the CIDR in dns.allow_internal_answers, or name the host exactly)"
                 );
                 tracing::warn!(agent = %client.agent.name, "{reason}");
-                self.audit_dns(client, name, PolicyResult::Deny, &reason);
+                recorded &= self.audit_dns(client, name, PolicyResult::Deny, &reason);
                 return false;
             }
             true
         });
+        recorded
     }
 
     /// Puts the answer's addresses into the agent's allowlist and name table.
-    fn learn(&self, client: &Client, name: &str, exact: bool, answers: &[Record], qname: &Name) {
+    fn learn(&self, client: &Caller, name: &str, exact: bool, answers: &[Record], qname: &Name) {
         let mut probe = Message::new(0, MessageType::Response, OpCode::Query);
         probe.add_answers(answers.iter().cloned());
         let addrs = client::addresses(&probe, qname);
@@ -284,7 +305,7 @@ impl Resolver {
         for a in &addrs {
             let ttl = a.ttl.clamp(MIN_TTL, self.max_ttl);
             let expires = now + u64::from(ttl) * 1_000_000_000;
-            let ip = crate::proxy::deputy::canonical(a.ip);
+            let ip = crate::addr::canonical(a.ip);
             if let Err(e) = self.kernel.learn_allow(client.agent.id, ip, expires, exact) {
                 tracing::warn!(agent = %client.agent.name, %ip, "cannot learn the address: {e}; connects to it are refused");
                 continue;
@@ -293,7 +314,9 @@ impl Resolver {
         }
     }
 
-    fn audit_deny(&self, client: &Client, name: &str, reason: &str, dry_run: bool) {
+    /// Records a refused (or, in dry run, would-be refused) name. False when the record could
+    /// not be written in strict mode.
+    fn audit_deny(&self, client: &Caller, name: &str, reason: &str, dry_run: bool) -> bool {
         let result = if dry_run {
             tracing::warn!(agent = %client.agent.name, "would be denied (dry-run): {reason}");
             PolicyResult::WouldDeny
@@ -301,21 +324,17 @@ impl Resolver {
             tracing::info!(agent = %client.agent.name, pid = client.pid, comm = %client.comm, "DNS denied: {reason}");
             PolicyResult::Deny
         };
-        self.audit_dns(client, name, result, reason);
+        self.audit_dns(client, name, result, reason)
     }
-}
 
-impl Resolver {
-    fn audit_dns(&self, client: &Client, name: &str, result: PolicyResult, reason: &str) {
-        let _ = self.audit.record(
-            AuditEvent::new(EventKind::Dns)
-                .agent_id(client.agent.name.clone())
-                .pid(client.pid)
-                .comm(client.comm.clone())
+    fn audit_dns(&self, client: &Caller, name: &str, result: PolicyResult, reason: &str) -> bool {
+        self.decisions.record(
+            client
+                .event(EventKind::Dns)
                 .dns_name(name)
                 .policy_result(result)
                 .reason(reason),
-        );
+        )
     }
 }
 
@@ -373,7 +392,7 @@ pub async fn serve_udp(socket: UdpSocket, resolver: Arc<Resolver>) {
             let client = resolver
                 .kernel
                 .dns_client(peer)
-                .and_then(|c| resolver.client(c.agent, c.pid, &c.comm));
+                .and_then(|c| Caller::from_record(&resolver.registry, c.agent, c.pid, &c.comm));
             if let Some(reply) = resolver.answer(client.as_ref(), &query, true).await {
                 let _ = socket.send_to(&reply, peer).await;
             }
@@ -403,7 +422,7 @@ async fn serve_tcp_conn(mut stream: TcpStream, peer: SocketAddr, resolver: Arc<R
         .kernel
         .take_orig(peer)
         .filter(|o| o.flags & enforcer_common::orig_flags::DNS != 0)
-        .and_then(|o| resolver.client(o.agent, o.pid, &o.comm));
+        .and_then(|o| Caller::from_record(&resolver.registry, o.agent, o.pid, &o.comm));
     loop {
         let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
             Ok(Ok(len)) => usize::from(len),
@@ -433,6 +452,112 @@ async fn serve_tcp_conn(mut stream: TcpStream, peer: SocketAddr, resolver: Arc<R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        agents::{Agent, Origin},
+        audit::{AuditLog, AuditOptions, generate_key_file},
+        config::SecurityMode,
+        policy::Policy,
+    };
+
+    /// A kernel with no records, whose allowlist accepts everything.
+    struct NoKernel;
+
+    impl DnsKernel for NoKernel {
+        fn dns_client(&self, _: SocketAddr) -> Option<enforcer_common::DnsClient> {
+            None
+        }
+        fn take_orig(&self, _: SocketAddr) -> Option<enforcer_common::OrigDst> {
+            None
+        }
+        fn learn_allow(&self, _: u32, _: IpAddr, _: u64, _: bool) -> Result<(), BpfError> {
+            Ok(())
+        }
+    }
+
+    /// A resolver for one agent allowing `api.test`, with its audit log and the caller.
+    fn resolver(dir: &std::path::Path, mode: SecurityMode) -> (Resolver, AuditLog, Caller) {
+        let key = dir.join("audit.key");
+        generate_key_file(&key).unwrap();
+        let audit = AuditLog::open(AuditOptions {
+            path: dir.join("audit.jsonl"),
+            key_path: key,
+            rotate_bytes: 0,
+            checkpoint_records: 0,
+            checkpoint_interval: Duration::from_secs(3600),
+        })
+        .unwrap();
+        let policy = "rules:\n  - name: api\n    allow: { url: \"api.test\" }\n";
+        let agent = Arc::new(Agent::new(
+            "dns-agent".into(),
+            1,
+            Origin::Configured,
+            "test.yaml".into(),
+            "/".into(),
+            Arc::new(Policy::from_yaml(policy.as_bytes(), "test").unwrap()),
+        ));
+        let registry = Arc::new(Registry::default());
+        registry.insert(agent.clone());
+        let statics = BTreeMap::from([("api.test".to_owned(), vec!["192.0.2.7".parse().unwrap()])]);
+        let resolver = Resolver::new(
+            Arc::new(NoKernel),
+            registry,
+            Decisions::new(audit.clone(), mode),
+            &statics,
+            Vec::new(),
+            60,
+            Vec::new(),
+        );
+        let caller = Caller {
+            agent,
+            pid: 7,
+            comm: Arc::from("dig"),
+        };
+        (resolver, audit, caller)
+    }
+
+    fn query(name: &str) -> Vec<u8> {
+        let mut m = Message::new(9, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    async fn code(r: &Resolver, caller: &Caller, name: &str) -> ResponseCode {
+        let reply = r.answer(Some(caller), &query(name), true).await.unwrap();
+        Message::from_vec(&reply).unwrap().metadata.response_code
+    }
+
+    #[tokio::test]
+    async fn a_denial_that_cannot_be_audited_is_servfail_in_strict_mode_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (strict, audit, caller) = resolver(dir.path(), SecurityMode::Strict);
+        assert_eq!(
+            code(&strict, &caller, "evil.test.").await,
+            ResponseCode::NXDomain
+        );
+        assert_eq!(
+            code(&strict, &caller, "api.test.").await,
+            ResponseCode::NoError
+        );
+        // The log is closed: no record can be written any more.
+        audit.close();
+        assert_eq!(
+            code(&strict, &caller, "evil.test.").await,
+            ResponseCode::ServFail
+        );
+        // An allowed answer writes no record, so it is unaffected.
+        assert_eq!(
+            code(&strict, &caller, "api.test.").await,
+            ResponseCode::NoError
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let (permissive, audit, caller) = resolver(dir.path(), SecurityMode::Permissive);
+        audit.close();
+        assert_eq!(
+            code(&permissive, &caller, "evil.test.").await,
+            ResponseCode::NXDomain
+        );
+    }
 
     fn a(name: &str, ip: &str) -> Record {
         Record::from_rdata(

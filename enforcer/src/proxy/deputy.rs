@@ -6,6 +6,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::addr::canonical;
+
 /// Ranges the proxy will not connect to on an agent's behalf unless named explicitly.
 const INTERNAL: &[(&str, &str)] = &[
     ("127.0.0.0/8", "loopback"),
@@ -76,14 +78,6 @@ impl Deputy {
 impl Default for Deputy {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// IPv4-mapped IPv6 as IPv4.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 

@@ -48,16 +48,14 @@ use tokio::{
 
 use super::{
     deny::{self, DECISION_HEADER, DENIED, DenyBody, REQUEST_ID_HEADER, Refusal},
-    deputy,
     peek::strip_port,
     scope::{self, Scope, ScopeExec},
     tls::UpstreamTls,
 };
 use crate::{
-    agents::Agent,
-    audit::{AuditEvent, AuditLog, EventKind, PolicyResult, path_without_query},
-    config::SecurityMode,
-    policy::{BODY_INSPECTION_LIMIT, Decision, DecisionKind, Mode, Scheme, canonical_host},
+    agents::Caller,
+    audit::{Decisions, EventKind, PolicyResult, path_without_query},
+    policy::{BODY_INSPECTION_LIMIT, Decision, DecisionKind, Scheme, canonical_host},
 };
 
 pub mod body;
@@ -84,8 +82,7 @@ pub const MAX_HEADER_LIST_BYTES: u32 = guard::MAX_HEAD_BYTES as u32;
 
 /// What every served connection needs from the daemon.
 pub struct L7Env {
-    pub audit: AuditLog,
-    pub security_mode: SecurityMode,
+    pub decisions: Decisions,
     /// Upstream TLS client configurations; `None` when they could not be built (then
     /// intercepted requests fail with 502).
     pub upstream_tls: Option<Arc<UpstreamTls>>,
@@ -93,9 +90,7 @@ pub struct L7Env {
 
 /// One client connection, as the kernel recorded it.
 pub struct ClientConn {
-    pub agent: Arc<Agent>,
-    pub pid: u32,
-    pub comm: String,
+    pub caller: Caller,
     /// The original destination.
     pub dst: SocketAddr,
     /// `Http` for plain connections, `Https` for intercepted TLS.
@@ -138,11 +133,11 @@ pub async fn serve<IO>(
     );
     // Upgraded tunnels hold a clone; the channel closes when the last one ends.
     let (tunnels, mut tunnels_done) = mpsc::channel::<()>(1);
-    let agent = conn.agent.clone();
+    let agent = conn.caller.agent.clone();
     let dst = conn.dst;
     let svc = Arc::new(Service {
         env,
-        dst_ip: deputy::canonical(conn.dst.ip()),
+        dst_ip: crate::addr::canonical(conn.dst.ip()),
         conn,
         client,
         scope: scope.clone(),
@@ -209,7 +204,7 @@ where
         }
     };
     if let Err(e) = result {
-        tracing::debug!(agent = %svc.conn.agent.name, dst = %svc.conn.dst, "client connection ended: {e}");
+        tracing::debug!(agent = %svc.conn.caller.agent.name, dst = %svc.conn.dst, "client connection ended: {e}");
     }
 }
 
@@ -306,7 +301,7 @@ impl Service {
             close: req.version() < Version::HTTP_2
                 && (is_connect || req.headers().contains_key(header::UPGRADE)),
         };
-        let agent = self.conn.agent.clone();
+        let agent = self.conn.caller.agent.clone();
         let policy = agent.policy();
         agent.touch_eval();
 
@@ -336,12 +331,9 @@ impl Service {
         let on_upgrade = parts.extensions.remove::<OnUpgrade>();
         let mut body = ReqBody::Streamed(incoming);
         let decision = if is_connect && self.conn.scheme == Scheme::Https {
-            deny_decision(
-                policy.mode(),
-                "CONNECT inside an intercepted TLS connection is not supported".into(),
-            )
+            policy.refusal("CONNECT inside an intercepted TLS connection is not supported".into())
         } else if let Some(reason) = self.canonicalize(&mut ask, is_connect) {
-            deny_decision(policy.mode(), reason)
+            policy.refusal(reason)
         } else {
             let needs = policy.needs_body(
                 self.conn.scheme,
@@ -394,15 +386,7 @@ impl Service {
                 &agent.limiter,
             )
         };
-        let result = if decision.allowed {
-            PolicyResult::Allow
-        } else if decision.dry_run {
-            PolicyResult::WouldDeny
-        } else if decision.kind == DecisionKind::RateLimited {
-            PolicyResult::RateLimited
-        } else {
-            PolicyResult::Deny
-        };
+        let result = PolicyResult::of(&decision);
         if !self.record(&ask, result, decision.rule.as_deref(), &decision.reason) {
             return self.audit_unavailable(&ask);
         }
@@ -413,14 +397,14 @@ impl Service {
         }
         if !decision.allowed {
             tracing::warn!(
-                agent = %agent.name, pid = self.conn.pid, comm = %self.conn.comm,
+                agent = %agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
                 method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
                 request_id = %ask.id,
                 "would be denied (dry-run): {}", decision.reason
             );
         } else {
             tracing::debug!(
-                agent = %agent.name, pid = self.conn.pid, comm = %self.conn.comm,
+                agent = %agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
                 method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
                 request_id = %ask.id, "request allowed: {}", decision.reason
             );
@@ -534,7 +518,7 @@ impl Service {
             ask.host = canonical.clone();
             return None;
         }
-        match super::host_matches_address(&self.conn.agent, &ask.host, self.dst_ip) {
+        match self.conn.caller.agent.check_host(&ask.host, self.dst_ip) {
             Ok(canonical) => {
                 let raw = std::mem::replace(&mut ask.host, canonical.clone());
                 *last = Some((raw, canonical));
@@ -550,7 +534,7 @@ impl Service {
             return None;
         }
         let host = match ask.host.parse::<IpAddr>() {
-            Ok(ip) => deputy::canonical(ip).to_string(),
+            Ok(ip) => crate::addr::canonical(ip).to_string(),
             Err(_) => canonical_host(&ask.host).unwrap_or_else(|_| ask.host.to_ascii_lowercase()),
         };
         let reason = match &self.conn.sni {
@@ -578,11 +562,11 @@ impl Service {
     /// Writes a `request` record. False when the log is failing in strict mode: the request
     /// must then be refused.
     fn record(&self, ask: &Ask, result: PolicyResult, rule: Option<&str>, reason: &str) -> bool {
-        let mut ev = AuditEvent::new(EventKind::Request)
+        let mut ev = self
+            .conn
+            .caller
+            .event(EventKind::Request)
             .request_id(ask.id.clone())
-            .agent_id(self.conn.agent.name.clone())
-            .pid(self.conn.pid)
-            .comm(self.conn.comm.clone())
             .policy_result(result)
             .reason(reason)
             .url_host(ask.host.clone())
@@ -592,23 +576,13 @@ impl Service {
         if let Some(rule) = rule {
             ev = ev.matched_rule(rule);
         }
-        match self.env.audit.record(ev) {
-            Ok(()) => true,
-            Err(e) if self.env.security_mode == SecurityMode::Strict => {
-                tracing::error!("audit log unavailable, refusing the request (strict mode): {e}");
-                false
-            }
-            Err(e) => {
-                tracing::warn!("audit log unavailable, continuing (permissive mode): {e}");
-                true
-            }
-        }
+        self.env.decisions.record(ev)
     }
 
     /// A policy denial: 403, or 429 for a rate limit.
     fn denied(&self, ask: &Ask, decision: &Decision) -> Response<DownBody> {
         tracing::info!(
-            agent = %self.conn.agent.name, pid = self.conn.pid, comm = %self.conn.comm,
+            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
             method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
             request_id = %ask.id, "request denied: {}", decision.reason
         );
@@ -624,7 +598,7 @@ impl Service {
                 error: if limited { deny::RATE_LIMITED } else { DENIED },
                 reason: &decision.reason,
                 rule: decision.rule.as_deref(),
-                agent_id: &self.conn.agent.name,
+                agent_id: &self.conn.caller.agent.name,
                 request_id: &ask.id,
                 retryable: limited,
             },
@@ -649,7 +623,7 @@ impl Service {
     ) -> Response<DownBody> {
         let _ = self.record(ask, PolicyResult::Deny, rule, reason);
         tracing::info!(
-            agent = %self.conn.agent.name, pid = self.conn.pid, comm = %self.conn.comm,
+            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
             method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
             request_id = %ask.id, "request refused ({}): {reason}", status.as_u16()
         );
@@ -660,7 +634,7 @@ impl Service {
                 error: DENIED,
                 reason,
                 rule,
-                agent_id: &self.conn.agent.name,
+                agent_id: &self.conn.caller.agent.name,
                 request_id: &ask.id,
                 retryable: false,
             },
@@ -687,7 +661,7 @@ impl Service {
                 error: "audit log unavailable",
                 reason: "the audit log cannot be written, and security_mode is strict",
                 rule: None,
-                agent_id: &self.conn.agent.name,
+                agent_id: &self.conn.caller.agent.name,
                 request_id: &ask.id,
                 retryable: true,
             },
@@ -698,11 +672,9 @@ impl Service {
 
     fn completion(&self, ask: &Ask, decision: &Decision, sent: Arc<AtomicU64>) -> Completion {
         Completion {
-            audit: self.env.audit.clone(),
+            audit: self.env.decisions.log().clone(),
             request_id: ask.id.clone(),
-            agent: self.conn.agent.name.clone(),
-            pid: self.conn.pid,
-            comm: self.conn.comm.clone(),
+            caller: self.conn.caller.clone(),
             host: ask.host.clone(),
             dest: self.conn.dst.to_string(),
             method: ask.method.as_str().to_owned(),
@@ -731,12 +703,12 @@ impl Service {
         };
         if verify {
             tracing::warn!(
-                agent = %self.conn.agent.name, pid = self.conn.pid, comm = %self.conn.comm,
+                agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
                 host = %ask.host, request_id = %ask.id, "{reason}"
             );
         } else {
             tracing::info!(
-                agent = %self.conn.agent.name, host = %ask.host, dst = %self.conn.dst,
+                agent = %self.conn.caller.agent.name, host = %ask.host, dst = %self.conn.dst,
                 request_id = %ask.id, "{reason}"
             );
         }
@@ -754,7 +726,7 @@ impl Service {
                 },
                 reason: &reason,
                 rule: None,
-                agent_id: &self.conn.agent.name,
+                agent_id: &self.conn.caller.agent.name,
                 request_id: &ask.id,
                 retryable: !verify,
             },
@@ -773,7 +745,7 @@ impl Service {
     ) -> Response<DownBody> {
         let upstream_side = hyper::upgrade::on(&mut response);
         let token = self.tunnels.clone();
-        let agent = self.conn.agent.name.clone();
+        let agent = self.conn.caller.agent.name.clone();
         self.scope.spawn(async move {
             let _token = token;
             let client_side = match client_side {
@@ -811,20 +783,20 @@ impl Service {
                 close: true,
             };
             let reason = v.reason();
-            let mut ev = AuditEvent::new(EventKind::Request)
+            let mut ev = svc
+                .conn
+                .caller
+                .event(EventKind::Request)
                 .request_id(ask.id.clone())
-                .agent_id(svc.conn.agent.name.clone())
-                .pid(svc.conn.pid)
-                .comm(svc.conn.comm.clone())
                 .policy_result(PolicyResult::Deny)
                 .reason(reason.clone())
                 .dest(svc.conn.dst.to_string());
             if let Some(sni) = &svc.conn.sni {
                 ev = ev.url_host(sni.clone());
             }
-            let _ = svc.env.audit.record(ev);
+            let _ = svc.env.decisions.record(ev);
             tracing::info!(
-                agent = %svc.conn.agent.name, pid = svc.conn.pid, comm = %svc.conn.comm,
+                agent = %svc.conn.caller.agent.name, pid = svc.conn.caller.pid, comm = %svc.conn.caller.comm,
                 dst = %svc.conn.dst, request_id = %ask.id,
                 "request refused ({}): {reason}", v.status().as_u16()
             );
@@ -835,7 +807,7 @@ impl Service {
                     error: DENIED,
                     reason: &reason,
                     rule: None,
-                    agent_id: &svc.conn.agent.name,
+                    agent_id: &svc.conn.caller.agent.name,
                     request_id: &ask.id,
                     retryable: false,
                 },
@@ -854,19 +826,6 @@ fn ask_closing(ask: &Ask) -> Ask {
         host: ask.host.clone(),
         path: ask.path.clone(),
         close: true,
-    }
-}
-
-/// A denial the engine did not make (host/address mismatch and the like), flagged for
-/// dry-run like the engine's own.
-pub fn deny_decision(mode: Mode, reason: String) -> Decision {
-    Decision {
-        allowed: false,
-        kind: DecisionKind::Deny,
-        rule: None,
-        reason,
-        dry_run: mode == Mode::DryRun,
-        retry_after: None,
     }
 }
 

@@ -18,7 +18,10 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::audit::{AuditEvent, AuditLog, EventKind};
+use crate::{
+    agents::Caller,
+    audit::{AuditLog, EventKind},
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -171,9 +174,7 @@ pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper:
 pub struct Completion {
     pub audit: AuditLog,
     pub request_id: String,
-    pub agent: String,
-    pub pid: u32,
-    pub comm: String,
+    pub caller: Caller,
     pub host: String,
     pub dest: String,
     pub method: String,
@@ -188,11 +189,10 @@ pub struct Completion {
 impl Completion {
     /// Writes the record, with `bytes_down` sent to the agent.
     pub fn record(self, bytes_down: u64) {
-        let mut ev = AuditEvent::new(EventKind::Completion)
+        let mut ev = self
+            .caller
+            .event(EventKind::Completion)
             .request_id(self.request_id)
-            .agent_id(self.agent)
-            .pid(self.pid)
-            .comm(self.comm)
             .url_host(self.host)
             .dest(self.dest)
             .method(self.method)

@@ -24,14 +24,23 @@ use tokio::{
 
 use super::*;
 use crate::{
-    agents::Origin,
-    audit::{AuditOptions, generate_key_file},
+    agents::{Agent, Origin},
+    audit::{AuditLog, AuditOptions, generate_key_file},
     policy::Policy,
     proxy::{rewind::Rewind, scope::Tracked},
 };
 
 /// Bound against hangs only.
 const WAIT: Duration = Duration::from_secs(10);
+
+/// A caller of `agent`, as the kernel would have recorded it.
+fn caller(agent: Arc<Agent>, pid: u32, comm: &str) -> Caller {
+    Caller {
+        agent,
+        pid,
+        comm: Arc::from(comm),
+    }
+}
 
 /// What the upstream saw.
 #[derive(Debug, Clone)]
@@ -208,8 +217,7 @@ impl Proxy {
         agent.learn("up.test", dst.ip(), u64::MAX, true);
         agent.learn("elsewhere.test", dst.ip(), u64::MAX, false);
         let env = Arc::new(L7Env {
-            audit: audit.clone(),
-            security_mode: SecurityMode::Strict,
+            decisions: Decisions::new(audit.clone(), crate::config::SecurityMode::Strict),
             upstream_tls: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -223,9 +231,7 @@ impl Proxy {
                     let scope = Scope::new();
                     let io = Rewind::new(Bytes::new(), Tracked::new(stream, scope.clone()));
                     let conn = ClientConn {
-                        agent: agent.clone(),
-                        pid: 4242,
-                        comm: "tester".into(),
+                        caller: caller(agent.clone(), 4242, "tester"),
                         dst,
                         scheme: Scheme::Http,
                         sni: None,
@@ -729,9 +735,7 @@ async fn http2_through_interception_judges_each_stream_and_refuses_fronting() {
     let p = Proxy::start(POLICY, up.addr).await;
     let (server, client_config, _dir) = tls_pair("up.test");
     let conn = ClientConn {
-        agent: p.agent.clone(),
-        pid: 1,
-        comm: "h2".into(),
+        caller: caller(p.agent.clone(), 1, "h2"),
         dst: up.addr,
         // Judged as plain HTTP so the plain upstream can answer; the SNI check applies
         // to Https only, so it is exercised below with its own connection.
@@ -777,9 +781,7 @@ async fn over_tls_a_host_other_than_the_sni_is_misdirected() {
     let (server, mut client_config, _dir) = tls_pair("up.test");
     Arc::get_mut(&mut client_config).unwrap().alpn_protocols = vec![b"http/1.1".to_vec()];
     let conn = ClientConn {
-        agent: p.agent.clone(),
-        pid: 1,
-        comm: "fronting".into(),
+        caller: caller(p.agent.clone(), 1, "fronting"),
         dst: up.addr,
         scheme: Scheme::Https,
         sni: Some("up.test".into()),
@@ -824,7 +826,7 @@ async fn serve_tls_once(
             Proto::Http2 => b"h2",
         };
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
-        let agent = conn.agent.clone();
+        let agent = conn.caller.agent.clone();
         let guard = agent.conns.register(None);
         serve(env, conn, tls, proto, Scope::new(), guard.killed.clone()).await;
     });
