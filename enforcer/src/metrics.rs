@@ -83,6 +83,16 @@ pub fn observe_evaluation(took: Duration) {
     global().evaluation.observe(took.as_secs_f64());
 }
 
+/// Runs one policy evaluation and records its duration in
+/// `enforcer_policy_evaluation_seconds` (two clock reads and a histogram update: about 0.1 µs
+/// against the tens of µs a proxied request costs).
+pub fn timed<T>(evaluate: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let out = evaluate();
+    observe_evaluation(started.elapsed());
+    out
+}
+
 /// Counts a decision or control event as it is audited.
 pub fn observe(event: &AuditEvent) {
     let m = global();

@@ -353,7 +353,8 @@ impl Connection {
         // Step 2: tcp: rules, judged on the destination alone, before any byte is read.
         let mut names = self.caller.agent.names_for(dst_ip);
         names.push(ip_text.clone());
-        if let Some(decision) = self.policy.tcp_decision(&names, self.dst.port()) {
+        let tcp = crate::metrics::timed(|| self.policy.tcp_decision(&names, self.dst.port()));
+        if let Some(decision) = tcp {
             let host = names.first().cloned().unwrap_or(ip_text);
             return Route::Decided {
                 verdict: Verdict {
@@ -406,12 +407,14 @@ impl Connection {
             Err(reason) => return decided(self.policy.refusal(reason)),
         };
         let host_decision = |canonical: &str| {
-            let mut d = self.policy.host_decision(
-                Scheme::Https,
-                canonical,
-                self.dst.port(),
-                jiff::Timestamp::now(),
-            );
+            let mut d = crate::metrics::timed(|| {
+                self.policy.host_decision(
+                    Scheme::Https,
+                    canonical,
+                    self.dst.port(),
+                    jiff::Timestamp::now(),
+                )
+            });
             // Without SNI the host is the address; say so when that fails.
             if !d.allowed && sni.is_none() {
                 d.reason = format!(

@@ -127,6 +127,111 @@ fn metrics_move_with_traffic() {
     );
 }
 
+/// The metric families the README's table lists, and whether each is event-only.
+fn readme_metric_families() -> Vec<(String, bool)> {
+    let readme = include_str!("../../README.md");
+    let table = readme
+        .split("| family | labels | what |")
+        .nth(1)
+        .expect("the README lists the metric families in a table");
+    table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.trim_start().starts_with('|'))
+        .map(|row| {
+            let name = row
+                .split('`')
+                .nth(1)
+                .expect("a family name in backticks")
+                .to_owned();
+            (name, row.contains("*event-only*"))
+        })
+        .collect()
+}
+
+/// The sum of a family's samples in a scrape (a histogram by its `_count`); `None` when the
+/// family has no sample at all.
+fn family_total(scrape: &str, family: &str) -> Option<f64> {
+    let count = format!("{family}_count");
+    let values: Vec<f64> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, rest) = l.split_at(l.find(['{', ' '])?);
+            (name == family || name == count)
+                .then(|| rest.rsplit(' ').next()?.parse::<f64>().ok())
+                .flatten()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+#[test]
+fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
+    // Scenario: one of each event the families count (an allowed and a refused connect, a
+    // refused DNS name, a raw packet, a held connection, a policy reload, the agent's and
+    // the global kill switch); every family the README lists must change, but for those it
+    // marks event-only, which must at least be exported.
+    let Some(()) = prerequisites("metrics_families") else {
+        return;
+    };
+    let families = readme_metric_families();
+    assert!(families.len() >= 10, "{families:?}");
+    let up = Upstream::http("127.0.0.6", "ok");
+    let d = TestDaemon::start(&[("a", &policy())], &[], "");
+    let (code, before) = http_get(d.metrics_port, "/metrics");
+    assert_eq!(code, 200);
+    let addr = up.addr.to_string();
+    let mut held = d.probe_spawn("a", &["tcp-hold", &addr, "20"]);
+    assert!(
+        eventually(10, || d.agent_status("a")["open_connections"] == 1),
+        "the held connection is open"
+    );
+    let (_, while_open) = http_get(d.metrics_port, "/metrics");
+    assert!(stdout(&d.probe("a", &["tcp", "127.0.0.7:9"])).contains("os error 1"));
+    let out = d.probe("a", &["dns", "127.0.0.53:53", "evil.test", "A"]);
+    assert!(stdout(&out).contains("rcode Non-Existent Domain"), "{}", stdout(&out));
+    let raw = d
+        .exec_as(
+            "a",
+            &["--allow-root"],
+            &[enforcer_tests::probe_bin().to_str().unwrap(), "raw-icmp", "127.0.0.1"],
+        )
+        .output()
+        .unwrap();
+    assert!(!stdout(&raw).contains("reply"), "{}", stdout(&raw));
+    let policy_file = d.policy_path("a");
+    let text = std::fs::read_to_string(&policy_file).unwrap();
+    std::fs::write(&policy_file, format!("{text}# edited\n")).unwrap();
+    assert!(eventually(15, || {
+        d.agent_status("a")["last_reload"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reloaded"))
+    }));
+    std::fs::write(d.agent_kill_path("a"), b"").unwrap();
+    std::fs::write(d.global_kill_path(), b"").unwrap();
+    assert!(eventually(10, || d.status()["kill_switch"]["global"] == true));
+    let (_, after) = http_get(d.metrics_port, "/metrics");
+    reap(held);
+    for (family, event_only) in families {
+        let b = family_total(&before, &family).unwrap_or(0.0);
+        let a = family_total(&after, &family).unwrap_or(0.0);
+        let open = family_total(&while_open, &family).unwrap_or(0.0);
+        if event_only {
+            assert!(
+                after.contains(&format!("# TYPE {family}")) || after.contains(&family),
+                "{family} is not exported:\n{after}"
+            );
+        } else {
+            assert!(
+                a != b || open != b,
+                "{family} did not move under traffic ({b} before, {open} with a connection \
+                 open, {a} after)"
+            );
+        }
+    }
+}
+
 /// Each thread's voluntary context switches, by thread name, for the daemon's `proxy-*`
 /// threads.
 fn proxy_thread_wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {

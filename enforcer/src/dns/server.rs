@@ -187,7 +187,7 @@ impl Resolver {
         };
         let policy = client.agent.policy();
         let dry_run = policy.mode() == Mode::DryRun;
-        let matched = policy.host_match(&name);
+        let matched = crate::metrics::timed(|| policy.host_match(&name));
         if matched == HostMatch::None {
             let reason = format!("no rule of agent '{}' can allow {name}", client.agent.name);
             if !self.audit_deny(client, &name, &reason, dry_run) {

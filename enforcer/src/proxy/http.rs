@@ -371,20 +371,22 @@ impl Service {
                 ReqBody::Read(b) => (Some(b.joined()), b.truncated),
                 ReqBody::Streamed(_) => (None, false),
             };
-            policy.evaluate(
-                &crate::policy::Request {
-                    scheme: self.conn.scheme,
-                    method: parts.method.as_str(),
-                    host: &ask.host,
-                    port,
-                    path_and_query: &ask.path,
-                    headers: &parts.headers,
-                    body: bytes.as_deref(),
-                    body_truncated: truncated,
-                    now: jiff::Timestamp::now(),
-                },
-                &agent.limiter,
-            )
+            crate::metrics::timed(|| {
+                policy.evaluate(
+                    &crate::policy::Request {
+                        scheme: self.conn.scheme,
+                        method: parts.method.as_str(),
+                        host: &ask.host,
+                        port,
+                        path_and_query: &ask.path,
+                        headers: &parts.headers,
+                        body: bytes.as_deref(),
+                        body_truncated: truncated,
+                        now: jiff::Timestamp::now(),
+                    },
+                    &agent.limiter,
+                )
+            })
         };
         let result = PolicyResult::of(&decision);
         if !self.record(&ask, result, decision.rule.as_deref(), &decision.reason) {
