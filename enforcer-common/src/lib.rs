@@ -356,18 +356,29 @@ pub struct DenyEvent {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: every type is `repr(C)`, `Copy`, made only of integers and arrays of integers,
-    // with explicit padding fields, so any bit pattern is valid and there are no holes.
-    unsafe impl aya::Pod for Addr {}
-    unsafe impl aya::Pod for GlobalConfig {}
-    unsafe impl aya::Pod for AgentState {}
-    unsafe impl aya::Pod for AllowKey {}
-    unsafe impl aya::Pod for AllowValue {}
-    unsafe impl aya::Pod for SockKey {}
-    unsafe impl aya::Pod for OrigDst {}
-    unsafe impl aya::Pod for DnsClient {}
-    unsafe impl aya::Pod for AgentCounters {}
-    unsafe impl aya::Pod for DenyEvent {}
+
+    /// Marks shared types as plain old data for aya's map APIs.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: the type is `repr(C)`, `Copy`, made only of integers and arrays of
+            // integers, with explicit padding fields, so any bit pattern is valid and there are
+            // no holes (`layouts_have_no_implicit_padding` checks the sizes).
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        Addr,
+        GlobalConfig,
+        AgentState,
+        AllowKey,
+        AllowValue,
+        SockKey,
+        OrigDst,
+        DnsClient,
+        AgentCounters,
+        DenyEvent,
+    );
 }
 
 #[cfg(test)]

@@ -122,15 +122,13 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         peer: &Peer,
         req: api::EnrolRequest,
-    ) -> impl std::future::Future<Output = Result<api::EnrolResponse, Refusal>> + Send;
+    ) -> impl Future<Output = Result<api::EnrolResponse, Refusal>> + Send;
     fn unenrol(
         &self,
         peer: &Peer,
         req: api::UnenrolRequest,
     ) -> Result<api::UnenrolResponse, Refusal>;
-    fn reload(
-        &self,
-    ) -> impl std::future::Future<Output = Result<api::ReloadResponse, Refusal>> + Send;
+    fn reload(&self) -> impl Future<Output = Result<api::ReloadResponse, Refusal>> + Send;
 }
 
 /// Binds the admin socket: mode 0660, group `admin_group` when given.
@@ -209,7 +207,7 @@ fn peer_of(stream: &UnixStream) -> Option<Peer> {
 fn peer_pidfd(stream: &UnixStream, pid: u32) -> Option<OwnedFd> {
     const SO_PEERPIDFD: libc::c_int = 77;
     let mut fd: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `fd`.
     let r = unsafe {
         libc::getsockopt(

@@ -146,10 +146,10 @@ pub struct Config {
     /// Group whose members may enrol their own processes through the admin socket.
     /// Default: none (root only).
     pub admin_group: Option<String>,
-    /// Transparent proxy port on 127.0.0.1 and [::1]. Default: 1001 (below 1024, so no
+    /// Transparent proxy port on 127.0.0.1 and `[::1]`. Default: 1001 (below 1024, so no
     /// unprivileged user can take it while the daemon restarts).
     pub proxy_port: u16,
-    /// Local DNS resolver port on 127.0.0.1 and [::1]. Default: 1002.
+    /// Local DNS resolver port on 127.0.0.1 and `[::1]`. Default: 1002.
     pub dns_port: u16,
     /// Proxy threads, each running its own connections. Default: one per CPU the daemon may
     /// run on.

@@ -46,7 +46,7 @@ pub fn netns_cookie() -> Result<u64, SysError> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(SysError::NetnsCookie)?;
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
     let r = unsafe {
         libc::getsockopt(

@@ -59,6 +59,7 @@ fn bin(var: &str, name: &str) -> PathBuf {
 
 /// Checks root, BPF and cgroup2. `None` means skip (and says why).
 pub fn prerequisites(test: &str) -> Option<()> {
+    // SAFETY: geteuid cannot fail and touches no memory.
     let missing = if unsafe { libc::geteuid() } != 0 {
         Some("root")
     } else if !Path::new("/sys/fs/bpf").exists() {
@@ -280,6 +281,131 @@ impl Drop for Counter {
     }
 }
 
+/// A scenario of a privileged test: made only when the prerequisites hold (root, bpffs,
+/// cgroup2; otherwise the test skips, or fails under `ENFORCER_E2E=require`), it builds the
+/// daemons the test runs:
+///
+/// ```ignore
+/// let Some(s) = Scenario::new("l7_plain_rules") else { return };
+/// let up = WebUpstream::http("127.0.0.5", "api");
+/// let d = s.daemon().agent("a", &policy).resolve("api.test", "127.0.0.5").start();
+/// ```
+pub struct Scenario {
+    name: String,
+}
+
+impl Scenario {
+    /// `None` (the test returns) when the prerequisites are missing and not required.
+    pub fn new(name: &str) -> Option<Scenario> {
+        prerequisites(name).map(|()| Scenario {
+            name: name.to_owned(),
+        })
+    }
+
+    /// The scenario's name, as `prerequisites` got it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A daemon to configure.
+    pub fn daemon(&self) -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+}
+
+/// The configuration of one test daemon; see [`Scenario`].
+#[derive(Default, Clone)]
+pub struct DaemonBuilder {
+    agents: Vec<(String, String)>,
+    statics: Vec<(String, String)>,
+    dns_upstream: Option<SocketAddr>,
+    dns_extra: String,
+    extra: String,
+    _tmp: Option<Arc<tempfile::TempDir>>,
+}
+
+impl DaemonBuilder {
+    /// An agent under `logical` (the real name is made unique) with this policy.
+    pub fn agent(mut self, logical: &str, policy: &str) -> Self {
+        self.agents.push((logical.to_owned(), policy.to_owned()));
+        self
+    }
+
+    /// A `dns.static` entry.
+    pub fn resolve(mut self, name: &str, ip: &str) -> Self {
+        self.statics.push((name.to_owned(), ip.to_owned()));
+        self
+    }
+
+    /// The resolver's upstream (default 127.0.0.53, where nothing listens).
+    pub fn dns_upstream(mut self, addr: SocketAddr) -> Self {
+        self.dns_upstream = Some(addr);
+        self
+    }
+
+    /// More lines of the `dns:` section, indented two spaces.
+    pub fn dns_lines(mut self, lines: &str) -> Self {
+        self.dns_extra.push_str(lines);
+        self
+    }
+
+    /// More top-level configuration lines.
+    pub fn config(mut self, lines: &str) -> Self {
+        self.extra.push_str(lines);
+        self.extra.push('\n');
+        self
+    }
+
+    /// Upstream TLS trusts this CA (`tls.extra_upstream_roots`), besides the system roots;
+    /// `tls_lines` are more lines of the `tls:` section, indented two spaces.
+    pub fn upstream_ca(mut self, ca: &web::TestCa, tls_lines: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod temp dir");
+        }
+        let path = tmp.path().join("upstream-ca.pem");
+        ca.write_pem(&path);
+        self.extra.push_str(&format!(
+            "tls:\n  extra_upstream_roots: [{}]\n{tls_lines}\n",
+            path.display()
+        ));
+        self._tmp = Some(Arc::new(tmp));
+        self
+    }
+
+    /// Writes the configuration without starting the daemon (call `spawn`).
+    pub fn build(self) -> TestDaemon {
+        let agents: Vec<(&str, &str)> = self
+            .agents
+            .iter()
+            .map(|(a, p)| (a.as_str(), p.as_str()))
+            .collect();
+        let statics: Vec<(&str, &str)> = self
+            .statics
+            .iter()
+            .map(|(n, ip)| (n.as_str(), ip.as_str()))
+            .collect();
+        let mut d = TestDaemon::with_dns(
+            &agents,
+            &statics,
+            self.dns_upstream,
+            &self.dns_extra,
+            &self.extra,
+        );
+        d.keep = self._tmp;
+        d
+    }
+
+    /// Writes the configuration and starts the daemon.
+    pub fn start(self) -> TestDaemon {
+        let mut d = self.build();
+        d.spawn();
+        d
+    }
+}
+
 /// One agent of a test daemon.
 pub struct AgentSpec {
     /// Name used in the test; the real agent name is made unique.
@@ -297,38 +423,15 @@ pub struct TestDaemon {
     pub bpffs: PathBuf,
     agents: Vec<(String, String)>,
     child: Option<Child>,
+    /// Files the configuration names outside `dir` (an upstream CA), kept while it runs.
+    keep: Option<Arc<tempfile::TempDir>>,
 }
 
 impl TestDaemon {
-    /// Starts a daemon with these agents, `dns.static` entries and extra top-level config
-    /// lines.
-    pub fn start(agents: &[(&str, &str)], statics: &[(&str, &str)], extra: &str) -> TestDaemon {
-        let mut d = Self::new(agents, statics, extra);
-        d.spawn();
-        d
-    }
-
-    /// Writes the configuration without starting the daemon (call `spawn`).
-    pub fn new(agents: &[(&str, &str)], statics: &[(&str, &str)], extra: &str) -> TestDaemon {
-        Self::with_dns(agents, statics, None, "", extra)
-    }
-
-    /// Starts a daemon configured with `with_dns`.
-    pub fn start_with_dns(
-        agents: &[(&str, &str)],
-        statics: &[(&str, &str)],
-        upstream: Option<SocketAddr>,
-        dns_extra: &str,
-        extra: &str,
-    ) -> TestDaemon {
-        let mut d = Self::with_dns(agents, statics, upstream, dns_extra, extra);
-        d.spawn();
-        d
-    }
-
-    /// The general form: `upstream` is the test resolver (`None`: 127.0.0.53, where nothing
-    /// listens), `dns_extra` more lines of the `dns:` section (indented two spaces).
-    pub fn with_dns(
+    /// Writes the configuration: `upstream` is the test resolver (`None`: 127.0.0.53, where
+    /// nothing listens), `dns_extra` more lines of the `dns:` section (indented two spaces).
+    /// Tests use [`Scenario::daemon`].
+    fn with_dns(
         agents: &[(&str, &str)],
         statics: &[(&str, &str)],
         upstream: Option<SocketAddr>,
@@ -393,6 +496,7 @@ impl TestDaemon {
             bpffs,
             agents: names,
             child: None,
+            keep: None,
         }
     }
 

@@ -5,7 +5,7 @@
 //! - `…/stream`: `text/event-stream`; `data: first` at once, `data: second` only after
 //!   [`WebUpstream::release`], then the end.
 //! - `…/ws`: a WebSocket-style upgrade (101) that echoes every byte.
-//! - anything else: `200 hello from NAME METHOD PATH`.
+//! - anything else: `200 hello from NAME METHOD PATH`, with `x-upstream: NAME`.
 //!
 //! Every request is recorded ([`WebHit`]).
 
@@ -250,6 +250,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let text = format!("hello from {} {method} {route}", shared.name);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain")
+        .header("x-upstream", shared.name.as_str())
         .body(Either::Left(Full::new(Bytes::from(text))))
         .expect("response")
 }

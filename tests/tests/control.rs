@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use enforcer_tests::{
-    Counter, Lines, TestDaemon, Upstream, eventually, prerequisites, reap, stdout,
-};
+use enforcer_tests::{Counter, Lines, Scenario, Upstream, eventually, reap, stdout};
 
 fn allow_literal(ip: &str) -> String {
     format!("default: deny\nrules:\n  - name: lit\n    allow: {{ url: \"{ip}:*\" }}\n")
@@ -34,11 +32,11 @@ fn proxy_thread_nice(pid: u32) -> (std::collections::BTreeMap<String, i64>, i64)
 fn kill_switch_resets_open_streams_refuses_new_connects_and_lifts() {
     // Scenario: an enrolled process holds a proxied keep-alive stream. `enforcer kill` cuts it
     // with a reset and new connects fail with EPERM; `enforcer revive` lets them through again.
-    let Some(()) = prerequisites("kill_switch") else {
+    let Some(s) = Scenario::new("kill_switch") else {
         return;
     };
     let up = Upstream::http("127.0.0.6", "up6");
-    let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let d = s.daemon().agent("a", &allow_literal("127.0.0.6")).start();
     let mut child = d.probe_spawn("a", &["stream", &up.addr.to_string(), &up.addr.to_string()]);
     let lines = Lines::of(&mut child);
     assert_eq!(
@@ -113,18 +111,15 @@ fn kill_switch_resets_open_streams_refuses_new_connects_and_lifts() {
 
 #[test]
 fn a_per_agent_kill_leaves_other_agents_untouched() {
-    let Some(()) = prerequisites("per_agent_kill") else {
+    let Some(s) = Scenario::new("per_agent_kill") else {
         return;
     };
     let up = Upstream::http("127.0.0.6", "up6");
-    let d = TestDaemon::start(
-        &[
-            ("a", &allow_literal("127.0.0.6")),
-            ("b", &allow_literal("127.0.0.6")),
-        ],
-        &[],
-        "",
-    );
+    let d = s
+        .daemon()
+        .agent("a", &allow_literal("127.0.0.6"))
+        .agent("b", &allow_literal("127.0.0.6"))
+        .start();
     let mut ca = d.probe_spawn("a", &["stream", &up.addr.to_string(), &up.addr.to_string()]);
     let mut cb = d.probe_spawn("b", &["stream", &up.addr.to_string(), &up.addr.to_string()]);
     let (la, lb) = (Lines::of(&mut ca), Lines::of(&mut cb));
@@ -159,11 +154,11 @@ fn a_per_agent_kill_leaves_other_agents_untouched() {
 fn a_symlinked_kill_path_counts_as_engaged() {
     // Scenario: the per-agent kill path is a dangling symlink. It is not followed, and it
     // engages the switch all the same.
-    let Some(()) = prerequisites("symlink_kill") else {
+    let Some(s) = Scenario::new("symlink_kill") else {
         return;
     };
     let up = Upstream::http("127.0.0.6", "up6");
-    let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let d = s.daemon().agent("a", &allow_literal("127.0.0.6")).start();
     let path = d.agent_kill_path("a");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::os::unix::fs::symlink("/nonexistent/target", &path).unwrap();
@@ -177,11 +172,11 @@ fn a_symlinked_kill_path_counts_as_engaged() {
 
 #[test]
 fn a_global_kill_file_present_at_start_holds_from_the_first_instant() {
-    let Some(()) = prerequisites("kill_at_start") else {
+    let Some(s) = Scenario::new("kill_at_start") else {
         return;
     };
     let up = Upstream::http("127.0.0.6", "up6");
-    let mut d = TestDaemon::new(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let mut d = s.daemon().agent("a", &allow_literal("127.0.0.6")).build();
     std::fs::create_dir_all(d.global_kill_path().parent().unwrap()).unwrap();
     std::fs::write(d.global_kill_path(), b"").unwrap();
     d.spawn();
@@ -201,10 +196,10 @@ fn kill_destroys_other_tcp_sockets_of_the_cgroup() {
     // Scenario: an enrolled process holds a TCP connection that does not go through the
     // proxy: DNS over TCP, redirected from port 53 to the resolver. Dropped packets alone
     // would only stall it; the kill switch destroys it with sock_diag.
-    let Some(()) = prerequisites("kill_sock_destroy") else {
+    let Some(s) = Scenario::new("kill_sock_destroy") else {
         return;
     };
-    let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let d = s.daemon().agent("a", &allow_literal("127.0.0.6")).start();
     let mut child = d.probe_spawn("a", &["hold", "127.0.0.98:53"]);
     let lines = Lines::of(&mut child);
     assert_eq!(
@@ -229,11 +224,11 @@ fn a_valid_policy_is_reloaded_and_an_invalid_one_is_rejected() {
     // Scenario: the policy file is rewritten to allow 127.0.0.7: the kernel allowlist and the
     // proxy follow without a restart. Then a broken policy is written: it is rejected, the
     // previous one stays in force, status and the audit log say so.
-    let Some(()) = prerequisites("reload") else {
+    let Some(s) = Scenario::new("reload") else {
         return;
     };
     let up7 = Upstream::http("127.0.0.7", "up7");
-    let d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let d = s.daemon().agent("a", &allow_literal("127.0.0.6")).start();
     let before = d.agent_status("a")["policy_sha256"]
         .as_str()
         .unwrap()
@@ -283,11 +278,11 @@ fn a_valid_policy_is_reloaded_and_an_invalid_one_is_rejected() {
 
 #[test]
 fn sighup_reloads_and_the_audit_log_of_a_run_verifies() {
-    let Some(()) = prerequisites("sighup") else {
+    let Some(s) = Scenario::new("sighup") else {
         return;
     };
     let target = Counter::new("127.0.0.7");
-    let mut d = TestDaemon::start(&[("a", &allow_literal("127.0.0.6"))], &[], "");
+    let mut d = s.daemon().agent("a", &allow_literal("127.0.0.6")).start();
     // Change the file and signal at once: the reload must not wait for the periodic check.
     std::fs::write(d.policy_path("a"), allow_literal("127.0.0.7")).unwrap();
     // SAFETY: plain kill(2) on our own child.

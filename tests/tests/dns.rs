@@ -5,9 +5,7 @@
 
 use std::time::Duration;
 
-use enforcer_tests::{
-    DnsUpstream, Lines, TestDaemon, Upstream, eventually, prerequisites, reap, stdout,
-};
+use enforcer_tests::{DnsUpstream, Lines, Scenario, Upstream, eventually, reap, stdout};
 
 fn policy(port: u16) -> String {
     format!(
@@ -19,18 +17,16 @@ fn policy(port: u16) -> String {
 
 #[test]
 fn an_allowed_name_resolves_and_its_address_is_then_reachable() {
-    let Some(()) = prerequisites("dns_allowed") else {
+    let Some(s) = Scenario::new("dns_allowed") else {
         return;
     };
     let up = Upstream::http("127.0.0.5", "api");
     let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "127.0.0.5", 60)]);
-    let d = TestDaemon::start_with_dns(
-        &[("a", &policy(up.addr.port()))],
-        &[],
-        Some(dns.addr),
-        "",
-        "",
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy(up.addr.port()))
+        .dns_upstream(dns.addr)
+        .start();
     let addr = format!("api.test:{}", up.addr.port());
     let out = d.probe("a", &["tcp", &addr, &addr]);
     assert!(
@@ -44,11 +40,15 @@ fn an_allowed_name_resolves_and_its_address_is_then_reachable() {
 
 #[test]
 fn a_disallowed_name_gets_nxdomain_and_nothing_is_sent_upstream() {
-    let Some(()) = prerequisites("dns_nxdomain") else {
+    let Some(s) = Scenario::new("dns_nxdomain") else {
         return;
     };
     let dns = DnsUpstream::start("127.0.0.54", &[("evil.test", "A", "192.0.2.66", 60)]);
-    let d = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let d = s
+        .daemon()
+        .agent("a", &policy(443))
+        .dns_upstream(dns.addr)
+        .start();
     let out = d.probe("a", &["dns", "127.0.0.53:53", "evil.test", "A"]);
     assert!(
         stdout(&out).contains("rcode Non-Existent Domain")
@@ -72,18 +72,16 @@ fn a_disallowed_name_gets_nxdomain_and_nothing_is_sent_upstream() {
 
 #[test]
 fn a_connect_to_an_address_never_resolved_is_refused() {
-    let Some(()) = prerequisites("dns_unresolved") else {
+    let Some(s) = Scenario::new("dns_unresolved") else {
         return;
     };
     let up = Upstream::http("127.0.0.5", "api");
     let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "127.0.0.5", 60)]);
-    let d = TestDaemon::start_with_dns(
-        &[("a", &policy(up.addr.port()))],
-        &[],
-        Some(dns.addr),
-        "",
-        "",
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy(up.addr.port()))
+        .dns_upstream(dns.addr)
+        .start();
     let out = d.probe("a", &["tcp", &up.addr.to_string()]);
     assert!(
         stdout(&out).contains("os error 1"),
@@ -97,18 +95,16 @@ fn a_connect_to_an_address_never_resolved_is_refused() {
 fn after_the_ttl_new_connects_are_refused_while_an_open_connection_keeps_working() {
     // Scenario: the answer's TTL is 1 s (floored to 5 s). A connection opened right after the
     // lookup keeps working past that; a new connect to the address afterwards gets EPERM.
-    let Some(()) = prerequisites("dns_ttl") else {
+    let Some(s) = Scenario::new("dns_ttl") else {
         return;
     };
     let up = Upstream::http("127.0.0.5", "api");
     let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "127.0.0.5", 1)]);
-    let d = TestDaemon::start_with_dns(
-        &[("a", &policy(up.addr.port()))],
-        &[],
-        Some(dns.addr),
-        "",
-        "",
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy(up.addr.port()))
+        .dns_upstream(dns.addr)
+        .start();
     let addr = format!("api.test:{}", up.addr.port());
     let mut child = d.probe_spawn("a", &["again", &addr, &addr, "8"]);
     let lines = Lines::of(&mut child);
@@ -135,11 +131,15 @@ fn after_the_ttl_new_connects_are_refused_while_an_open_connection_keeps_working
 fn dns_over_tcp_and_queries_to_other_resolvers_are_redirected() {
     // Scenario: a query over TCP, and UDP and TCP queries sent straight to some other
     // resolver address, all reach our resolver; the reply names the server that was asked.
-    let Some(()) = prerequisites("dns_redirect") else {
+    let Some(s) = Scenario::new("dns_redirect") else {
         return;
     };
     let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "192.0.2.10", 60)]);
-    let d = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let d = s
+        .daemon()
+        .agent("a", &policy(443))
+        .dns_upstream(dns.addr)
+        .start();
     for (server, proto) in [
         ("127.0.0.98:53", "udp"),
         ("127.0.0.98:53", "tcp"),
@@ -166,7 +166,7 @@ fn dns_over_tcp_and_queries_to_other_resolvers_are_redirected() {
 
 #[test]
 fn a_wildcard_allows_subdomains_and_not_lookalikes() {
-    let Some(()) = prerequisites("dns_wildcard") else {
+    let Some(s) = Scenario::new("dns_wildcard") else {
         return;
     };
     let dns = DnsUpstream::start(
@@ -176,7 +176,11 @@ fn a_wildcard_allows_subdomains_and_not_lookalikes() {
             ("svc.test.evil.test", "A", "192.0.2.21", 60),
         ],
     );
-    let d = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let d = s
+        .daemon()
+        .agent("a", &policy(443))
+        .dns_upstream(dns.addr)
+        .start();
     let ok = d.probe("a", &["dns", "127.0.0.53:53", "a.svc.test", "A"]);
     assert!(stdout(&ok).contains("[192.0.2.20]"), "{}", stdout(&ok));
     let no = d.probe("a", &["dns", "127.0.0.53:53", "svc.test.evil.test", "A"]);
@@ -186,11 +190,15 @@ fn a_wildcard_allows_subdomains_and_not_lookalikes() {
 
 #[test]
 fn a_rebinding_answer_through_a_wildcard_is_stripped_unless_allowed() {
-    let Some(()) = prerequisites("dns_rebinding") else {
+    let Some(s) = Scenario::new("dns_rebinding") else {
         return;
     };
     let dns = DnsUpstream::start("127.0.0.54", &[("r.svc.test", "A", "127.0.0.1", 60)]);
-    let strict = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let strict = s
+        .daemon()
+        .agent("a", &policy(443))
+        .dns_upstream(dns.addr)
+        .start();
     let out = strict.probe("a", &["dns", "127.0.0.53:53", "r.svc.test", "A"]);
     assert!(stdout(&out).contains("answers 0"), "{}", stdout(&out));
     assert!(
@@ -200,30 +208,27 @@ fn a_rebinding_answer_through_a_wildcard_is_stripped_unless_allowed() {
         "{}",
         strict.audit_log()
     );
-    let lenient = TestDaemon::start_with_dns(
-        &[("a", &policy(443))],
-        &[],
-        Some(dns.addr),
-        "  allow_internal_answers: [127.0.0.0/8]",
-        "",
-    );
+    let lenient = s
+        .daemon()
+        .agent("a", &policy(443))
+        .dns_upstream(dns.addr)
+        .dns_lines("  allow_internal_answers: [127.0.0.0/8]")
+        .start();
     let out = lenient.probe("a", &["dns", "127.0.0.53:53", "r.svc.test", "A"]);
     assert!(stdout(&out).contains("[127.0.0.1]"), "{}", stdout(&out));
 }
 
 #[test]
 fn static_names_are_answered_without_any_upstream_and_https_queries_get_nothing() {
-    let Some(()) = prerequisites("dns_static") else {
+    let Some(s) = Scenario::new("dns_static") else {
         return;
     };
     // No upstream at all: 127.0.0.53 has no listener.
-    let d = TestDaemon::start_with_dns(
-        &[("a", &policy(443))],
-        &[("api.test", "192.0.2.30")],
-        None,
-        "",
-        "",
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy(443))
+        .resolve("api.test", "192.0.2.30")
+        .start();
     let out = d.probe("a", &["dns", "127.0.0.53:53", "api.test", "A"]);
     assert!(
         stdout(&out).contains("[192.0.2.30]"),
@@ -232,7 +237,11 @@ fn static_names_are_answered_without_any_upstream_and_https_queries_get_nothing(
         d.log()
     );
     let dns = DnsUpstream::start("127.0.0.54", &[("api.test", "A", "192.0.2.31", 60)]);
-    let d2 = TestDaemon::start_with_dns(&[("a", &policy(443))], &[], Some(dns.addr), "", "");
+    let d2 = s
+        .daemon()
+        .agent("a", &policy(443))
+        .dns_upstream(dns.addr)
+        .start();
     let out = d2.probe("a", &["dns", "127.0.0.53:53", "api.test", "HTTPS"]);
     assert!(
         stdout(&out).contains("rcode No Error answers 0") || stdout(&out).contains("answers 0"),

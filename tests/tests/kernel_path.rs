@@ -3,7 +3,7 @@
 
 use std::{net::TcpStream, time::Duration};
 
-use enforcer_tests::{Counter, Lines, TestDaemon, Upstream, prerequisites, reap, stderr, stdout};
+use enforcer_tests::{Counter, Lines, Scenario, Upstream, reap, stderr, stdout};
 
 /// A policy allowing GETs to `upstream.test` (port fixed per test) and the literal
 /// 127.0.0.6 on any port.
@@ -20,15 +20,15 @@ fn allowed_upstream_is_reached_through_the_proxy_and_getpeername_shows_the_origi
     // Scenario: an enrolled process connects to a destination its policy names; the kernel
     // redirects it to the proxy, which splices it to the upstream, and getpeername still
     // reports the upstream's address.
-    let Some(()) = prerequisites("allowed_upstream") else {
+    let Some(s) = Scenario::new("allowed_upstream") else {
         return;
     };
     let up = Upstream::http("127.0.0.5", "up5");
-    let d = TestDaemon::start(
-        &[("a", &policy(up.addr.port()))],
-        &[("upstream.test", "127.0.0.5")],
-        "",
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy(up.addr.port()))
+        .resolve("upstream.test", "127.0.0.5")
+        .start();
     // The name goes through the system resolver; the kernel sends the query to our
     // resolver, which answers from dns.static and teaches the kernel the address.
     let name = format!("upstream.test:{}", up.addr.port());
@@ -71,11 +71,11 @@ fn allowed_upstream_is_reached_through_the_proxy_and_getpeername_shows_the_origi
 fn connect_to_an_address_the_policy_does_not_name_fails_with_eperm_and_reaches_nothing() {
     // Scenario: 127.0.0.7 is in no rule: connect() fails with EPERM in the kernel, and the
     // listener there never sees a connection.
-    let Some(()) = prerequisites("unlisted_address") else {
+    let Some(s) = Scenario::new("unlisted_address") else {
         return;
     };
     let target = Counter::new("127.0.0.7");
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let out = d.probe("a", &["tcp", &target.addr.to_string()]);
     let text = stdout(&out);
     assert!(!out.status.success());
@@ -89,11 +89,11 @@ fn connect_to_an_address_the_policy_does_not_name_fails_with_eperm_and_reaches_n
 fn a_process_outside_the_cgroup_is_unaffected() {
     // Scenario: with a daemon enforcing an agent, the test process itself (not enrolled)
     // still reaches an address the agent may not.
-    let Some(()) = prerequisites("outside_unaffected") else {
+    let Some(s) = Scenario::new("outside_unaffected") else {
         return;
     };
     let target = Counter::new("127.0.0.7");
-    let _d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let _d = s.daemon().agent("a", &policy(80)).start();
     let conn = TcpStream::connect_timeout(&target.addr, Duration::from_secs(5));
     assert!(conn.is_ok(), "{conn:?}");
 }
@@ -102,12 +102,12 @@ fn a_process_outside_the_cgroup_is_unaffected() {
 fn ipv4_mapped_ipv6_gets_the_verdict_of_its_ipv4_form() {
     // Scenario: [::ffff:127.0.0.6] is allowed like 127.0.0.6, and [::ffff:127.0.0.7] is
     // refused like 127.0.0.7.
-    let Some(()) = prerequisites("mapped_ipv6") else {
+    let Some(s) = Scenario::new("mapped_ipv6") else {
         return;
     };
     let allowed = Upstream::http("127.0.0.6", "up6");
     let denied = Counter::new("127.0.0.7");
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let v4 = d.probe("a", &["tcp", &allowed.addr.to_string()]);
     let mapped_addr = format!("[::ffff:127.0.0.6]:{}", allowed.addr.port());
     let mapped = d.probe("a", &["tcp", &mapped_addr]);
@@ -144,10 +144,10 @@ fn ipv4_mapped_ipv6_gets_the_verdict_of_its_ipv4_form() {
 
 #[test]
 fn udp_to_a_port_other_than_53_fails() {
-    let Some(()) = prerequisites("udp_refused") else {
+    let Some(s) = Scenario::new("udp_refused") else {
         return;
     };
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let sink = std::net::UdpSocket::bind("127.0.0.5:0").unwrap();
     sink.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
@@ -171,11 +171,11 @@ fn udp_to_a_port_other_than_53_fails() {
 fn children_of_the_enrolled_command_are_enrolled_too() {
     // Scenario: the probe spawns a child; the child is in the agent's cgroup and its
     // disallowed connect is refused like the parent's would be.
-    let Some(()) = prerequisites("children_enrolled") else {
+    let Some(s) = Scenario::new("children_enrolled") else {
         return;
     };
     let target = Counter::new("127.0.0.7");
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let out = d.probe("a", &["child", "tcp", &target.addr.to_string()]);
     let text = stdout(&out);
     let cgroup = d.cgroup("a");
@@ -194,10 +194,10 @@ fn raw_and_ping_sockets_from_inside_get_nothing_out() {
     // process sends it on a ping socket in a network namespace where ping sockets are open.
     // Neither gets a reply, while the same probes outside the cgroup do (so the check is not
     // vacuous).
-    let Some(()) = prerequisites("raw_and_ping") else {
+    let Some(s) = Scenario::new("raw_and_ping") else {
         return;
     };
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let probe = enforcer_tests::probe_bin();
     let outside = std::process::Command::new(&probe)
         .args(["raw-icmp", "127.0.0.1"])
@@ -310,15 +310,15 @@ fn raw_and_ping_sockets_from_inside_get_nothing_out() {
 fn a_connection_to_the_proxy_port_that_was_not_redirected_is_closed() {
     // Scenario: a process outside any cgroup talks to the proxy port directly; with no
     // kernel record for it the proxy closes the connection without forwarding anything.
-    let Some(()) = prerequisites("unredirected_proxy") else {
+    let Some(s) = Scenario::new("unredirected_proxy") else {
         return;
     };
     let up = Upstream::http("127.0.0.5", "up");
-    let d = TestDaemon::start(
-        &[("a", &policy(up.addr.port()))],
-        &[("upstream.test", "127.0.0.5")],
-        "",
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy(up.addr.port()))
+        .resolve("upstream.test", "127.0.0.5")
+        .start();
     let mut s = TcpStream::connect(("127.0.0.1", d.proxy_port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     use std::io::{Read as _, Write as _};
@@ -346,15 +346,15 @@ fn after_sigkill_enrolled_processes_reach_nothing_and_a_restart_restores_everyth
     // leaves the programs attached: every attempt fails (no proxy), none reaches the
     // upstream directly. A restarted daemon reuses the pinned state; the same process
     // (never re-enrolled) succeeds again, and no second copy of the programs is attached.
-    let Some(()) = prerequisites("sigkill_fail_closed") else {
+    let Some(s) = Scenario::new("sigkill_fail_closed") else {
         return;
     };
     let up = Upstream::http("127.0.0.5", "up");
-    let mut d = TestDaemon::start(
-        &[("a", &policy(up.addr.port()))],
-        &[("upstream.test", "127.0.0.5")],
-        "",
-    );
+    let mut d = s
+        .daemon()
+        .agent("a", &policy(up.addr.port()))
+        .resolve("upstream.test", "127.0.0.5")
+        .start();
     let host = format!("upstream.test:{}", up.addr.port());
     // The loop resolves the name on every attempt, as a client without a DNS cache would.
     let mut child = d.probe_spawn("a", &["loop", &host, &host, "100"]);
@@ -405,10 +405,10 @@ fn after_sigkill_enrolled_processes_reach_nothing_and_a_restart_restores_everyth
 fn an_enrolled_process_cannot_unenrol_itself() {
     // Scenario: even as root (--allow-root), a process inside the cgroup asking the admin
     // socket to unenrol it is refused.
-    let Some(()) = prerequisites("no_self_unenrol") else {
+    let Some(s) = Scenario::new("no_self_unenrol") else {
         return;
     };
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let mut cmd = std::process::Command::new(enforcer_tests::enforcer_bin());
     cmd.arg("--config")
         .arg(&d.config)
@@ -448,10 +448,10 @@ fn an_enrolled_process_cannot_unenrol_itself() {
 
 #[test]
 fn exec_as_root_needs_user_or_allow_root_and_user_nobody_gets_no_new_privs() {
-    let Some(()) = prerequisites("exec_identity") else {
+    let Some(s) = Scenario::new("exec_identity") else {
         return;
     };
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let mut cmd = std::process::Command::new(enforcer_tests::enforcer_bin());
     cmd.arg("--config")
         .arg(&d.config)
@@ -491,7 +491,7 @@ fn the_policy_decides_at_host_level_in_the_proxy() {
     // Host: an allowed host reaches the upstream, a denied one gets a readable 403 naming the
     // rule (deny overrides the wildcard allow whatever the order), a name outside the policy
     // does not even resolve, and a Host the agent never resolved to that address is refused.
-    let Some(()) = prerequisites("proxy_policy") else {
+    let Some(s) = Scenario::new("proxy_policy") else {
         return;
     };
     let up = Upstream::http("127.0.0.5", "up");
@@ -502,17 +502,14 @@ fn the_policy_decides_at_host_level_in_the_proxy() {
          \x20 - name: any-test\n    allow: {{ url: \"*.test:{port}\" }}\n\
          \x20 - name: internal-ok\n    allow: {{ url: \"127.0.0.5:{port}\" }}\n"
     );
-    let d = TestDaemon::start_with_dns(
-        &[("a", &policy)],
-        &[
-            ("good.test", "127.0.0.5"),
-            ("evil.test", "127.0.0.5"),
-            ("other.example", "127.0.0.5"),
-        ],
-        None,
-        "  allow_internal_answers: [127.0.0.0/8]",
-        "",
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("good.test", "127.0.0.5")
+        .resolve("evil.test", "127.0.0.5")
+        .resolve("other.example", "127.0.0.5")
+        .dns_lines("  allow_internal_answers: [127.0.0.0/8]")
+        .start();
     let good = format!("good.test:{port}");
     let ok = d.probe("a", &["tcp", &good, &good]);
     assert!(
@@ -554,11 +551,11 @@ fn enrol_and_unenrol_by_pid_and_by_cgroup() {
     // connect to an unnamed address is refused, and unenrol puts it back. An existing cgroup
     // is enrolled: a process inside is refused, and after unenrol it is not. Enrolling the
     // root cgroup or the daemon's own is refused.
-    let Some(()) = prerequisites("enrol") else {
+    let Some(s) = Scenario::new("enrol") else {
         return;
     };
     let target = Counter::new("127.0.0.7");
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let probe = enforcer_tests::probe_bin();
     let addr = target.addr.to_string();
 
@@ -671,12 +668,12 @@ fn mptcp_is_treated_as_tcp_and_device_bound_sockets_are_refused() {
     // Scenario: an MPTCP socket reaches an allowed upstream through the proxy like TCP, and is
     // refused like TCP elsewhere. A socket bound to a device (SO_BINDTODEVICE) cannot be
     // redirected, so it is refused even towards an allowed destination.
-    let Some(()) = prerequisites("mptcp_bindtodevice") else {
+    let Some(s) = Scenario::new("mptcp_bindtodevice") else {
         return;
     };
     let up = Upstream::http("127.0.0.6", "up6");
     let refused = Counter::new("127.0.0.7");
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let addr = up.addr.to_string();
     let out = d.probe("a", &["mptcp", &addr, &addr]);
     assert!(
@@ -707,10 +704,10 @@ fn mptcp_is_treated_as_tcp_and_device_bound_sockets_are_refused() {
 
 #[test]
 fn a_socket_in_another_network_namespace_is_refused_and_the_daemon_says_why() {
-    let Some(()) = prerequisites("other_netns") else {
+    let Some(s) = Scenario::new("other_netns") else {
         return;
     };
-    let d = TestDaemon::start(&[("a", &policy(80))], &[], "");
+    let d = s.daemon().agent("a", &policy(80)).start();
     let ns = enforcer_tests::unique("enfns");
     let ip = |args: &[&str]| {
         std::process::Command::new("ip")

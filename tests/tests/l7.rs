@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use enforcer_tests::{
-    Lines, TestDaemon, prerequisites, reap, stderr, stdout,
+    Lines, Scenario, TestDaemon, reap, stderr, stdout,
     web::{TestCa, WebUpstream},
 };
 
@@ -73,12 +73,16 @@ fn plain_http_requests_are_judged_by_method_path_header_and_body() {
     // Scenario: one policy with method, path-glob, header and body rules (JSON max, JSON
     // in, form-encoded in), a deny that overrides an allow, and default deny; each request
     // gets its own verdict and only the allowed ones reach the upstream.
-    let Some(()) = prerequisites("l7_plain_rules") else {
+    let Some(s) = Scenario::new("l7_plain_rules") else {
         return;
     };
     let up = WebUpstream::http("127.0.0.5", "api");
     let p = up.addr.port();
-    let d = TestDaemon::start(&[("a", &api_policy(p))], &[("api.test", "127.0.0.5")], "");
+    let d = s
+        .daemon()
+        .agent("a", &api_policy(p))
+        .resolve("api.test", "127.0.0.5")
+        .start();
     let base = format!("http://api.test:{p}");
     let run = |extra: &[&str], path: &str| {
         let url = format!("{base}{path}");
@@ -208,12 +212,16 @@ fn plain_http_requests_are_judged_by_method_path_header_and_body() {
 fn an_allowed_then_a_denied_request_share_one_keep_alive_connection() {
     // Scenario: curl fetches two URLs on one connection; the first is allowed, the second
     // denied, each on its own merits.
-    let Some(()) = prerequisites("l7_keep_alive") else {
+    let Some(s) = Scenario::new("l7_keep_alive") else {
         return;
     };
     let up = WebUpstream::http("127.0.0.5", "api");
     let p = up.addr.port();
-    let d = TestDaemon::start(&[("a", &api_policy(p))], &[("api.test", "127.0.0.5")], "");
+    let d = s
+        .daemon()
+        .agent("a", &api_policy(p))
+        .resolve("api.test", "127.0.0.5")
+        .start();
     let text = curl(
         &d,
         "a",
@@ -236,13 +244,17 @@ fn an_allowed_then_a_denied_request_share_one_keep_alive_connection() {
 fn dry_run_forwards_what_it_would_deny_and_says_so() {
     // Scenario: the same policy in dry_run: a request the policy denies goes through, the
     // response says would_deny, the daemon logs it at WARN and the audit log says would_deny.
-    let Some(()) = prerequisites("l7_dry_run") else {
+    let Some(s) = Scenario::new("l7_dry_run") else {
         return;
     };
     let up = WebUpstream::http("127.0.0.5", "api");
     let p = up.addr.port();
     let policy = format!("mode: dry_run\n{}", api_policy(p));
-    let d = TestDaemon::start(&[("a", &policy)], &[("api.test", "127.0.0.5")], "");
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("api.test", "127.0.0.5")
+        .start();
     let text = curl(
         &d,
         "a",
@@ -270,7 +282,7 @@ fn dry_run_forwards_what_it_would_deny_and_says_so() {
 fn a_rate_limit_gives_429_with_retry_after_across_connections() {
     // Scenario: two calls per minute for the agent; the third, on a new connection, is a
     // 429 with Retry-After and never reaches the upstream.
-    let Some(()) = prerequisites("l7_rate_limit") else {
+    let Some(s) = Scenario::new("l7_rate_limit") else {
         return;
     };
     let up = WebUpstream::http("127.0.0.5", "api");
@@ -280,7 +292,11 @@ fn a_rate_limit_gives_429_with_retry_after_across_connections() {
          \x20 - name: api\n    allow: {{ url: \"api.test:{p}\" }}\n\
          \x20 - name: two-a-minute\n    limit: {{ calls_per_minute: 2 }}\n"
     );
-    let d = TestDaemon::start(&[("a", &policy)], &[("api.test", "127.0.0.5")], "");
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("api.test", "127.0.0.5")
+        .start();
     let url = format!("http://api.test:{p}/");
     let codes: Vec<String> = (0..3).map(|_| curl(&d, "a", &[&url])).collect();
     assert_eq!(status_of(&codes[0]), 200, "{}", codes[0]);
@@ -299,46 +315,26 @@ fn a_rate_limit_gives_429_with_retry_after_across_connections() {
     assert_eq!(up.hits().len(), 2);
 }
 
-/// The HTTPS side: a test CA trusted through `tls.extra_upstream_roots`.
-struct Tls {
-    ca: TestCa,
-    extra: String,
-}
-
-fn tls_setup(dir: &std::path::Path) -> Tls {
-    let ca = TestCa::new("enforcer test upstream CA");
-    let path = dir.join("upstream-ca.pem");
-    ca.write_pem(&path);
-    Tls {
-        extra: format!("tls:\n  extra_upstream_roots: [{}]\n", path.display()),
-        ca,
-    }
-}
-
 #[test]
 fn http2_through_interception_is_judged_per_request() {
     // Scenario: a host with path rules is intercepted; curl speaks HTTP/2 to the proxy
     // (trusting the enforcer CA through the variables `enforcer exec` sets), and each
     // request on the connection gets its own verdict; the upstream gets HTTP/2 too.
-    let Some(()) = prerequisites("l7_http2") else {
+    let Some(s) = Scenario::new("l7_http2") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let tls = tls_setup(tmp.path());
-    let up = WebUpstream::https(
-        "127.0.0.6",
-        "secure",
-        tls.ca.server_config(&["secure.test"]),
-    );
+    let ca = TestCa::new("enforcer test upstream CA");
+    let up = WebUpstream::https("127.0.0.6", "secure", ca.server_config(&["secure.test"]));
     let p = up.addr.port();
     let policy = format!(
         "rules:\n  - name: v1\n    allow: {{ method: [GET], url: \"secure.test:{p}/v1/**\" }}\n"
     );
-    let d = TestDaemon::start(
-        &[("a", &policy)],
-        &[("secure.test", "127.0.0.6")],
-        &tls.extra,
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("secure.test", "127.0.0.6")
+        .upstream_ca(&ca, "")
+        .start();
     let text = curl(
         &d,
         "a",
@@ -363,26 +359,22 @@ fn http2_through_interception_is_judged_per_request() {
 fn a_host_without_request_rules_is_spliced_on_its_sni() {
     // Scenario: a host allowed at host level only is not decrypted: curl, trusting only the
     // upstream's own CA, completes TLS with the upstream itself through the proxy.
-    let Some(()) = prerequisites("l7_sni_splice") else {
+    let Some(s) = Scenario::new("l7_sni_splice") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let tls = tls_setup(tmp.path());
-    let up = WebUpstream::https(
-        "127.0.0.6",
-        "splice",
-        tls.ca.server_config(&["splice.test"]),
-    );
+    let ca = TestCa::new("enforcer test upstream CA");
+    let up = WebUpstream::https("127.0.0.6", "splice", ca.server_config(&["splice.test"]));
     let p = up.addr.port();
     let policy =
         format!("rules:\n  - name: whole-host\n    allow: {{ url: \"splice.test:{p}\" }}\n");
-    let d = TestDaemon::start(
-        &[("a", &policy)],
-        &[("splice.test", "127.0.0.6")],
-        &tls.extra,
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("splice.test", "127.0.0.6")
+        .upstream_ca(&ca, "")
+        .start();
     let ca_file = d.dir.path().join("only-upstream-ca.pem");
-    tls.ca.write_pem(&ca_file);
+    ca.write_pem(&ca_file);
     let text = curl(
         &d,
         "a",
@@ -409,25 +401,21 @@ fn a_host_without_request_rules_is_spliced_on_its_sni() {
 #[test]
 fn domain_fronting_is_refused_with_421() {
     // Scenario: TLS to secure.test (SNI), then a request whose Host names another host.
-    let Some(()) = prerequisites("l7_fronting") else {
+    let Some(s) = Scenario::new("l7_fronting") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let tls = tls_setup(tmp.path());
-    let up = WebUpstream::https(
-        "127.0.0.6",
-        "secure",
-        tls.ca.server_config(&["secure.test"]),
-    );
+    let ca = TestCa::new("enforcer test upstream CA");
+    let up = WebUpstream::https("127.0.0.6", "secure", ca.server_config(&["secure.test"]));
     let p = up.addr.port();
     let policy = format!(
         "rules:\n  - name: get\n    allow: {{ method: [GET], url: \"secure.test:{p}/**\" }}\n"
     );
-    let d = TestDaemon::start(
-        &[("a", &policy)],
-        &[("secure.test", "127.0.0.6")],
-        &tls.extra,
-    );
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("secure.test", "127.0.0.6")
+        .upstream_ca(&ca, "")
+        .start();
     let text = curl(
         &d,
         "a",
@@ -447,18 +435,22 @@ fn domain_fronting_is_refused_with_421() {
 fn an_untrusted_upstream_certificate_gives_a_502_and_nothing_passes() {
     // Scenario: the upstream's certificate comes from a CA the daemon does not trust; the
     // agent gets a JSON 502, the event is audited, and no request reaches the upstream.
-    let Some(()) = prerequisites("l7_untrusted_upstream") else {
+    let Some(s) = Scenario::new("l7_untrusted_upstream") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let tls = tls_setup(tmp.path());
+    let ca = TestCa::new("enforcer test upstream CA");
     let rogue = TestCa::new("a CA nobody trusts");
     let up = WebUpstream::https("127.0.0.7", "bad", rogue.server_config(&["bad.test"]));
     let p = up.addr.port();
     let policy = format!(
         "rules:\n  - name: bad-get\n    allow: {{ method: [GET], url: \"bad.test:{p}/**\" }}\n"
     );
-    let d = TestDaemon::start(&[("a", &policy)], &[("bad.test", "127.0.0.7")], &tls.extra);
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("bad.test", "127.0.0.7")
+        .upstream_ca(&ca, "")
+        .start();
     let text = curl(&d, "a", &[&format!("https://bad.test:{p}/x")]);
     assert_eq!(status_of(&text), 502, "{text}\n{}", d.log());
     assert!(
@@ -479,22 +471,21 @@ fn an_untrusted_upstream_certificate_gives_a_502_and_nothing_passes() {
 fn in_sni_mode_a_host_with_request_rules_is_denied_with_the_reason() {
     // Scenario: tls.mode sni never decrypts, so a host whose rules need each request is
     // refused in strict mode, and the audit log says why.
-    let Some(()) = prerequisites("l7_sni_mode") else {
+    let Some(s) = Scenario::new("l7_sni_mode") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let tls = tls_setup(tmp.path());
-    let up = WebUpstream::https(
-        "127.0.0.6",
-        "secure",
-        tls.ca.server_config(&["secure.test"]),
-    );
+    let ca = TestCa::new("enforcer test upstream CA");
+    let up = WebUpstream::https("127.0.0.6", "secure", ca.server_config(&["secure.test"]));
     let p = up.addr.port();
     let policy = format!(
         "rules:\n  - name: v1\n    allow: {{ method: [GET], url: \"secure.test:{p}/v1/**\" }}\n"
     );
-    let extra = format!("{}  mode: sni\n", tls.extra);
-    let d = TestDaemon::start(&[("a", &policy)], &[("secure.test", "127.0.0.6")], &extra);
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("secure.test", "127.0.0.6")
+        .upstream_ca(&ca, "  mode: sni")
+        .start();
     let out = d.curl("a", &[&format!("https://secure.test:{p}/v1/ok")]);
     assert!(!out.status.success(), "{}", stdout(&out));
     assert!(up.hits().is_empty());
@@ -513,12 +504,16 @@ fn in_sni_mode_a_host_with_request_rules_is_denied_with_the_reason() {
 fn smuggling_attempts_get_400_and_a_huge_header_431() {
     // Scenario: framing tricks on plain HTTP are refused with a 400 and the connection is
     // closed; a 70 KiB header gets a 431; nothing reaches the upstream.
-    let Some(()) = prerequisites("l7_smuggling") else {
+    let Some(s) = Scenario::new("l7_smuggling") else {
         return;
     };
     let up = WebUpstream::http("127.0.0.5", "api");
     let p = up.addr.port();
-    let d = TestDaemon::start(&[("a", &api_policy(p))], &[("api.test", "127.0.0.5")], "");
+    let d = s
+        .daemon()
+        .agent("a", &api_policy(p))
+        .resolve("api.test", "127.0.0.5")
+        .start();
     let addr = up.addr.to_string();
     let host = format!("api.test:{p}");
     let attempts = [
@@ -564,12 +559,16 @@ fn smuggling_attempts_get_400_and_a_huge_header_431() {
 fn a_slow_streamed_response_reaches_the_agent_chunk_by_chunk() {
     // Scenario: the upstream sends one SSE event and holds the rest; the agent must see the
     // first event while the upstream is still holding (nothing is buffered to the end).
-    let Some(()) = prerequisites("l7_streaming") else {
+    let Some(s) = Scenario::new("l7_streaming") else {
         return;
     };
     let up = WebUpstream::http("127.0.0.5", "api");
     let p = up.addr.port();
-    let d = TestDaemon::start(&[("a", &api_policy(p))], &[("api.test", "127.0.0.5")], "");
+    let d = s
+        .daemon()
+        .agent("a", &api_policy(p))
+        .resolve("api.test", "127.0.0.5")
+        .start();
     let mut child = d
         .curl_cmd("a", &["-N", &format!("http://api.test:{p}/v1/stream")])
         .stdout(std::process::Stdio::piped())
@@ -592,12 +591,16 @@ fn a_slow_streamed_response_reaches_the_agent_chunk_by_chunk() {
 fn websockets_are_spliced_only_when_their_get_is_allowed() {
     // Scenario: an upgrade on /ws (a GET the policy allows) becomes a two-way byte stream;
     // the same upgrade elsewhere is a 403.
-    let Some(()) = prerequisites("l7_websocket") else {
+    let Some(s) = Scenario::new("l7_websocket") else {
         return;
     };
     let up = WebUpstream::http("127.0.0.5", "api");
     let p = up.addr.port();
-    let d = TestDaemon::start(&[("a", &api_policy(p))], &[("api.test", "127.0.0.5")], "");
+    let d = s
+        .daemon()
+        .agent("a", &api_policy(p))
+        .resolve("api.test", "127.0.0.5")
+        .start();
     let host = format!("api.test:{p}");
     let out = d.probe("a", &["ws", &host, &host, "/ws"]);
     let text = stdout(&out);
@@ -619,10 +622,10 @@ fn websockets_are_spliced_only_when_their_get_is_allowed() {
 fn the_enrolled_command_gets_the_ca_bundle_variables() {
     // Scenario: with interception possible, `enforcer exec` points the CA-file variables at
     // the daemon's bundle (system roots plus the enforcer CA), readable by the command.
-    let Some(()) = prerequisites("l7_bundle_env") else {
+    let Some(s) = Scenario::new("l7_bundle_env") else {
         return;
     };
-    let d = TestDaemon::start(&[("a", "rules: []\n")], &[], "");
+    let d = s.daemon().agent("a", "rules: []\n").start();
     let out = d
         .exec_cmd("a", &["sh", "-c", "echo $SSL_CERT_FILE; echo $NODE_EXTRA_CA_CERTS; echo $DENO_CERT; tail -c 200 \"$CURL_CA_BUNDLE\""])
         .output()

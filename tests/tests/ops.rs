@@ -6,9 +6,7 @@ use std::{
     time::Duration,
 };
 
-use enforcer_tests::{
-    Counter, Lines, TestDaemon, Upstream, eventually, http_get, prerequisites, reap, stdout,
-};
+use enforcer_tests::{Counter, Lines, Scenario, Upstream, eventually, http_get, reap, stdout};
 
 fn policy() -> String {
     "default: deny\nrules:\n  - name: lit\n    allow: { url: \"127.0.0.6:*\" }\n".to_string()
@@ -20,12 +18,12 @@ fn a_refused_destination_is_never_reached_across_sigkill_restart_and_program_upg
     // allowed one. The daemon is SIGKILLed and started again (which swaps every attached
     // program for the new daemon's with BPF_LINK_UPDATE), then stopped cleanly and started
     // again. The refused loop never succeeds once; the allowed loop recovers each time.
-    let Some(()) = prerequisites("no_gap") else {
+    let Some(s) = Scenario::new("no_gap") else {
         return;
     };
     let allowed = Upstream::http("127.0.0.6", "ok");
     let refused = Counter::new("127.0.0.7");
-    let mut d = TestDaemon::start(&[("a", &policy())], &[], "");
+    let mut d = s.daemon().agent("a", &policy()).start();
     let allowed_addr = allowed.addr.to_string();
     let mut good = d.probe_spawn("a", &["loop", &allowed_addr, &allowed_addr, "20"]);
     let mut bad = d.probe_spawn("a", &["loop", &refused.addr.to_string(), "x", "20"]);
@@ -85,11 +83,11 @@ fn a_refused_destination_is_never_reached_across_sigkill_restart_and_program_upg
 
 #[test]
 fn metrics_move_with_traffic() {
-    let Some(()) = prerequisites("metrics") else {
+    let Some(s) = Scenario::new("metrics") else {
         return;
     };
     let up = Upstream::http("127.0.0.6", "ok");
-    let d = TestDaemon::start(&[("a", &policy())], &[], "");
+    let d = s.daemon().agent("a", &policy()).start();
     let agent = d.agent("a").to_owned();
     let (code, before) = http_get(d.metrics_port, "/metrics");
     assert_eq!(code, 200);
@@ -172,17 +170,17 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
     // refused DNS name, a raw packet, a held connection, a policy reload, the agent's and
     // the global kill switch); every family the README lists must change, but for those it
     // marks event-only, which must at least be exported.
-    let Some(()) = prerequisites("metrics_families") else {
+    let Some(s) = Scenario::new("metrics_families") else {
         return;
     };
     let families = readme_metric_families();
     assert!(families.len() >= 10, "{families:?}");
     let up = Upstream::http("127.0.0.6", "ok");
-    let d = TestDaemon::start(&[("a", &policy())], &[], "");
+    let d = s.daemon().agent("a", &policy()).start();
     let (code, before) = http_get(d.metrics_port, "/metrics");
     assert_eq!(code, 200);
     let addr = up.addr.to_string();
-    let mut held = d.probe_spawn("a", &["tcp-hold", &addr, "20"]);
+    let held = d.probe_spawn("a", &["tcp-hold", &addr, "20"]);
     assert!(
         eventually(10, || d.agent_status("a")["open_connections"] == 1),
         "the held connection is open"
@@ -190,12 +188,20 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
     let (_, while_open) = http_get(d.metrics_port, "/metrics");
     assert!(stdout(&d.probe("a", &["tcp", "127.0.0.7:9"])).contains("os error 1"));
     let out = d.probe("a", &["dns", "127.0.0.53:53", "evil.test", "A"]);
-    assert!(stdout(&out).contains("rcode Non-Existent Domain"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("rcode Non-Existent Domain"),
+        "{}",
+        stdout(&out)
+    );
     let raw = d
         .exec_as(
             "a",
             &["--allow-root"],
-            &[enforcer_tests::probe_bin().to_str().unwrap(), "raw-icmp", "127.0.0.1"],
+            &[
+                enforcer_tests::probe_bin().to_str().unwrap(),
+                "raw-icmp",
+                "127.0.0.1",
+            ],
         )
         .output()
         .unwrap();
@@ -251,11 +257,15 @@ fn proxy_thread_wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
 
 #[test]
 fn proxy_threads_follow_the_config_and_share_the_connections() {
-    let Some(()) = prerequisites("proxy threads") else {
+    let Some(s) = Scenario::new("proxy threads") else {
         return;
     };
     let up = Upstream::http("127.0.0.6", "ok");
-    let d = TestDaemon::start(&[("a", &policy())], &[], "proxy_threads: 3\n");
+    let d = s
+        .daemon()
+        .agent("a", &policy())
+        .config("proxy_threads: 3\n")
+        .start();
     let pid = d.pid().expect("the daemon runs");
     let before = proxy_thread_wakeups(pid);
     assert_eq!(
@@ -285,10 +295,10 @@ fn proxy_threads_follow_the_config_and_share_the_connections() {
 
 #[test]
 fn healthz_turns_degraded_when_a_link_is_detached_behind_the_daemons_back() {
-    let Some(()) = prerequisites("healthz") else {
+    let Some(s) = Scenario::new("healthz") else {
         return;
     };
-    let d = TestDaemon::start(&[("a", &policy())], &[], "");
+    let d = s.daemon().agent("a", &policy()).start();
     let (code, body) = http_get(d.metrics_port, "/healthz");
     assert_eq!(code, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -319,11 +329,11 @@ fn under_systemd_ready_comes_after_listening_and_stored_sockets_make_connects_wa
     // destination meanwhile: the connect completes into the stored socket's backlog and the
     // request waits. The daemon comes back with the stored sockets (LISTEN_FDS) and answers
     // it.
-    let Some(()) = prerequisites("systemd_fdstore") else {
+    let Some(s) = Scenario::new("systemd_fdstore") else {
         return;
     };
     let up = Upstream::http("127.0.0.6", "ok");
-    let mut d = TestDaemon::new(&[("a", &policy())], &[], "");
+    let mut d = s.daemon().agent("a", &policy()).build();
     let notify_path = d.dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify

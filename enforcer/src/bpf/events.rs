@@ -71,7 +71,7 @@ pub async fn read_denials(
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<DenyEvent>() {
+            if item.len() < size_of::<DenyEvent>() {
                 continue;
             }
             // SAFETY: the ring holds DenyEvent records written by the kernel programs; the

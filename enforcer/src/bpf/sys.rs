@@ -22,7 +22,7 @@ fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
             libc::SYS_bpf,
             cmd as libc::c_long,
             std::ptr::from_mut(attr),
-            mem::size_of::<bpf_attr>(),
+            size_of::<bpf_attr>(),
         )
     };
     if r < 0 {
@@ -60,7 +60,7 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // SAFETY: all-zero is a valid bpf_attr.
     let mut attr: bpf_attr = unsafe { mem::zeroed() };
     attr.info.bpf_fd = fd.as_raw_fd() as u32;
-    attr.info.info_len = mem::size_of::<bpf_link_info>() as u32;
+    attr.info.info_len = size_of::<bpf_link_info>() as u32;
     attr.info.info = std::ptr::from_mut(&mut info) as u64;
     sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let cgroup_id = if info.type_ == bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {

@@ -28,6 +28,8 @@
 //! whole of it with resets.
 //!
 //! [`RateLimiter`]: crate::policy::RateLimiter
+//! [`Policy::needs_body`]: crate::policy::Policy::needs_body
+//! [`Policy::evaluate`]: crate::policy::Policy::evaluate
 
 use std::{
     convert::Infallible,

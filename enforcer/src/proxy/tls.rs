@@ -68,7 +68,7 @@ pub struct UpstreamTls {
 impl UpstreamTls {
     /// The daemon's upstream TLS: `None` when no root at all is available, which is logged
     /// (intercepted requests then fail with 502, never unverified).
-    pub fn for_daemon(config: &crate::config::TlsConfig) -> Result<Option<Arc<Self>>, TlsError> {
+    pub fn for_daemon(config: &TlsConfig) -> Result<Option<Arc<Self>>, TlsError> {
         match UpstreamTls::new(&config.extra_upstream_roots) {
             Ok(t) => {
                 tracing::debug!(roots = t.roots, "upstream TLS roots loaded");

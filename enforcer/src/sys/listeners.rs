@@ -188,7 +188,7 @@ pub fn store_all(sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
     }
 }
 
-/// The daemon's listening sockets: the proxy on 127.0.0.1 and [::1] at `proxy_port`, the
+/// The daemon's listening sockets: the proxy on 127.0.0.1 and `[::1]` at `proxy_port`, the
 /// resolver on both at `dns_port` over UDP and TCP.
 pub struct Listeners {
     pub proxy_v4: TcpListener,

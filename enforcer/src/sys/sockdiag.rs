@@ -112,7 +112,7 @@ impl SocketRef {
     ) -> Option<SocketRef> {
         use std::os::fd::AsRawFd as _;
         let mut cookie = 0u64;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let mut len = size_of::<u64>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a u64.
         let r = unsafe {
             libc::getsockopt(
@@ -123,7 +123,7 @@ impl SocketRef {
                 &mut len,
             )
         };
-        (r == 0 && len as usize == std::mem::size_of::<u64>()).then_some(SocketRef {
+        (r == 0 && len as usize == size_of::<u64>()).then_some(SocketRef {
             local,
             remote,
             cookie,

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use enforcer_tests::{Lines, TestDaemon, monotonic_ns, prerequisites, reap, web::WebUpstream};
+use enforcer_tests::{Lines, Scenario, monotonic_ns, reap, web::WebUpstream};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -20,14 +20,14 @@ fn main() {
         .collect();
     let iterations = args.first().copied().unwrap_or(30);
     let streams = args.get(1).copied().unwrap_or(1000);
-    if prerequisites("kill switch benchmark").is_none() {
+    let Some(scenario) = Scenario::new("kill switch benchmark") else {
         std::process::exit(2);
-    }
+    };
     // An upstream on tokio, as a real server would be: one thread per connection here would
     // spend the kill's moment waking and ending 1,000 threads on the same two cores.
     let up = WebUpstream::http("127.0.0.6", "bench");
     let policy = "default: deny\nrules:\n  - name: lit\n    allow: { url: \"127.0.0.6:*\" }\n";
-    let d = TestDaemon::start(&[("a", policy)], &[], "");
+    let d = scenario.daemon().agent("a", policy).start();
     let addr = up.addr.to_string();
     let kill = d.agent_kill_path("a");
     std::fs::create_dir_all(kill.parent().unwrap()).unwrap();

@@ -208,7 +208,7 @@ fn icmp(ip: &str, kind: libc::c_int) -> i32 {
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
             (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
+            size_of::<libc::timeval>() as u32,
         );
         // type 8 echo request, code 0, checksum, id 0x4242, seq 1, payload.
         let mut pkt = [
@@ -230,7 +230,7 @@ fn icmp(ip: &str, kind: libc::c_int) -> i32 {
             pkt.len(),
             0,
             (&raw const sin).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
+            size_of::<libc::sockaddr_in>() as u32,
         );
         if sent < 0 {
             println!("error send: {}", std::io::Error::last_os_error());
@@ -541,6 +541,7 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
             events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
             u64: i as u64,
         };
+        // SAFETY: `ep` and the socket are open descriptors; `ev` outlives the call.
         let r = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, c.as_raw_fd(), &mut ev) };
         assert_eq!(r, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
     }
@@ -558,6 +559,7 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
     let mut refused = None;
     let mut first = 0u64;
     while open > 0 {
+        // SAFETY: `events` has room for the count passed.
         let r = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 30_000) };
         if r <= 0 {
             println!("error timeout with {open} streams open");
@@ -574,6 +576,7 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
                 _ => {
                     ended[i] = true;
                     let fd = conns[i].as_raw_fd();
+                    // SAFETY: both descriptors are open; DEL takes no event.
                     unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
                     open -= 1;
                     last = enforcer_tests::monotonic_ns();
@@ -587,6 +590,7 @@ fn streams(n: usize, addr: &str, host: &str) -> i32 {
             refused = refused_now();
         }
     }
+    // SAFETY: `ep` is ours and closed once.
     unsafe { libc::close(ep) };
     // New connects must be refused by now; poll until they are.
     let refused = loop {
@@ -672,12 +676,12 @@ fn socket2_addr(addr: SocketAddr) -> (Vec<u8>, libc::socklen_t) {
             let bytes = unsafe {
                 std::slice::from_raw_parts(
                     (&raw const sin).cast::<u8>(),
-                    std::mem::size_of::<libc::sockaddr_in>(),
+                    size_of::<libc::sockaddr_in>(),
                 )
             };
             (
                 bytes.to_vec(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
             )
         }
         SocketAddr::V6(a) => {
@@ -694,12 +698,12 @@ fn socket2_addr(addr: SocketAddr) -> (Vec<u8>, libc::socklen_t) {
             let bytes = unsafe {
                 std::slice::from_raw_parts(
                     (&raw const sin6).cast::<u8>(),
-                    std::mem::size_of::<libc::sockaddr_in6>(),
+                    size_of::<libc::sockaddr_in6>(),
                 )
             };
             (
                 bytes.to_vec(),
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                size_of::<libc::sockaddr_in6>() as libc::socklen_t,
             )
         }
     }

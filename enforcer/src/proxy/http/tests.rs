@@ -1,26 +1,20 @@
 //! In-process tests of the L7 service: a real hyper upstream on loopback, the proxy's
-//! `serve` on an accepted socket, and raw or hyper clients. No kernel and no privileges: the
+//! `serve` on an accepted socket (the upstream is `enforcer_tests::web`'s, the same one the
+//! end-to-end tests use), and raw or hyper clients. No kernel and no privileges: the
 //! end-to-end tests in `tests/` run the same paths behind the eBPF redirect.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::{Notify, mpsc},
 };
+
+use enforcer_tests::web::WebUpstream;
 
 use super::*;
 use crate::{
@@ -39,137 +33,6 @@ fn caller(agent: Arc<Agent>, pid: u32, comm: &str) -> Caller {
         agent,
         pid,
         comm: Arc::from(comm),
-    }
-}
-
-/// What the upstream saw.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    host: String,
-    version: Version,
-    body: Bytes,
-}
-
-struct Upstream {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    release: Arc<Notify>,
-}
-
-/// A body fed from a channel.
-struct ChanBody(mpsc::Receiver<Bytes>);
-
-impl Body for ChanBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
-}
-
-type UpResp = Response<http_body_util::Either<Full<Bytes>, ChanBody>>;
-
-async fn upstream_handle(
-    req: Request<Incoming>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    release: Arc<Notify>,
-) -> UpResp {
-    use http_body_util::Either;
-    let path = req.uri().path().to_owned();
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
-    let method = req.method().to_string();
-    let version = req.version();
-    if path == "/ws" {
-        seen.lock().unwrap().push(Seen {
-            method,
-            path,
-            host,
-            version,
-            body: Bytes::new(),
-        });
-        let on = hyper::upgrade::on(req);
-        tokio::spawn(async move {
-            if let Ok(up) = on.await {
-                let mut io = TokioIo::new(up);
-                let mut buf = [0u8; 64];
-                while let Ok(n) = io.read(&mut buf).await {
-                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        return Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header(header::UPGRADE, "websocket")
-            .header(header::CONNECTION, "Upgrade")
-            .body(Either::Left(Full::new(Bytes::new())))
-            .unwrap();
-    }
-    let body = req.into_body().collect().await.unwrap().to_bytes();
-    seen.lock().unwrap().push(Seen {
-        method: method.clone(),
-        path: path.clone(),
-        host,
-        version,
-        body,
-    });
-    if path == "/stream" {
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            tx.send(Bytes::from_static(b"data: first\n\n")).await.ok();
-            release.notified().await;
-            tx.send(Bytes::from_static(b"data: second\n\n")).await.ok();
-        });
-        return Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .body(Either::Right(ChanBody(rx)))
-            .unwrap();
-    }
-    Response::builder()
-        .header("x-upstream", "yes")
-        .body(Either::Left(Full::new(Bytes::from(format!(
-            "hello {method} {path}"
-        )))))
-        .unwrap()
-}
-
-async fn upstream() -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let release = Arc::new(Notify::new());
-    let (s, r) = (seen.clone(), release.clone());
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (s, r) = (s.clone(), r.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let (s, r) = (s.clone(), r.clone());
-                    async move { Ok::<_, Infallible>(upstream_handle(req, s, r).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
-    Upstream {
-        addr,
-        seen,
-        release,
     }
 }
 
@@ -333,13 +196,13 @@ const POLICY: &str = "default: deny\nrules:\n\
 
 #[tokio::test]
 async fn an_allowed_then_a_denied_request_on_one_keep_alive_connection() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     let mut c = client(p.addr).await;
     let (status, headers, body) = send(&mut c, get("up.test", "/ok?q=secret")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body, "hello GET /ok");
-    assert_eq!(headers.get("x-upstream").unwrap(), "yes");
+    assert_eq!(body, "hello from up GET /ok");
+    assert_eq!(headers.get("x-upstream").unwrap(), "up");
     let (status, headers, body) = send(&mut c, get("up.test", "/admin/users")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(headers.get(DECISION_HEADER).unwrap(), "deny");
@@ -360,7 +223,7 @@ async fn an_allowed_then_a_denied_request_on_one_keep_alive_connection() {
     // Still the same connection: a third request goes through.
     let (status, _, _) = send(&mut c, get("up.test", "/again")).await;
     assert_eq!(status, StatusCode::OK);
-    let seen = up.seen.lock().unwrap().clone();
+    let seen = up.hits();
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0].host, "up.test");
     drop(c);
@@ -384,7 +247,7 @@ async fn an_allowed_then_a_denied_request_on_one_keep_alive_connection() {
         .find(|r| r["event"] == "completion" && r["request_id"] == requests[0]["request_id"])
         .expect("completion of the first request");
     assert_eq!(done["status_code"], 200);
-    assert_eq!(done["bytes_down"], 13);
+    assert_eq!(done["bytes_down"], "hello from up GET /ok".len());
     assert!(
         !records
             .iter()
@@ -394,7 +257,7 @@ async fn an_allowed_then_a_denied_request_on_one_keep_alive_connection() {
 
 #[tokio::test]
 async fn bodies_headers_and_default_deny_are_judged() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     let mut c = client(p.addr).await;
     let json = "application/json";
@@ -440,7 +303,7 @@ async fn bodies_headers_and_default_deny_are_judged() {
         "{v}"
     );
     // The allowed bodies reached the upstream whole.
-    let seen = up.seen.lock().unwrap().clone();
+    let seen = up.hits();
     assert_eq!(seen[0].method, "POST");
     assert_eq!(seen[0].body, r#"{"amount":50}"#);
     assert_eq!(seen[1].body, "colour=red&x=1");
@@ -449,7 +312,7 @@ async fn bodies_headers_and_default_deny_are_judged() {
 
 #[tokio::test]
 async fn a_body_over_the_inspection_limit_fails_closed_and_is_never_forwarded() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     let mut c = client(p.addr).await;
     let big = format!(
@@ -463,7 +326,7 @@ async fn a_body_over_the_inspection_limit_fails_closed_and_is_never_forwarded() 
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("inspection limit"), "{body}");
-    assert!(up.seen.lock().unwrap().is_empty());
+    assert!(up.hits().is_empty());
 }
 
 #[tokio::test]
@@ -471,7 +334,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     let policy = "rules:\n\
         \x20 - name: all\n    allow: { url: \"up.test:*/**\" }\n\
         \x20 - name: two-per-minute\n    limit: { calls_per_minute: 2 }\n";
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(policy, up.addr).await;
     let mut c = client(p.addr).await;
     for _ in 0..2 {
@@ -504,12 +367,12 @@ async fn rate_limits_answer_429_with_retry_after() {
 #[tokio::test]
 async fn dry_run_forwards_what_it_would_deny_and_says_so() {
     let policy = format!("mode: dry_run\n{POLICY}");
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(&policy, up.addr).await;
     let mut c = client(p.addr).await;
     let (s, h, body) = send(&mut c, get("up.test", "/admin/x")).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(body, "hello GET /admin/x");
+    assert_eq!(body, "hello from up GET /admin/x");
     assert_eq!(h.get(DECISION_HEADER).unwrap(), "would_deny");
     assert!(h.get(REQUEST_ID_HEADER).is_some());
     let (_, h, _) = send(&mut c, get("up.test", "/fine")).await;
@@ -524,7 +387,7 @@ async fn dry_run_forwards_what_it_would_deny_and_says_so() {
 
 #[tokio::test]
 async fn smuggling_shapes_get_a_400_and_the_connection_closes() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     for attempt in [
         "POST /charges HTTP/1.1\r\nHost: up.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -552,11 +415,7 @@ async fn smuggling_shapes_get_a_400_and_the_connection_closes() {
     let first = answer.find("HTTP/1.1 200 ").expect(&answer);
     let second = answer.find("HTTP/1.1 400 ").expect(&answer);
     assert!(first < second, "{answer}");
-    assert_eq!(
-        up.seen.lock().unwrap().len(),
-        1,
-        "only the good request went up"
-    );
+    assert_eq!(up.hits().len(), 1, "only the good request went up");
     let huge = format!(
         "GET / HTTP/1.1\r\nHost: up.test\r\nX-Big: {}\r\n\r\n",
         "a".repeat(70 * 1024)
@@ -567,7 +426,7 @@ async fn smuggling_shapes_get_a_400_and_the_connection_closes() {
 
 #[tokio::test]
 async fn a_streamed_response_reaches_the_client_before_the_upstream_finishes() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     let mut c = client(p.addr).await;
     let resp = tokio::time::timeout(WAIT, c.send_request(get("up.test", "/stream")))
@@ -583,7 +442,7 @@ async fn a_streamed_response_reaches_the_client_before_the_upstream_finishes() {
         .unwrap()
         .unwrap();
     assert_eq!(first.into_data().unwrap(), "data: first\n\n");
-    up.release.notify_one();
+    up.release();
     let rest = tokio::time::timeout(WAIT, body.collect())
         .await
         .unwrap()
@@ -594,18 +453,23 @@ async fn a_streamed_response_reaches_the_client_before_the_upstream_finishes() {
 
 #[tokio::test]
 async fn the_kill_switch_cuts_a_served_connection_with_a_reset() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(b"GET /stream HTTP/1.1\r\nHost: up.test\r\n\r\n")
         .await
         .unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("data: first"));
+    let mut got = Vec::new();
+    // The head and the first event may come in separate segments.
+    while !String::from_utf8_lossy(&got).contains("data: first") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
     assert_eq!(p.agent.conns.kill_all(), 1);
     let err = tokio::time::timeout(WAIT, async {
         loop {
@@ -628,7 +492,7 @@ async fn the_kill_switch_cuts_a_served_connection_with_a_reset() {
 async fn a_websocket_upgrade_is_spliced_only_when_its_get_is_allowed() {
     let policy = "rules:\n\
         \x20 - name: chat\n    allow: { method: [GET], url: \"up.test:*/ws\" }\n";
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(policy, up.addr).await;
     let upgrade = |path: &str| {
         format!(
@@ -668,7 +532,7 @@ async fn a_websocket_upgrade_is_spliced_only_when_its_get_is_allowed() {
 
 #[tokio::test]
 async fn h2c_upgrades_are_declined_and_connect_is_denied_by_default() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     let answer = raw(
         p.addr,
@@ -676,7 +540,7 @@ async fn h2c_upgrades_are_declined_and_connect_is_denied_by_default() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
-    assert!(answer.contains("hello GET /h2c"));
+    assert!(answer.contains("hello from up GET /h2c"));
     let answer = raw(
         p.addr,
         b"CONNECT up.test:443 HTTP/1.1\r\nHost: up.test:443\r\n\r\n",
@@ -684,9 +548,9 @@ async fn h2c_upgrades_are_declined_and_connect_is_denied_by_default() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
     assert!(answer.contains("no rule allows CONNECT"), "{answer}");
-    let seen = up.seen.lock().unwrap().clone();
+    let seen = up.hits();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].version, Version::HTTP_11);
+    assert_eq!(seen[0].version, "HTTP/1.1");
 }
 
 /// A TLS server configuration from the test CA, for an intercepted connection.
@@ -731,7 +595,7 @@ fn tls_pair(
 async fn http2_through_interception_judges_each_stream_and_refuses_fronting() {
     // The upstream is plain HTTP here (the connection's scheme decides what the policy sees;
     // upstream TLS is covered end to end).
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     let (server, client_config, _dir) = tls_pair("up.test");
     let conn = ClientConn {
@@ -769,14 +633,14 @@ async fn http2_through_interception_judges_each_stream_and_refuses_fronting() {
     assert_eq!(a.version(), Version::HTTP_2);
     assert_eq!(b.status(), StatusCode::FORBIDDEN);
     assert_eq!(b.headers().get(DECISION_HEADER).unwrap(), "deny");
-    let seen = up.seen.lock().unwrap().clone();
+    let seen = up.hits();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/ok");
 }
 
 #[tokio::test]
 async fn over_tls_a_host_other_than_the_sni_is_misdirected() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start(POLICY, up.addr).await;
     let (server, mut client_config, _dir) = tls_pair("up.test");
     Arc::get_mut(&mut client_config).unwrap().alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -800,7 +664,7 @@ async fn over_tls_a_host_other_than_the_sni_is_misdirected() {
     assert_eq!(s, StatusCode::MISDIRECTED_REQUEST, "{body}");
     assert_eq!(h.get(DECISION_HEADER).unwrap(), "deny");
     assert!(body.contains("domain fronting"), "{body}");
-    assert!(up.seen.lock().unwrap().is_empty());
+    assert!(up.hits().is_empty());
 }
 
 /// Listens for one TLS client on loopback and serves it as an intercepted connection `conn`
@@ -843,7 +707,7 @@ fn h2_get(path: &str) -> Request<()> {
 
 #[tokio::test]
 async fn http2_caps_streams_and_refuses_an_oversized_header_list() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start_speaking(POLICY, up.addr, Proto::Http2).await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut h2, mut conn) = h2::client::handshake(stream).await.unwrap();
@@ -879,19 +743,13 @@ async fn http2_caps_streams_and_refuses_an_oversized_header_list() {
         .await
         .expect("the proxy answers an oversized header list"),
     };
-    let seen: Vec<String> = up
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| s.path.clone())
-        .collect();
+    let seen: Vec<String> = up.hits().iter().map(|s| s.path.clone()).collect();
     assert_eq!(seen, ["/ok"], "{outcome}");
 }
 
 #[tokio::test]
 async fn http2_rapid_reset_closes_the_connection_with_enhance_your_calm() {
-    let up = upstream().await;
+    let up = WebUpstream::http("127.0.0.1", "up");
     let p = Proxy::start_speaking(POLICY, up.addr, Proto::Http2).await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut h2, conn) = h2::client::handshake(stream).await.unwrap();
