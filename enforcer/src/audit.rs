@@ -129,6 +129,42 @@ pub fn open_daemon_log(config: &crate::config::Config) -> Result<AuditLog, Audit
     AuditLog::open(opts)
 }
 
+/// Logs for in-process tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::{path::Path, time::Duration};
+
+    use super::{AuditLog, AuditOptions, generate_key_file};
+
+    /// A log in `dir` with a fresh key, no rotation, and checkpoints only at close.
+    pub fn open(dir: &Path) -> AuditLog {
+        let key = dir.join("audit.key");
+        generate_key_file(&key).unwrap();
+        AuditLog::open(AuditOptions {
+            path: dir.join("audit.jsonl"),
+            key_path: key,
+            rotate_bytes: 0,
+            checkpoint_records: 0,
+            checkpoint_interval: Duration::from_secs(3600),
+        })
+        .unwrap()
+    }
+
+    /// Every record `open(dir)`'s log holds so far.
+    pub async fn records(log: &AuditLog, dir: &Path) -> Vec<serde_json::Value> {
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || log.flush())
+            .await
+            .unwrap()
+            .unwrap();
+        std::fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit key {path} does not exist; create it with `enforcer keygen`")]

@@ -454,7 +454,7 @@ mod tests {
     use super::*;
     use crate::{
         agents::{Agent, Origin},
-        audit::{AuditLog, AuditOptions, generate_key_file},
+        audit::AuditLog,
         config::SecurityMode,
         policy::Policy,
     };
@@ -476,16 +476,7 @@ mod tests {
 
     /// A resolver for one agent allowing `api.test`, with its audit log and the caller.
     fn resolver(dir: &std::path::Path, mode: SecurityMode) -> (Resolver, AuditLog, Caller) {
-        let key = dir.join("audit.key");
-        generate_key_file(&key).unwrap();
-        let audit = AuditLog::open(AuditOptions {
-            path: dir.join("audit.jsonl"),
-            key_path: key,
-            rotate_bytes: 0,
-            checkpoint_records: 0,
-            checkpoint_interval: Duration::from_secs(3600),
-        })
-        .unwrap();
+        let audit = crate::audit::testing::open(dir);
         let policy = "rules:\n  - name: api\n    allow: { url: \"api.test\" }\n";
         let agent = Arc::new(Agent::new(
             "dns-agent".into(),

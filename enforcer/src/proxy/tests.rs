@@ -20,7 +20,7 @@ use tokio::{
 use super::*;
 use crate::{
     agents::{Agent, Origin, allowlist},
-    audit::{AuditLog, AuditOptions, generate_key_file},
+    audit::AuditLog,
     ca::Ca,
     config::{SecurityMode, TlsConfig},
 };
@@ -44,7 +44,6 @@ struct Harness {
     records: Arc<FakeRecords>,
     agent: Arc<Agent>,
     audit: AuditLog,
-    audit_path: PathBuf,
     ca: Arc<Ca>,
     _dir: tempfile::TempDir,
 }
@@ -52,17 +51,7 @@ struct Harness {
 impl Harness {
     async fn start(policy: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("audit.key");
-        generate_key_file(&key).unwrap();
-        let audit_path = dir.path().join("audit.jsonl");
-        let audit = AuditLog::open(AuditOptions {
-            path: audit_path.clone(),
-            key_path: key,
-            rotate_bytes: 0,
-            checkpoint_records: 0,
-            checkpoint_interval: Duration::from_secs(3600),
-        })
-        .unwrap();
+        let audit = crate::audit::testing::open(dir.path());
         let ca_dir = dir.path().join("ca");
         let (ca, _) = Ca::open_or_create(&ca_dir).unwrap();
         let ca = Arc::new(ca);
@@ -103,7 +92,6 @@ impl Harness {
             records,
             agent,
             audit,
-            audit_path,
             ca,
             _dir: dir,
         }
@@ -135,16 +123,7 @@ impl Harness {
 
     /// The audit records so far.
     async fn records(&self) -> Vec<serde_json::Value> {
-        let audit = self.audit.clone();
-        tokio::task::spawn_blocking(move || audit.flush())
-            .await
-            .unwrap()
-            .unwrap();
-        std::fs::read_to_string(&self.audit_path)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        crate::audit::testing::records(&self.audit, self._dir.path()).await
     }
 
     /// The first record of `event`.

@@ -19,7 +19,7 @@ use enforcer_tests::web::WebUpstream;
 use super::*;
 use crate::{
     agents::{Agent, Origin},
-    audit::{AuditLog, AuditOptions, generate_key_file},
+    audit::AuditLog,
     policy::Policy,
     proxy::{rewind::Rewind, scope::Tracked},
 };
@@ -43,7 +43,6 @@ struct Proxy {
     agent: Arc<Agent>,
     env: Arc<L7Env>,
     audit: AuditLog,
-    audit_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -55,17 +54,7 @@ impl Proxy {
     /// As [`start`](Self::start), with clients speaking `proto` (HTTP/2: prior knowledge).
     async fn start_speaking(policy: &str, dst: SocketAddr, proto: Proto) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("audit.key");
-        generate_key_file(&key).unwrap();
-        let audit_path = dir.path().join("audit.jsonl");
-        let audit = AuditLog::open(AuditOptions {
-            path: audit_path.clone(),
-            key_path: key,
-            rotate_bytes: 0,
-            checkpoint_records: 0,
-            checkpoint_interval: Duration::from_secs(3600),
-        })
-        .unwrap();
+        let audit = crate::audit::testing::open(dir.path());
         let policy = Policy::from_yaml(policy.as_bytes(), "test").unwrap();
         let agent = Arc::new(Agent::new(
             "test-agent".into(),
@@ -108,23 +97,13 @@ impl Proxy {
             agent,
             env,
             audit,
-            audit_path,
             _dir: dir,
         }
     }
 
     /// The audit records so far.
     async fn records(&self) -> Vec<serde_json::Value> {
-        let audit = self.audit.clone();
-        tokio::task::spawn_blocking(move || audit.flush())
-            .await
-            .unwrap()
-            .unwrap();
-        std::fs::read_to_string(&self.audit_path)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        crate::audit::testing::records(&self.audit, self._dir.path()).await
     }
 }
 
