@@ -21,6 +21,11 @@ fn main() {
         root_dir: ebpf_dir,
         ..Default::default()
     };
+    // aya-build forwards every line the nested cargo prints as a `cargo:warning` (about 160
+    // "Compiling ..." lines on a fresh build): keep that cargo quiet. Its errors and real
+    // compiler warnings still come through, and a failure below says what to do.
+    // SAFETY: a build script is single-threaded here; nothing else reads the environment.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     if let Err(err) = aya_build::build_ebpf([package], aya_build::Toolchain::default()) {
         panic!(
             "building the eBPF programs failed: {err:#}\n\
@@ -28,6 +33,7 @@ fn main() {
              when they are missing, and checks that their LLVM versions match."
         );
     }
+    println!("cargo:warning=built the eBPF programs (enforcer-ebpf, bpfel-unknown-none)");
     // With AYA_BUILD_SKIP set, aya-build writes nothing: leave an empty object behind so the
     // crate still compiles; the loader rejects it at run time with a clear message.
     let object = out_dir.join("enforcer");

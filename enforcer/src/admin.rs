@@ -31,18 +31,19 @@ const MAX_BODY: usize = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("cannot create the admin socket {path}: {source}")]
+    #[error("cannot create the admin socket {path}: {io}", io = crate::sys::io_text(source))]
     Bind {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error(
-        "enforcer daemon is not running (cannot connect to {path}: {source}); start it with \
-         `enforcer daemon` or `systemctl start enforcer`"
+        "enforcer daemon is not running (cannot connect to {path}: {}); start it with {start}",
+        crate::sys::io_text(source)
     )]
     NotRunning {
         path: PathBuf,
         source: std::io::Error,
+        start: String,
     },
     #[error("permission denied on {path}: run as root or as a member of the admin group")]
     Permission { path: PathBuf },
@@ -315,11 +316,17 @@ fn refused(r: &Refusal) -> Response<Full<Bytes>> {
 /// A client of the admin API.
 pub struct Client {
     path: PathBuf,
+    /// How to start the daemon, for the "not running" error.
+    start: String,
 }
 
 impl Client {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
+    /// The admin socket of this configuration.
+    pub fn new(config: &crate::config::Config) -> Self {
+        Self {
+            path: config.admin_socket_path(),
+            start: config.start_hint(),
+        }
     }
 
     pub async fn get<R: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<R, AdminError> {
@@ -350,6 +357,7 @@ impl Client {
                 AdminError::NotRunning {
                     path: self.path.clone(),
                     source,
+                    start: self.start.clone(),
                 }
             }
         })?;

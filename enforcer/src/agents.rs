@@ -64,7 +64,7 @@ pub enum AgentError {
     Unknown { name: String, known: String },
     #[error("all {max} agent slots are in use; remove agents from the config or state dir", max = MAX_AGENTS - 1)]
     Full,
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {io}", io = crate::sys::io_text(source))]
     Persist {
         path: PathBuf,
         source: std::io::Error,

@@ -108,6 +108,16 @@ impl AuditOptions {
     }
 }
 
+/// Checks, changing nothing, that the daemon's signing key is usable when it exists (a
+/// missing one is created at start).
+pub fn check_daemon_key(config: &crate::config::Config) -> Result<(), AuditError> {
+    let path = config.audit_key_path();
+    if path.exists() {
+        load_signing_key(&path)?;
+    }
+    Ok(())
+}
+
 /// Opens the daemon's audit log. A first start creates the signing key, like an sshd host
 /// key, and logs its public half for the operator to keep for `enforcer audit verify`.
 pub fn open_daemon_log(config: &crate::config::Config) -> Result<AuditLog, AuditError> {
@@ -183,7 +193,7 @@ pub enum AuditError {
         owner: u32,
         euid: u32,
     },
-    #[error("cannot read audit key {path}: {source}")]
+    #[error("cannot read audit key {path}: {io}", io = crate::sys::io_text(source))]
     KeyRead {
         path: PathBuf,
         source: std::io::Error,
@@ -196,15 +206,14 @@ pub enum AuditError {
          to verify)"
     )]
     KeyExists { path: PathBuf },
-    #[error("cannot write audit key {path}: {source}")]
+    #[error("cannot write audit key {path}: {io}", io = crate::sys::io_text(source))]
     KeyWrite {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error(
-        "cannot open audit log {path}: {source}; check that its directory exists or can be \
-         created, and is writable by the daemon"
-    )]
+        "cannot open audit log {path}: {io}; check that its directory exists or can be \
+         created, and is writable by the daemon", io = crate::sys::io_text(source))]
     Open {
         path: PathBuf,
         source: std::io::Error,

@@ -73,7 +73,7 @@ pub enum BpfError {
     },
     #[error("cannot prepare bpffs at {path}: {message}")]
     Bpffs { path: PathBuf, message: String },
-    #[error("cannot open cgroup {path}: {source}")]
+    #[error("cannot open cgroup {path}: {io}", io = crate::sys::io_text(source))]
     Cgroup {
         path: PathBuf,
         source: std::io::Error,

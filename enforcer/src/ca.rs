@@ -52,11 +52,10 @@ const CA_VALIDITY_YEARS: i16 = 10;
 
 pub const KEY_FILE: &str = "ca-key.pem";
 pub const CERT_FILE: &str = "ca-cert.pem";
-pub const BUNDLE_FILE: &str = "bundle.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("cannot create the CA directory {path}: {source}")]
+    #[error("cannot create the CA directory {path}: {io}", io = crate::sys::io_text(source))]
     CreateDir {
         path: PathBuf,
         source: std::io::Error,
@@ -101,12 +100,12 @@ pub enum CaError {
     },
     #[error("no CA in {dir}; create one with `enforcer ca init` (the daemon also creates it)")]
     Missing { dir: PathBuf },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {io}", io = crate::sys::io_text(source))]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {io}", io = crate::sys::io_text(source))]
     Write {
         path: PathBuf,
         source: std::io::Error,
@@ -120,6 +119,8 @@ pub enum CaError {
     },
     #[error("cannot sign a certificate for '{name}': {message}")]
     Sign { name: String, message: String },
+    #[error("{path} (in tls.extra_upstream_roots) is not a PEM certificate file: {message}")]
+    Parse { path: PathBuf, message: String },
 }
 
 /// The local CA: its certificate, its issuer, the leaf key and the leaf cache.
@@ -144,6 +145,19 @@ impl std::fmt::Debug for Ca {
 pub enum Origin {
     Existing,
     Created,
+}
+
+/// Checks, changing nothing, that the daemon's CA is usable when there is one (a missing one
+/// is created at start, unless `tls.mode` is `sni`).
+pub fn check_for_daemon(config: &crate::config::Config) -> Result<(), CaError> {
+    let dir = Ca::dir_in(&config.state_dir);
+    if config.tls.mode == crate::config::TlsMode::Sni || !dir.exists() {
+        return Ok(());
+    }
+    match Ca::open(&dir) {
+        Ok(_) | Err(CaError::Missing { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The daemon's CA, created at the first start, when TLS may be intercepted (`tls.mode` other
@@ -305,30 +319,52 @@ impl Ca {
         &self.dir
     }
 
-    /// `<dir>/bundle.pem`.
-    pub fn bundle_path(&self) -> PathBuf {
-        self.dir.join(BUNDLE_FILE)
-    }
-
-    /// Writes `bundle.pem`: the system roots (as rustls-native-certs finds them, honouring
-    /// `SSL_CERT_FILE` and `SSL_CERT_DIR`) followed by the CA certificate. Returns its path
-    /// and how many system roots it holds.
-    pub fn write_bundle(&self) -> Result<(PathBuf, usize), CaError> {
+    /// Writes the trust bundle that enrolled commands point their CA variables at: the
+    /// system roots (as rustls-native-certs finds them, honouring `SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR`), the operator's `tls.extra_upstream_roots` (already trusted for
+    /// upstreams, so a spliced internal host with a private CA verifies too) and the CA
+    /// certificate. The file is mode 0644 and its directory 0755, set explicitly after the
+    /// write, so any enrolled user can read it whatever the umask; it holds no secret (the CA
+    /// key stays 0600 in the root-only `state_dir`). Returns how many roots it holds
+    /// besides the CA.
+    pub fn write_bundle(&self, path: &Path, extra_roots: &[PathBuf]) -> Result<usize, CaError> {
         let native = rustls_native_certs::load_native_certs();
         for e in &native.errors {
             tracing::warn!("reading the system roots for the CA bundle: {e}");
         }
+        let mut certs: Vec<CertificateDer<'static>> = native.certs;
+        for extra in extra_roots {
+            let bytes = std::fs::read(extra).map_err(|source| CaError::Read {
+                path: extra.clone(),
+                source,
+            })?;
+            for cert in CertificateDer::pem_slice_iter(&bytes) {
+                certs.push(cert.map_err(|e| CaError::Parse {
+                    path: extra.clone(),
+                    message: e.to_string(),
+                })?);
+            }
+        }
         let mut out = String::new();
-        for cert in &native.certs {
+        for cert in &certs {
             out.push_str(&pem::encode_config(
                 &pem::Pem::new("CERTIFICATE", cert.as_ref().to_vec()),
                 pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
             ));
         }
         out.push_str(&self.cert_pem);
-        let path = self.bundle_path();
-        write_replacing(&path, out.as_bytes(), 0o644)?;
-        Ok((path, native.certs.len()))
+        if let Some(dir) = path.parent() {
+            create_dir(dir)?;
+            // Readable by every enrolled user, whatever the umask made of it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(
+                |source| CaError::Write {
+                    path: dir.to_owned(),
+                    source,
+                },
+            )?;
+        }
+        write_replacing(path, out.as_bytes(), 0o644)?;
+        Ok(certs.len())
     }
 
     /// The certificate chain and key for a server name (a DNS name, or an IP address
@@ -627,16 +663,44 @@ mod tests {
     }
 
     #[test]
-    fn the_bundle_ends_with_the_ca() {
-        let (_t, d) = dir();
+    fn the_bundle_holds_the_extra_roots_and_the_ca_and_is_readable_whatever_the_umask() {
+        let (t, d) = dir();
         let (ca, _) = Ca::open_or_create(&d).unwrap();
-        let (path, _) = ca.write_bundle().unwrap();
-        let text = std::fs::read_to_string(path).unwrap();
+        // An operator's private root, as tls.extra_upstream_roots names it.
+        let (other_t, other_d) = dir();
+        let (other, _) = Ca::open_or_create(&other_d).unwrap();
+        let extra = other_t.path().join("private-root.pem");
+        std::fs::write(&extra, other.cert_pem()).unwrap();
+        let run = t.path().join("run");
+        // SAFETY: umask only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0o077) };
+        let written = ca.write_bundle(&run.join("ca-bundle.pem"), &[extra]);
+        // SAFETY: as above, restoring it.
+        unsafe { libc::umask(old) };
+        let roots = written.unwrap();
+        let path = run.join("ca-bundle.pem");
+        let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.ends_with(ca.cert_pem()));
-        let mode = std::fs::metadata(ca.bundle_path())
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o644);
+        assert!(roots >= 1);
+        let other_b64: String = other
+            .cert_pem()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        assert!(
+            text.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>()
+                .contains(&other_b64),
+            "the extra root is in the bundle"
+        );
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(mode(&run), 0o755);
+        assert!(
+            ca.write_bundle(&path, &[t.path().join("missing.pem")])
+                .is_err(),
+            "an unreadable extra root is an error, not silently left out"
+        );
     }
 }

@@ -24,20 +24,20 @@ pub enum CgroupError {
     BadPath(PathBuf),
     #[error("cgroup {path} does not exist; create it first (for a systemd unit, start the unit)")]
     Missing { path: PathBuf },
-    #[error("cannot create cgroup {path}: {source}")]
+    #[error("cannot create cgroup {path}: {io}", io = crate::sys::io_text(source))]
     Create {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot move process {pid} into {path}: {source}")]
+    #[error("cannot move process {pid} into {path}: {io}", io = crate::sys::io_text(source))]
     Move {
         pid: u32,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read the cgroup of process {pid}: {source}; has it exited?")]
+    #[error("cannot read the cgroup of process {pid}: {io}; has it exited?", io = crate::sys::io_text(source))]
     ProcCgroup { pid: u32, source: std::io::Error },
-    #[error("cannot stat cgroup {path}: {source}")]
+    #[error("cannot stat cgroup {path}: {io}", io = crate::sys::io_text(source))]
     Stat {
         path: PathBuf,
         source: std::io::Error,

@@ -26,6 +26,7 @@ pub enum Command {
     /// Run the daemon: load and attach the eBPF programs, serve the proxy and the admin API.
     Daemon,
     /// Run a command enrolled under an agent's policy (the whole process tree stays enrolled).
+    #[command(after_long_help = cmd::exec::AFTER_HELP, after_help = cmd::exec::AFTER_HELP)]
     Exec(cmd::exec::ExecArgs),
     /// Enrol a running process (with its threads and descendants) or an existing cgroup.
     Enrol(cmd::enrol::EnrolArgs),

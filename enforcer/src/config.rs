@@ -19,7 +19,10 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}; pass --config FILE or set ENFORCER_CONFIG")]
+    #[error(
+        "cannot read config {path}: {}; pass --config FILE or set ENFORCER_CONFIG",
+        crate::sys::io_text(source)
+    )]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -175,6 +178,9 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Configured agents. Default: none.
     pub agents: Vec<AgentConfig>,
+    /// The file this configuration was read from (not a key: set by [`Config::load`]).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -197,6 +203,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             dns: DnsConfig::default(),
             agents: Vec::new(),
+            source: None,
         }
     }
 }
@@ -221,7 +228,20 @@ impl Config {
             .parent()
             .map(Path::to_owned)
             .unwrap_or_else(|| PathBuf::from("."));
-        Self::parse(&text, path, &base)
+        let mut config = Self::parse(&text, path, &base)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
+    }
+
+    /// How to start the daemon on this configuration, for hints in error messages.
+    pub fn start_hint(&self) -> String {
+        match &self.source {
+            Some(p) if p != Path::new(DEFAULT_CONFIG_PATH) => format!(
+                "`enforcer --config {} daemon` (or `systemctl start enforcer`)",
+                p.display()
+            ),
+            _ => "`enforcer daemon` or `systemctl start enforcer`".to_owned(),
+        }
     }
 
     /// Parses config text; `base` is the directory relative paths are resolved against.
@@ -331,6 +351,12 @@ impl Config {
     }
 
     /// The admin API socket.
+    /// The trust bundle `enforcer exec` points TLS clients at: `runtime_dir/ca-bundle.pem`,
+    /// readable by every user (the state directory is root's alone).
+    pub fn ca_bundle_path(&self) -> PathBuf {
+        self.runtime_dir.join("ca-bundle.pem")
+    }
+
     pub fn admin_socket_path(&self) -> PathBuf {
         self.runtime_dir.join("admin.sock")
     }

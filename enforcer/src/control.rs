@@ -19,11 +19,13 @@ use tokio::sync::mpsc;
 pub mod killfiles;
 pub mod killswitch;
 
-use crate::agents::lifecycle::Lifecycle;
+use crate::{agents::lifecycle::Lifecycle, enrol::Enroller};
 use killswitch::KillSwitch;
 
 /// How often the kill-switch files are stat'ed besides inotify.
 pub const KILL_POLL: Duration = Duration::from_millis(500);
+/// How often enrolled cgroups are checked for removal or re-creation behind the daemon.
+pub const RECONCILE_POLL: Duration = Duration::from_secs(1);
 /// How often policy files are re-hashed besides inotify.
 pub const POLICY_POLL: Duration = Duration::from_secs(5);
 /// Quiet time after a policy file event before reloading (editors write in several steps).
@@ -40,6 +42,7 @@ enum Trigger {
 pub struct Controls {
     pub kill_switch: Arc<KillSwitch>,
     pub lifecycle: Arc<Lifecycle>,
+    pub enroller: Arc<Enroller>,
 }
 
 impl Controls {
@@ -70,7 +73,9 @@ pub async fn run(controls: Controls) {
     let Controls {
         kill_switch,
         lifecycle,
+        enroller,
     } = controls;
+    let mut reconcile_tick = tokio::time::interval(RECONCILE_POLL);
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -95,6 +100,11 @@ pub async fn run(controls: Controls) {
             }
             _ = kill_tick.tick() => kill_switch.check().await,
             _ = policy_tick.tick() => lifecycle.reload_if_changed().await,
+            _ = reconcile_tick.tick() => {
+                for done in enroller.reconcile() {
+                    tracing::warn!("{done}");
+                }
+            }
             () = &mut reload_at, if reload_pending => {
                 reload_pending = false;
                 lifecycle.reload("file change").await;

@@ -51,6 +51,20 @@ pub async fn run(
     inherited: Inherited,
 ) -> anyhow::Result<()> {
     let hierarchy = preflight()?;
+
+    // Everything that can fail is checked before anything changes: a start that fails
+    // leaves keys, CA, pins and links as they were.
+    let policies = lifecycle::check_policies(&config, &hierarchy)?;
+    agents::IdTable::load(&config.state_dir)?;
+    audit::check_daemon_key(&config)?;
+    ca::check_for_daemon(&config)?;
+    let upstream_tls = tls::UpstreamTls::for_daemon(&config.tls)?;
+    let netns_cookie = sys::netns_cookie()?;
+    // The ports last among the checks: binding them also proves no other daemon serves them.
+    let listeners = Listeners::open(inherited, config.proxy_port, config.dns_port)?;
+    let metrics_listener =
+        sys::listeners::tcp(&mut Inherited::default(), "metrics", config.metrics_listen)?;
+
     for dir in [&config.state_dir, &config.runtime_dir] {
         sys::create_dir(dir)?;
     }
@@ -69,13 +83,13 @@ pub async fn run(
     audit.set_observer(Box::new(metrics::observe));
     let ca = ca::for_daemon(&config)?;
     let tls = Arc::new(tls::TlsContext::new(&config.tls, ca.clone())?);
-    let upstream_tls = tls::UpstreamTls::for_daemon(&config.tls)?;
     let ca_bundle = match &ca {
         Some(ca) => {
-            let (path, roots) = ca
-                .write_bundle()
+            let path = config.ca_bundle_path();
+            let roots = ca
+                .write_bundle(&path, &config.tls.extra_upstream_roots)
                 .context("writing the CA bundle for enrolled commands")?;
-            tracing::debug!(bundle = %path.display(), system_roots = roots, "CA bundle written");
+            tracing::debug!(bundle = %path.display(), roots, "CA bundle written");
             Some(path)
         }
         None => None,
@@ -115,12 +129,11 @@ pub async fn run(
     kernel.start_config(
         config.proxy_port,
         config.dns_port,
-        sys::netns_cookie()?,
+        netns_cookie,
         initial_kill.global,
     )?;
-    lifecycle.load_all().await?;
+    lifecycle.load_all(policies).await?;
 
-    let listeners = Listeners::open(inherited, config.proxy_port, config.dns_port)?;
     let decisions = Decisions::new(audit.clone(), config.security_mode);
     let proxy_ctx = Arc::new(ProxyContext {
         records: kernel.clone(),
@@ -213,9 +226,8 @@ pub async fn run(
     tokio::spawn(control::run(Controls {
         kill_switch,
         lifecycle,
+        enroller: enroller.clone(),
     }));
-    let metrics_listener =
-        sys::listeners::tcp(&mut Inherited::default(), "metrics", config.metrics_listen)?;
     tokio::spawn(metrics::serve(metrics_listener, reporter));
 
     kernel.update_config(|c| c.flags |= global_flags::READY)?;

@@ -49,7 +49,7 @@ pub enum EnrolError {
     NotEnrolled(PathBuf),
     #[error("process {pid} is not in an enrolled cgroup (it is in {cgroup})")]
     PidNotEnrolled { pid: u32, cgroup: PathBuf },
-    #[error("cannot save enrolments to {path}: {source}")]
+    #[error("cannot save enrolments to {path}: {io}", io = crate::sys::io_text(source))]
     Persist {
         path: PathBuf,
         source: std::io::Error,
@@ -79,6 +79,10 @@ pub struct Enrolled {
     pub path: PathBuf,
     pub agent: String,
     pub source: Source,
+    /// The cgroup id the programs were attached to. A cgroup removed and created again at
+    /// the same path has a new id, and none of the programs.
+    #[serde(default)]
+    pub id: u64,
 }
 
 pub struct Enroller {
@@ -151,38 +155,84 @@ impl Enroller {
         Ok(())
     }
 
-    /// Attaches the programs to `path` and maps it to `agent`.
-    fn attach(&self, path: &Path, agent: &Agent, source: Source) -> Result<(), EnrolError> {
+    /// Attaches the programs to `path` and maps it to `agent`. When the path was enrolled
+    /// before under another cgroup id (removed and created again), the old id's pins and
+    /// mapping go.
+    fn attach(&self, path: &Path, agent: &Agent, source: Source) -> Result<u64, EnrolError> {
         self.check_target(path)?;
         let id = cgroup_id(path)?;
         let outcome = self.kernel.attach_cgroup(path, id)?;
         self.kernel.map_cgroup(id, agent.id)?;
         tracing::info!(
-            cgroup = %path.display(), agent = %agent.name,
+            cgroup = %path.display(), agent = %agent.name, id,
             attached = outcome.attached, updated = outcome.updated, reused = outcome.reused,
             "cgroup enrolled"
         );
-        self.state().all.insert(
+        let before = self.state().all.insert(
             path.to_owned(),
             Enrolled {
                 path: path.to_owned(),
                 agent: agent.name.clone(),
                 source,
+                id,
             },
         );
-        Ok(())
+        if let Some(old) = before
+            && old.id != 0
+            && old.id != id
+        {
+            tracing::warn!(cgroup = %path.display(), old = old.id, new = id,
+                "the cgroup was removed and created again; its programs are attached anew");
+            let _ = self.kernel.detach_cgroup(old.id);
+            let _ = self.kernel.unmap_cgroup(old.id);
+        }
+        Ok(id)
     }
 
-    /// Creates and enrols the agent's exec cgroup.
-    pub fn enrol_exec_cgroup(&self, agent: &Agent) -> Result<(), EnrolError> {
+    /// Creates (when missing) and enrols the agent's exec cgroup: its programs are attached
+    /// to the cgroup that is there now, whatever happened to an earlier one at that path.
+    pub fn enrol_exec_cgroup(&self, agent: &Agent) -> Result<u64, EnrolError> {
         let path = self.hierarchy.ensure(&agent.exec_cgroup)?;
         self.attach(&path, agent, Source::Exec)
+    }
+
+    /// Puts enrolments right after changes behind the daemon's back: an agent's exec cgroup
+    /// that was removed is created and attached again, and any enrolled path whose cgroup was
+    /// created anew (a new id: a restarted service's cgroup) gets the programs again. Returns
+    /// what it did, for the log.
+    pub fn reconcile(&self) -> Vec<String> {
+        let mut done = Vec::new();
+        for e in self.list() {
+            let Some(agent) = self.registry.get(&e.agent) else {
+                continue;
+            };
+            let now = cgroup_id(&e.path).ok();
+            let result = match (now, e.source) {
+                (Some(id), _) if id == e.id => continue,
+                (None, Source::Exec) => self.enrol_exec_cgroup(&agent),
+                (None, _) => continue,
+                (Some(_), source) => self.attach(&e.path, &agent, source),
+            };
+            match result {
+                Ok(id) => done.push(format!(
+                    "{} (agent '{}') re-enrolled as cgroup id {id}",
+                    e.path.display(),
+                    e.agent
+                )),
+                Err(err) => done.push(format!(
+                    "cannot re-enrol {} (agent '{}'): {err}",
+                    e.path.display(),
+                    e.agent
+                )),
+            }
+        }
+        done
     }
 
     /// Enrols a cgroup named in the config.
     pub fn enrol_configured(&self, path: &Path, agent: &Agent) -> Result<(), EnrolError> {
         let path = self.hierarchy.resolve(path)?;
-        self.attach(&path, agent, Source::Config)
+        self.attach(&path, agent, Source::Config).map(|_| ())
     }
 
     /// Re-attaches the cgroups saved by `enrol --cgroup`. Ones whose agent is gone or whose
@@ -198,7 +248,7 @@ impl Enroller {
         let mut problems = Vec::new();
         for (path, name) in saved {
             let result = match self.registry.get(&name) {
-                Some(agent) => self.attach(&path, &agent, Source::Enrolled),
+                Some(agent) => self.attach(&path, &agent, Source::Enrolled).map(|_| ()),
                 None => {
                     problems.push(format!(
                         "saved enrolment of {} names agent '{name}', which no longer exists; \
@@ -287,6 +337,10 @@ impl Enroller {
         if tree.contains(&me) {
             return Err(EnrolError::OwnProcess(pid));
         }
+        // The exec cgroup may have been removed (or removed and created again) behind the
+        // daemon's back: make sure the one there now exists and has every program before
+        // anything is moved into it.
+        self.enrol_exec_cgroup(agent)?;
         let target = self.hierarchy.resolve(&agent.exec_cgroup)?;
         let warnings = preexisting_sockets(&tree);
         let origin = self.hierarchy.of_pid(pid)?;

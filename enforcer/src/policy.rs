@@ -183,7 +183,7 @@ impl Scheme {
 /// and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("cannot read policy {}: {source}; check the path and its permissions", path.display())]
+    #[error("cannot read policy {}: {io}; check the path and its permissions", path.display(), io = crate::sys::io_text(source))]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -336,8 +336,29 @@ impl Policy {
         load::from_yaml(bytes, file)
     }
 
+    /// Like [`Policy::load`], but reports every error in the file, not only the first (for
+    /// `enforcer policy check`): the first exactly where it is, then each other rule with an
+    /// error, checked on its own, at the line where that rule starts.
+    pub fn check(path: &std::path::Path) -> Result<Policy, Vec<PolicyError>> {
+        let bytes = match Self::read(path) {
+            Ok(b) => b,
+            Err(e) => return Err(vec![e]),
+        };
+        let name = path.display().to_string();
+        match Self::from_yaml(&bytes, &name) {
+            Ok(p) => Ok(p),
+            Err(first) => Err(load::all_errors(first, &bytes, &name)),
+        }
+    }
+
     /// Reads, parses and compiles a policy file.
     pub fn load(path: &std::path::Path) -> Result<Policy, PolicyError> {
+        let bytes = Self::read(path)?;
+        Self::from_yaml(&bytes, &path.display().to_string())
+    }
+
+    /// A policy file's bytes, refused past [`MAX_POLICY_BYTES`] without reading it all.
+    fn read(path: &std::path::Path) -> Result<Vec<u8>, PolicyError> {
         use std::io::Read;
         let read_err = |source| PolicyError::Read {
             path: path.to_owned(),
@@ -357,7 +378,7 @@ impl Policy {
                 size: usize::try_from(size).unwrap_or(usize::MAX).max(bytes.len()),
             });
         }
-        Self::from_yaml(&bytes, &name)
+        Ok(bytes)
     }
 
     /// Lowercase hex SHA-256 of the policy file's bytes.

@@ -19,6 +19,10 @@ use crate::{
 /// `/v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
+    /// The same verdict `/healthz` gives.
+    pub health: HealthState,
+    /// Every problem `/healthz` lists.
+    pub problems: Vec<String>,
     pub daemon: DaemonInfo,
     pub kill_switch: KillSwitchStatus,
     pub audit: AuditStatus,
@@ -170,7 +174,9 @@ impl Reporter {
                     name: a.name.clone(),
                     id: a.id,
                     origin: a.origin.clone(),
-                    policy: a.policy_path.clone(),
+                    // The canonical path: relative and `..` parts of the config resolved.
+                    policy: std::fs::canonicalize(&a.policy_path)
+                        .unwrap_or_else(|_| a.policy_path.clone()),
                     policy_sha256: policy.sha256().to_owned(),
                     rules: policy.rule_count(),
                     mode: policy.mode(),
@@ -187,7 +193,10 @@ impl Reporter {
                 }
             })
             .collect();
+        let health = self.health();
         Status {
+            health: health.status,
+            problems: health.problems,
             daemon: DaemonInfo {
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -216,6 +225,15 @@ impl Reporter {
             .iter()
             .map(|e| {
                 let programs = match crate::cgroup::cgroup_id(&e.path) {
+                    Ok(id) if e.id != 0 && id != e.id => {
+                        problems.push(format!(
+                            "{}: the cgroup was removed and created again (id {id}, enrolled as \
+                             {}); its programs are being attached again",
+                            e.path.display(),
+                            e.id
+                        ));
+                        BTreeMap::new()
+                    }
                     Ok(id) => self
                         .kernel
                         .link_states(id)

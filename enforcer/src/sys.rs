@@ -22,7 +22,7 @@ pub mod sockdiag;
 pub enum SysError {
     #[error("reading the network namespace cookie failed ({0}); Linux 5.14 or newer is needed")]
     NetnsCookie(std::io::Error),
-    #[error("creating {path}: {source}")]
+    #[error("creating {path}: {io}", io = crate::sys::io_text(source))]
     CreateDir {
         path: PathBuf,
         source: std::io::Error,
@@ -108,6 +108,16 @@ pub fn reset_on_close(stream: &tokio::net::TcpStream) {
     };
     let _ =
         nix::sys::socket::setsockopt(&stream.as_fd(), nix::sys::socket::sockopt::Linger, &linger);
+}
+
+/// An I/O error's text without the " (os error N)" that repeats what the text says, for
+/// messages that already name the path.
+pub fn io_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
 }
 
 /// Creates `dir` and its parents with mode 0755 (less the umask).

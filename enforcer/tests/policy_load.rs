@@ -281,3 +281,54 @@ fn policy_is_send_and_sync() {
     assert_send_sync::<Policy>();
     assert_send_sync::<enforcer::policy::RateLimiter>();
 }
+
+#[test]
+fn check_reports_every_bad_rule_at_its_line_not_only_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.yaml");
+    std::fs::write(
+        &path,
+        "default: deny\nrules:\n  - name: ok\n    allow: { url: \"a.example.com\" }\n\
+         \x20 - name: bad-method\n    allow: { method: [FETCH], url: \"b.example.com\" }\n\
+         \x20 - name: bad-url\n    allow: { url: \"http://\" }\n\
+         \x20 # a comment between rules\n\
+         \x20 - name: no-verb\n  - name: fine\n    deny: { url: \"*\" }\n",
+    )
+    .unwrap();
+    let errors: Vec<String> = Policy::check(&path)
+        .expect_err("three bad rules")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let file = path.display();
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors[0].starts_with(&format!("{file}:6:")),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0].contains("rule 'bad-method': unknown method 'FETCH'"));
+    assert!(
+        errors[1].starts_with(&format!("{file}:7:3: rule 'bad-url'")),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        errors[2].starts_with(&format!("{file}:10:3: rule 'no-verb'")),
+        "{}",
+        errors[2]
+    );
+    // A file with one error reports one; a good one loads.
+    std::fs::write(
+        &path,
+        "rules:\n  - name: x\n    allow: { method: [NOPE] }\n",
+    )
+    .unwrap();
+    assert_eq!(Policy::check(&path).unwrap_err().len(), 1);
+    std::fs::write(
+        &path,
+        "rules:\n  - name: x\n    allow: { url: \"a.com\" }\n",
+    )
+    .unwrap();
+    assert_eq!(Policy::check(&path).unwrap().rule_count(), 1);
+}

@@ -485,6 +485,17 @@ impl TestDaemon {
             "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n",
         )
         .expect("write resolv.conf");
+        // The state directory as `cargo xtask install` and the unit make it: root's alone.
+        {
+            use std::os::unix::{fs::DirBuilderExt as _, fs::PermissionsExt as _};
+            let state = dir.path().join("state");
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&state)
+                .expect("state dir");
+            std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod state dir");
+        }
         let config_path = dir.path().join("enforcer.yaml");
         std::fs::write(&config_path, config).expect("write config");
         TestDaemon {
@@ -588,7 +599,9 @@ impl TestDaemon {
         if !fds.is_empty() {
             script.push_str("export LISTEN_PID=$$; ");
         }
-        script.push_str("exec \"$0\" \"$@\"");
+        // As the systemd unit runs it: UMask=0077, so everything the daemon creates is private
+        // unless it sets the mode itself (the CA bundle must stay readable by agents).
+        script.push_str("umask 077; exec \"$0\" \"$@\"");
         // bash, not sh: dash cannot redirect descriptors above 9.
         let mut cmd = Command::new("bash");
         cmd.arg("-c")
@@ -619,7 +632,8 @@ impl TestDaemon {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!("daemon exited with {status} during start:\n{}", self.log());
             }
-            if self.cli(&["status", "--json"]).status.success() {
+            // 0 healthy, 4 running but degraded: either way it answers.
+            if matches!(self.cli(&["status", "--json"]).status.code(), Some(0 | 4)) {
                 return;
             }
             assert!(
@@ -629,6 +643,68 @@ impl TestDaemon {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs the daemon in the foreground when its start is meant to fail: its exit status and
+    /// everything it printed (it must exit within 30 s).
+    pub fn start_failing(&self) -> (std::process::ExitStatus, String) {
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg("umask 077; exec \"$0\" \"$@\"")
+            .arg(enforcer_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("daemon")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn enforcer daemon");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the daemon did not exit: its start was expected to fail");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut text = String::new();
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut pipe = pipe;
+            let _ = pipe.read_to_string(&mut text);
+        }
+        (status, text)
+    }
+
+    /// Rewrites one top-level `key: value` line of the configuration (before a start).
+    pub fn set_config(&self, key: &str, value: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        let prefix = format!("{key}: ");
+        let out: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with(&prefix) {
+                    format!("{prefix}{value}")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, out.join("\n") + "\n").expect("write config");
     }
 
     /// SIGKILLs the daemon (no clean-up of its own).
@@ -730,7 +806,7 @@ impl TestDaemon {
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]);
         assert!(
-            out.status.success(),
+            matches!(out.status.code(), Some(0 | 4)),
             "status failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );

@@ -83,7 +83,7 @@ fn kill_switch_resets_open_streams_refuses_new_connects_and_lifts() {
     );
     let refused = d.probe("a", &["tcp", &up.addr.to_string()]);
     assert!(
-        stdout(&refused).contains("os error 1"),
+        stdout(&refused).contains("(os error 1)"),
         "{}",
         stdout(&refused)
     );
@@ -145,7 +145,7 @@ fn a_per_agent_kill_leaves_other_agents_untouched() {
     let ok = d.probe("b", &["tcp", &up.addr.to_string()]);
     assert!(ok.status.success(), "{}", stdout(&ok));
     let refused = d.probe("a", &["tcp", &up.addr.to_string()]);
-    assert!(stdout(&refused).contains("os error 1"));
+    assert!(stdout(&refused).contains("(os error 1)"));
     reap(ca);
     reap(cb);
 }
@@ -164,7 +164,7 @@ fn a_symlinked_kill_path_counts_as_engaged() {
     std::os::unix::fs::symlink("/nonexistent/target", &path).unwrap();
     assert!(
         eventually(5, || stdout(&d.probe("a", &["tcp", &up.addr.to_string()]))
-            .contains("os error 1")),
+            .contains("(os error 1)")),
         "a symlink must engage the switch"
     );
     assert_eq!(up.accepted(), 0);
@@ -181,7 +181,7 @@ fn a_global_kill_file_present_at_start_holds_from_the_first_instant() {
     std::fs::write(d.global_kill_path(), b"").unwrap();
     d.spawn();
     let out = d.probe("a", &["tcp", &up.addr.to_string()]);
-    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("(os error 1)"), "{}", stdout(&out));
     assert_eq!(d.status()["kill_switch"]["global"], true);
     let out = d.cli(&["revive"]);
     assert!(out.status.success());
@@ -233,7 +233,7 @@ fn a_valid_policy_is_reloaded_and_an_invalid_one_is_rejected() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(stdout(&d.probe("a", &["tcp", &up7.addr.to_string()])).contains("os error 1"));
+    assert!(stdout(&d.probe("a", &["tcp", &up7.addr.to_string()])).contains("(os error 1)"));
 
     std::fs::write(d.policy_path("a"), allow_literal("127.0.0.7")).unwrap();
     assert!(

@@ -79,7 +79,7 @@ fn connect_to_an_address_the_policy_does_not_name_fails_with_eperm_and_reaches_n
     let out = d.probe("a", &["tcp", &target.addr.to_string()]);
     let text = stdout(&out);
     assert!(!out.status.success());
-    assert!(text.contains("os error 1"), "expected EPERM: {text}");
+    assert!(text.contains("(os error 1)"), "expected EPERM: {text}");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(target.accepted(), 0, "the upstream must see nothing");
     assert!(d.agent_status("a")["counters"]["refused"].as_u64().unwrap() >= 1);
@@ -130,12 +130,12 @@ fn ipv4_mapped_ipv6_gets_the_verdict_of_its_ipv4_form() {
         &["tcp", &format!("[::ffff:127.0.0.7]:{}", denied.addr.port())],
     );
     assert!(
-        stdout(&denied_v4).contains("os error 1"),
+        stdout(&denied_v4).contains("(os error 1)"),
         "{}",
         stdout(&denied_v4)
     );
     assert!(
-        stdout(&denied_mapped).contains("os error 1"),
+        stdout(&denied_mapped).contains("(os error 1)"),
         "{}",
         stdout(&denied_mapped)
     );
@@ -153,7 +153,7 @@ fn udp_to_a_port_other_than_53_fails() {
         .unwrap();
     let out = d.probe("a", &["udp", &sink.local_addr().unwrap().to_string()]);
     assert!(
-        stdout(&out).contains("os error 1"),
+        stdout(&out).contains("(os error 1)"),
         "expected EPERM: {}",
         stdout(&out)
     );
@@ -164,7 +164,7 @@ fn udp_to_a_port_other_than_53_fails() {
     );
     // Also for an address the TCP policy allows.
     let out = d.probe("a", &["udp", "127.0.0.6:9999"]);
-    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("(os error 1)"), "{}", stdout(&out));
 }
 
 #[test]
@@ -184,7 +184,7 @@ fn children_of_the_enrolled_command_are_enrolled_too() {
         text.contains(&format!("child cgroup /enforcer.slice/{rel}")),
         "{text}"
     );
-    assert!(text.contains("os error 1"), "{text}");
+    assert!(text.contains("(os error 1)"), "{text}");
     assert_eq!(target.accepted(), 0);
 }
 
@@ -575,7 +575,7 @@ fn enrol_and_unenrol_by_pid_and_by_cgroup() {
         "{now}"
     );
     let out = child.wait_with_output().unwrap();
-    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("(os error 1)"), "{}", stdout(&out));
     assert_eq!(target.accepted(), 0);
 
     let sleeper = std::process::Command::new("sleep")
@@ -624,7 +624,7 @@ fn enrol_and_unenrol_by_pid_and_by_cgroup() {
         }
         c.output().unwrap()
     };
-    assert!(stdout(&run_in_cgroup()).contains("os error 1"));
+    assert!(stdout(&run_in_cgroup()).contains("(os error 1)"));
     let status = d.status().to_string();
     assert!(status.contains(cg.to_str().unwrap()), "{status}");
     let out = d.cli(&["unenrol", "--cgroup", cg.to_str().unwrap()]);
@@ -683,7 +683,7 @@ fn mptcp_is_treated_as_tcp_and_device_bound_sockets_are_refused() {
         d.log()
     );
     let out = d.probe("a", &["mptcp", &refused.addr.to_string(), "x"]);
-    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("(os error 1)"), "{}", stdout(&out));
     // SO_BINDTODEVICE needs CAP_NET_RAW, so this one runs as root.
     let out = d
         .exec_as(
@@ -698,7 +698,7 @@ fn mptcp_is_treated_as_tcp_and_device_bound_sockets_are_refused() {
         )
         .output()
         .unwrap();
-    assert!(stdout(&out).contains("os error 1"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("(os error 1)"), "{}", stdout(&out));
     assert_eq!(refused.accepted(), 0);
 }
 
@@ -750,7 +750,7 @@ fn a_socket_in_another_network_namespace_is_refused_and_the_daemon_says_why() {
     let _ = listener.kill();
     let _ = listener.wait();
     assert!(
-        stdout(&out).contains("os error 1"),
+        stdout(&out).contains("(os error 1)"),
         "{} {}",
         stdout(&out),
         stderr(&out)

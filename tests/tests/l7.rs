@@ -171,10 +171,7 @@ fn plain_http_requests_are_judged_by_method_path_header_and_body() {
         } else {
             assert!(text.contains("x-enforcer-decision: deny"), "{text}");
             assert!(text.contains("content-type: application/json"), "{text}");
-            assert!(
-                text.contains("\"error\":\"request denied by egress policy\""),
-                "{text}"
-            );
+            assert!(text.contains("\"type\":\"egress_policy_denied\""), "{text}");
         }
     }
     let hits = up.hits();
@@ -454,7 +451,7 @@ fn an_untrusted_upstream_certificate_gives_a_502_and_nothing_passes() {
     let text = curl(&d, "a", &[&format!("https://bad.test:{p}/x")]);
     assert_eq!(status_of(&text), 502, "{text}\n{}", d.log());
     assert!(
-        text.contains("\"error\":\"upstream certificate verification failed\""),
+        text.contains("\"message\":\"upstream certificate verification failed: "),
         "{text}"
     );
     assert!(up.hits().is_empty());
@@ -621,7 +618,9 @@ fn websockets_are_spliced_only_when_their_get_is_allowed() {
 #[test]
 fn the_enrolled_command_gets_the_ca_bundle_variables() {
     // Scenario: with interception possible, `enforcer exec` points the CA-file variables at
-    // the daemon's bundle (system roots plus the enforcer CA), readable by the command.
+    // the daemon's bundle (system roots plus the enforcer CA). The daemon runs under umask
+    // 077 with a 0700 state directory, as the unit runs it, and the bundle is still readable
+    // by the command's user (nobody).
     let Some(s) = Scenario::new("l7_bundle_env") else {
         return;
     };
@@ -631,7 +630,11 @@ fn the_enrolled_command_gets_the_ca_bundle_variables() {
         .output()
         .unwrap();
     let text = stdout(&out);
-    let bundle = d.dir.path().join("state/ca/bundle.pem");
+    let bundle = d.dir.path().join("run/ca-bundle.pem");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.dir.path().join("state")), 0o700);
+    assert_eq!(mode(&bundle), 0o644);
     assert_eq!(
         text.lines().next(),
         Some(bundle.to_str().unwrap()),

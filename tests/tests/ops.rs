@@ -97,7 +97,7 @@ fn metrics_move_with_traffic() {
     );
     let addr = up.addr.to_string();
     assert!(d.probe("a", &["tcp", &addr, &addr]).status.success());
-    assert!(stdout(&d.probe("a", &["tcp", "127.0.0.7:9"])).contains("os error 1"));
+    assert!(stdout(&d.probe("a", &["tcp", "127.0.0.7:9"])).contains("(os error 1)"));
     let (_, after) = http_get(d.metrics_port, "/metrics");
     let line = |name: &str| {
         after
@@ -186,7 +186,7 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
         "the held connection is open"
     );
     let (_, while_open) = http_get(d.metrics_port, "/metrics");
-    assert!(stdout(&d.probe("a", &["tcp", "127.0.0.7:9"])).contains("os error 1"));
+    assert!(stdout(&d.probe("a", &["tcp", "127.0.0.7:9"])).contains("(os error 1)"));
     let out = d.probe("a", &["dns", "127.0.0.53:53", "evil.test", "A"]);
     assert!(
         stdout(&out).contains("rcode Non-Existent Domain"),

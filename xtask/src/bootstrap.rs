@@ -163,11 +163,72 @@ fn check_llvm_majors() -> anyhow::Result<()> {
 }
 
 /// Tools the end-to-end tests drive: `ip` (network namespaces), `setpriv`, `systemd-analyze`.
+/// Where the tests' Python SDKs (openai, anthropic) are installed: a venv of the system's
+/// `/usr/bin/python3`, outside any home directory, so `nobody` can run it.
+pub const TEST_VENV: &str = "/opt/enforcer-test/venv";
+/// The Python packages the SDK tests use, from PyPI.
+const TEST_PY_PACKAGES: [&str; 2] = ["openai", "anthropic"];
+
 pub fn ensure_test_tools() -> anyhow::Result<()> {
+    ensure_packages()?;
+    ensure_test_venv()
+}
+
+/// The venv with the agent SDKs the tests drive: made once, kept (idempotent: skipped when
+/// the packages import).
+fn ensure_test_venv() -> anyhow::Result<()> {
+    let python = Path::new(TEST_VENV).join("bin/python");
+    let imports = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import openai, anthropic"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if imports(&python) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the SDK tests need a venv at {TEST_VENV}: sudo /usr/bin/python3 -m venv {TEST_VENV} \
+             && sudo {TEST_VENV}/bin/pip install {}",
+            TEST_PY_PACKAGES.join(" ")
+        );
+    }
+    if !python.exists() {
+        if Command::new("/usr/bin/python3")
+            .args(["-c", "import venv, ensurepip"])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            eprintln!("xtask: installing python3-venv for the SDK tests");
+            apt_install(&["python3-venv"])?;
+        }
+        eprintln!("xtask: creating {TEST_VENV} for the SDK tests");
+        run_cmd(Command::new("/usr/bin/python3").args(["-m", "venv", TEST_VENV]))?;
+    }
+    eprintln!(
+        "xtask: installing {} from PyPI into {TEST_VENV}",
+        TEST_PY_PACKAGES.join(", ")
+    );
+    run_cmd(
+        Command::new(Path::new(TEST_VENV).join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(TEST_PY_PACKAGES),
+    )?;
+    // Readable and runnable by every user: the tests run the SDKs as nobody.
+    run_cmd(Command::new("chmod").args(["-R", "a+rX", "/opt/enforcer-test"]))?;
+    if !imports(&python) {
+        bail!("{TEST_VENV}: openai and anthropic still do not import after installing them");
+    }
+    Ok(())
+}
+
+fn ensure_packages() -> anyhow::Result<()> {
     let wanted = [
         ("ip", "iproute2"),
         ("setpriv", "util-linux"),
         ("systemd-analyze", "systemd"),
+        ("curl", "curl"),
     ];
     let missing: Vec<&str> = wanted
         .iter()

@@ -28,7 +28,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    fn at(&self, path: &Path) -> PathBuf {
+    pub fn at(&self, path: &Path) -> PathBuf {
         self.destdir.join(path.strip_prefix("/").unwrap_or(path))
     }
     pub fn bin(&self) -> PathBuf {
@@ -67,11 +67,37 @@ agents: []
 #     cgroups: [agents.slice]
 ";
 
-/// The unit file with `ExecStart` pointing at `bin`.
-pub fn unit_with_bin(root: &Path, bin: &Path) -> anyhow::Result<String> {
+/// The unit file with `ExecStart` pointing at the layout's binary and `Documentation=` at
+/// its installed README.
+pub fn unit_for(root: &Path, layout: &Layout) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(root.join("systemd/enforcer.service"))?;
-    Ok(text.replace("/usr/local/bin/enforcer", &bin.display().to_string()))
+    Ok(text
+        .replace(
+            "/usr/local/bin/enforcer",
+            &layout.bin().display().to_string(),
+        )
+        .replace(
+            "file:///usr/local/share/doc/enforcer/README.md",
+            &format!("file://{}", layout.doc().join("README.md").display()),
+        ))
 }
+
+/// The variables `enforcer exec` points at the CA bundle (enforcer/src/cmd/exec.rs keeps the
+/// list; the example drop-in must set every one).
+const CA_VARS: [&str; 9] = [
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+    "CARGO_HTTP_CAINFO",
+    "PIP_CERT",
+    "AWS_CA_BUNDLE",
+    "DENO_CERT",
+];
+
+/// Where the daemon writes the CA bundle with the default `runtime_dir`.
+const CA_BUNDLE: &str = "/run/enforcer/ca-bundle.pem";
 
 fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
@@ -101,7 +127,7 @@ pub fn install(root: &Path, layout: &Layout, binary: &Path) -> anyhow::Result<()
     write(&layout.at(&layout.bin()), &std::fs::read(binary)?, 0o755)?;
     write(
         &layout.at(&Path::new(UNITS).join("enforcer.service")),
-        unit_with_bin(root, &layout.bin())?.as_bytes(),
+        unit_for(root, layout)?.as_bytes(),
         0o644,
     )?;
     write(
@@ -230,7 +256,9 @@ pub fn uninstall(layout: &Layout, purge: bool) -> anyhow::Result<()> {
 /// that the command exists).
 pub fn verify_units(root: &Path, bin: &Path) -> anyhow::Result<()> {
     let dir = tempdir("enforcer-units")?;
-    std::fs::write(dir.join("enforcer.service"), unit_with_bin(root, bin)?)?;
+    let unit = std::fs::read_to_string(root.join("systemd/enforcer.service"))?
+        .replace("/usr/local/bin/enforcer", &bin.display().to_string());
+    std::fs::write(dir.join("enforcer.service"), unit)?;
     std::fs::copy(root.join("systemd/agents.slice"), dir.join("agents.slice"))?;
     std::fs::copy(
         root.join("systemd/examples/sales-agent.service"),
@@ -264,6 +292,38 @@ pub fn self_test(root: &Path, binary: &Path) -> anyhow::Result<()> {
         let unit = std::fs::read_to_string(destdir.join("etc/systemd/system/enforcer.service"))?;
         if !unit.contains("ExecStart=/opt/enforcer/bin/enforcer daemon") {
             bail!("the installed unit does not start /opt/enforcer/bin/enforcer");
+        }
+        // Documentation= names a file the install wrote.
+        let doc = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("Documentation=file://"))
+            .context("the unit has no file:// Documentation=")?;
+        if !layout.at(Path::new(doc)).is_file() {
+            bail!("the unit's Documentation= names {doc}, which the install did not write");
+        }
+        // The CA bundle stays readable by every enrolled user under the unit's UMask=0077:
+        // the runtime directory is 0755 (the daemon chmods the bundle itself), the state
+        // directory, with the CA key, 0700.
+        for want in [
+            "UMask=0077",
+            "RuntimeDirectoryMode=0755",
+            "StateDirectoryMode=0700",
+        ] {
+            if !unit.lines().any(|l| l == want) {
+                bail!("the unit lacks {want}");
+            }
+        }
+        let dropin = std::fs::read_to_string(
+            destdir.join("opt/enforcer/share/doc/enforcer/examples/agent-service.conf"),
+        )?;
+        for var in CA_VARS {
+            if !dropin.contains(&format!("Environment={var}={CA_BUNDLE}")) {
+                bail!("the example drop-in does not set {var}={CA_BUNDLE}");
+            }
+        }
+        let readme = std::fs::read_to_string(root.join("README.md"))?;
+        if !readme.contains(CA_BUNDLE) || readme.contains("ca/bundle.pem") {
+            bail!("README.md does not name the CA bundle at {CA_BUNDLE}");
         }
         for path in [
             "opt/enforcer/bin/enforcer",

@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Install { prefix, destdir } => {
             bootstrap::ensure_toolchain()?;
-            build(true)?;
+            build_install()?;
             let layout = install::Layout { destdir, prefix };
             install::install(&root, &layout, &root.join("target/release/enforcer"))?;
         }
@@ -150,6 +150,39 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// The release binary alone, for `install`: no test crates.
+fn build_install() -> anyhow::Result<()> {
+    run_cmd(cargo().args(["build", "--release", "-p", "enforcer", "--bin", "enforcer"]))
+}
+
+/// A rebuild of the eBPF programs prints one progress line, not the nested cargo's output.
+fn check_ebpf_build_is_quiet(root: &Path) -> anyhow::Result<()> {
+    let main = root.join("enforcer-ebpf/src/main.rs");
+    let file = std::fs::File::options().append(true).open(&main)?;
+    file.set_modified(std::time::SystemTime::now())?;
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "enforcer"]);
+    eprintln!(
+        "xtask: running {} (after touching {})",
+        display(&cmd),
+        main.display()
+    );
+    let out = cmd.output().context("running cargo build")?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("cargo build failed:\n{text}");
+    }
+    let noise = text
+        .lines()
+        .filter(|l| l.starts_with("warning: enforcer@"))
+        .count();
+    if noise > 1 {
+        bail!("rebuilding the eBPF programs printed {noise} warning lines (at most 1):\n{text}");
+    }
+    eprintln!("xtask: the eBPF rebuild printed {noise} line");
+    Ok(())
+}
+
 fn build(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.args(["build", "-p", "enforcer", "-p", "enforcer-tests"]);
@@ -185,14 +218,14 @@ fn run(root: &Path, release: bool) -> anyhow::Result<()> {
         .join(if release { "release" } else { "debug" })
         .join("enforcer");
     let sudo = if is_root() { "" } else { "sudo " };
+    let sudo_user = std::env::var("SUDO_USER").ok();
     eprintln!();
     eprintln!("xtask: starting enforcer daemon with {}", config.display());
     eprintln!("xtask: in another terminal, run a command under the demo agent's policy:");
     eprintln!();
     eprintln!(
-        "    {sudo}{} --config {} exec --agent demo --user $(id -un) -- curl -sv https://example.com/",
-        bin.display(),
-        config.display()
+        "    {}",
+        try_line(&bin, &config, is_root(), sudo_user.as_deref())
     );
     eprintln!();
     eprintln!(
@@ -214,6 +247,24 @@ fn run(root: &Path, release: bool) -> anyhow::Result<()> {
     run_cmd(&mut cmd)
 }
 
+/// The line `cargo xtask run` prints to try the demo agent, which must work pasted as it is:
+/// enforcer exec refuses to run a command as root, so a root shell names a user, and under
+/// sudo (or as a user, through sudo) exec drops to the sudo caller by itself.
+fn try_line(bin: &Path, config: &Path, root: bool, sudo_user: Option<&str>) -> String {
+    let exec = format!(
+        "{} --config {} exec --agent demo",
+        bin.display(),
+        config.display()
+    );
+    let curl = "-- curl -sv https://example.com/";
+    match (root, sudo_user) {
+        // A root shell: no sudo caller to fall back to.
+        (true, None | Some("root")) => format!("{exec} --user nobody {curl}"),
+        // Under sudo, or as a user: sudo again, and exec runs the command as that user.
+        _ => format!("sudo {exec} {curl}"),
+    }
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -226,6 +277,7 @@ fn test(root: &Path) -> anyhow::Result<()> {
     run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     bootstrap::clippy_ebpf()?;
     build(false)?;
+    check_ebpf_build_is_quiet(root)?;
     if !is_root() {
         bail!(
             "the end-to-end tests load eBPF programs and need root: run `sudo -E cargo xtask test` \
@@ -322,6 +374,30 @@ fn sweep_test_leftovers() {
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 let _ = std::fs::remove_dir(e.path());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_demo_line_never_asks_to_run_as_root() {
+        let (bin, cfg) = (
+            Path::new("/w/target/debug/enforcer"),
+            Path::new("/w/.enforcer-run/e.yaml"),
+        );
+        let root_shell = try_line(bin, cfg, true, None);
+        assert!(root_shell.contains("--user nobody"), "{root_shell}");
+        assert!(!root_shell.starts_with("sudo"), "{root_shell}");
+        assert_eq!(try_line(bin, cfg, true, Some("root")), root_shell);
+        for line in [
+            try_line(bin, cfg, true, Some("alice")),
+            try_line(bin, cfg, false, None),
+        ] {
+            assert!(line.starts_with("sudo /w/target/debug/enforcer --config /w/.enforcer-run/e.yaml exec --agent demo -- curl"), "{line}");
+            assert!(!line.contains("--user"), "{line}");
         }
     }
 }

@@ -36,6 +36,10 @@ pub struct EnrolResponse {
     /// (`SSL_CERT_FILE`, `CURL_CA_BUNDLE`, ...) at it.
     #[serde(default)]
     pub ca_bundle: Option<String>,
+    /// The agent's kill switch (or the global one) is engaged: the command's connections will
+    /// be refused.
+    #[serde(default)]
+    pub killed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -95,6 +95,7 @@ impl Handler for Service {
             cgroup: cgroup.display().to_string(),
             warnings,
             ca_bundle: self.ca_bundle.as_ref().map(|p| p.display().to_string()),
+            killed: agent.is_killed(),
         })
     }
 

@@ -47,11 +47,23 @@ pub enum LifecycleError {
         #[source]
         source: Box<EnrolError>,
     },
+    #[error(
+        "{} of the configured policies cannot be loaded; fix them and start again:\n  {}",
+        .0.len(),
+        .0.join("\n  ")
+    )]
+    Policies(Vec<String>),
+    #[error(
+        "agent '{agent}': cgroup {} does not exist; start its unit (or create it) first, or \
+         remove it from the config",
+        cgroup.display()
+    )]
+    MissingCgroup { agent: String, cgroup: PathBuf },
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    #[error("saving the ad-hoc policy {path}: {source}")]
+    #[error("saving the ad-hoc policy {path}: {io}", io = crate::sys::io_text(source))]
     SaveAdHoc {
         path: PathBuf,
         source: std::io::Error,
@@ -82,6 +94,42 @@ pub enum AdHocRefusal {
     BadPolicy(PolicyError),
     #[error(transparent)]
     Failed(#[from] LifecycleError),
+}
+
+/// Loads every configured agent's policy and checks that the cgroups the config names exist,
+/// changing nothing: the daemon does this before it touches any state, so that a
+/// configuration that cannot start leaves everything as it was. Every failing policy is
+/// reported, not only the first.
+pub fn check_policies(
+    config: &Config,
+    hierarchy: &crate::cgroup::Hierarchy,
+) -> Result<Vec<Policy>, LifecycleError> {
+    let mut policies = Vec::new();
+    let mut errors = Vec::new();
+    for agent in &config.agents {
+        match Policy::load(&agent.policy) {
+            Ok(p) => policies.push(p),
+            Err(e) => errors.push(format!("agent '{}': {e}", agent.name)),
+        }
+        for cg in &agent.cgroups {
+            let path = hierarchy.resolve(cg).map_err(|e| LifecycleError::Enrol {
+                agent: agent.name.clone(),
+                cgroup: cg.clone(),
+                source: Box::new(e.into()),
+            })?;
+            if !path.is_dir() {
+                return Err(LifecycleError::MissingCgroup {
+                    agent: agent.name.clone(),
+                    cgroup: path,
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(policies)
+    } else {
+        Err(LifecycleError::Policies(errors))
+    }
 }
 
 /// Adds, reloads and removes agents; owns the agent list in force and the kernel id table.
@@ -136,13 +184,11 @@ impl Lifecycle {
 
     /// Loads every configured and ad-hoc agent, and marks agents of earlier runs that are
     /// gone as inactive (their cgroups then refuse everything).
-    pub async fn load_all(&self) -> Result<(), LifecycleError> {
+    /// `policies` are the configured agents' policies, as [`check_policies`] loaded them
+    /// before anything was changed.
+    pub async fn load_all(&self, policies: Vec<Policy>) -> Result<(), LifecycleError> {
         let configured = lock(&self.agent_configs).clone();
-        for agent in &configured {
-            let policy = Policy::load(&agent.policy).map_err(|source| LifecycleError::Policy {
-                agent: agent.name.clone(),
-                source,
-            })?;
+        for (agent, policy) in configured.iter().zip(policies) {
             let a = self
                 .add(
                     &agent.name,

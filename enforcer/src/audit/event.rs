@@ -149,6 +149,9 @@ pub struct AuditEvent {
     pub url_path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_name: Option<String>,
+    /// The query type of a `dns` record (`A`, `AAAA`, `TXT`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_type: Option<String>,
     /// Destination as `ip:port` (`[v6]:port`), for `connection` and `kernel_deny`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dest: Option<String>,
@@ -207,7 +210,7 @@ impl AuditEvent {
 
     setters! {
         strings: request_id, agent_id, comm, matched_rule, reason, url_host, method, url_path,
-            dns_name, dest, policy_sha256, detail;
+            dns_name, dns_type, dest, policy_sha256, detail;
         values: pid: u32, policy_result: PolicyResult, status_code: u16, latency_ms: u64,
             bytes_up: u64, bytes_down: u64, count: u64, action: Action, scope: Scope,
     }
@@ -231,6 +234,7 @@ impl AuditEvent {
             &mut self.method,
             &mut self.url_path,
             &mut self.dns_name,
+            &mut self.dns_type,
             &mut self.dest,
             &mut self.policy_sha256,
             &mut self.detail,

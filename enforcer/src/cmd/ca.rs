@@ -10,7 +10,8 @@ use crate::{
 #[derive(clap::Subcommand, Debug)]
 pub enum CaCommand {
     /// Create the local CA in `<state_dir>/ca` (never replacing one) and write the bundle of
-    /// system roots plus the CA that `enforcer exec` points TLS clients at.
+    /// system roots, `tls.extra_upstream_roots` and the CA that `enforcer exec` points TLS
+    /// clients at (`<runtime_dir>/ca-bundle.pem`, readable by every user).
     Init,
     /// Print the CA certificate (PEM), e.g. to install it where an enrolled service looks.
     Export,
@@ -21,8 +22,9 @@ pub fn run(cmd: CaCommand, config: &Config) -> ExitCode {
     match cmd {
         CaCommand::Init => match Ca::open_or_create(&dir) {
             Ok((ca, origin)) => {
-                let bundle = match ca.write_bundle() {
-                    Ok((path, _)) => path,
+                let bundle = config.ca_bundle_path();
+                match ca.write_bundle(&bundle, &config.tls.extra_upstream_roots) {
+                    Ok(_) => {}
                     Err(e) => {
                         eprintln!("enforcer ca init: {e}");
                         return ExitCode::FAILURE;

@@ -28,10 +28,8 @@ pub fn run(args: DetachArgs, config: &Config) -> ExitCode {
     let running = super::runtime()
         .ok()
         .map(|rt| {
-            rt.block_on(
-                Client::new(config.admin_socket_path()).get::<serde_json::Value>("/v1/status"),
-            )
-            .is_ok()
+            rt.block_on(Client::new(config).get::<serde_json::Value>("/v1/status"))
+                .is_ok()
         })
         .unwrap_or(false);
     if running && !args.force {

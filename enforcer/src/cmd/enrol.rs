@@ -50,7 +50,7 @@ pub fn enrol(args: EnrolArgs, config: &Config) -> ExitCode {
         target: target(args.pid, args.cgroup),
         policy_yaml: None,
     };
-    let client = Client::new(config.admin_socket_path());
+    let client = Client::new(config);
     let result = super::runtime().map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(client.post::<_, EnrolResponse>("/v1/enrol", &req))
             .map_err(|e| e.to_string())
@@ -74,7 +74,7 @@ pub fn unenrol(args: UnenrolArgs, config: &Config) -> ExitCode {
     let req = UnenrolRequest {
         target: target(args.pid, args.cgroup),
     };
-    let client = Client::new(config.admin_socket_path());
+    let client = Client::new(config);
     let result = super::runtime().map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(client.post::<_, UnenrolResponse>("/v1/unenrol", &req))
             .map_err(|e| e.to_string())

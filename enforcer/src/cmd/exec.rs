@@ -33,6 +33,17 @@ use crate::{
     policy::Policy,
 };
 
+/// What `enforcer exec --help` says after the options.
+pub const AFTER_HELP: &str = "\
+As root, the command runs as --user USER, or as the sudo caller (SUDO_UID); running it as \
+root needs --allow-root (root can leave its cgroup). HOME, USER and LOGNAME are set to the \
+target user's; --env K=V sets more. When the daemon intercepts TLS, SSL_CERT_FILE, \
+CURL_CA_BUNDLE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS, GIT_SSL_CAINFO, CARGO_HTTP_CAINFO, \
+PIP_CERT, AWS_CA_BUNDLE and DENO_CERT point at its trust bundle.
+
+Exit codes, as env(1): 125 enforcer failed (nothing was run), 126 the command cannot be run, \
+127 the command was not found, otherwise the command's own status.";
+
 pub const EXIT_ENFORCER_FAILED: u8 = 125;
 pub const EXIT_CANNOT_RUN: u8 = 126;
 pub const EXIT_NOT_FOUND: u8 = 127;
@@ -60,13 +71,17 @@ pub struct ExecArgs {
     /// daemon, which keeps them in its state directory). Not allowed for configured agents.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
-    /// Run CMD as this user (when enforcer runs as root).
+    /// Run CMD as this user (when enforcer runs as root); not root: that is --allow-root.
     #[arg(long, conflicts_with = "allow_root")]
     pub user: Option<String>,
     /// Run CMD as root. Risky: root (or CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN) can leave
     /// its cgroup and escape enforcement.
     #[arg(long)]
     pub allow_root: bool,
+    /// Set a variable in CMD's environment (after HOME, USER, LOGNAME and the CA variables);
+    /// repeat for several.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -83,6 +98,35 @@ enum RunAs {
         name: String,
         home: PathBuf,
     },
+}
+
+impl RunAs {
+    /// The user CMD runs as, for messages.
+    fn describe(&self) -> String {
+        match self {
+            RunAs::User { name, .. } => name.clone(),
+            RunAs::Current => {
+                let uid = nix::unistd::getuid();
+                User::from_uid(uid)
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| format!("uid {uid}"), |u| u.name)
+            }
+        }
+    }
+}
+
+/// `K=V`, with a non-empty name without `=` or NUL.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--env {s}: expected NAME=VALUE"))?;
+    if k.is_empty() || k.contains('\0') || v.contains('\0') {
+        return Err(format!(
+            "--env {s}: the name must not be empty, nor contain NUL"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -109,7 +153,7 @@ pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
         target: Target::SelfProcess,
         policy_yaml,
     };
-    let client = Client::new(config.admin_socket_path());
+    let client = Client::new(config);
     let response = {
         let runtime = match super::runtime() {
             Ok(r) => r,
@@ -125,6 +169,13 @@ pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
     };
     for w in &response.warnings {
         eprintln!("enforcer exec: warning: {w}");
+    }
+    if response.killed {
+        eprintln!(
+            "enforcer exec: warning: agent '{}' is stopped by the kill switch: every connection \
+             the command makes will be refused until `enforcer revive` (see `enforcer status`)",
+            response.agent
+        );
     }
     if let Err(e) = check_enrolled(Path::new(&response.cgroup)) {
         return fail(e);
@@ -151,14 +202,17 @@ pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
         return fail(format!("cannot set no_new_privs: {e}"));
     }
 
-    // 5. Trust for intercepted TLS.
+    // 5. Trust for intercepted TLS. Never point the variables at a file the command cannot
+    // read: every HTTPS call would then fail, spliced hosts included.
     if let Some(bundle) = &response.ca_bundle {
         if let Err(e) = std::fs::File::open(bundle) {
-            eprintln!(
-                "enforcer exec: warning: the command cannot read the CA bundle {bundle} ({e}); \
-                 intercepted HTTPS will fail certificate verification. Make the daemon's \
-                 state_dir readable by other users (mode 0755)"
-            );
+            return fail(format!(
+                "the command's user ({}) cannot read the CA bundle {bundle}: {}. The daemon \
+                 writes it mode 0644 in a 0755 runtime_dir; check that every directory above \
+                 it can be searched by that user, or restart the daemon to rewrite it",
+                run_as.describe(),
+                crate::sys::io_text(&e)
+            ));
         }
         for var in CA_BUNDLE_VARS {
             // SAFETY: single-threaded at this point (the runtime is shut down), so changing
@@ -167,8 +221,14 @@ pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
         }
     }
 
+    for (k, v) in &args.env {
+        // SAFETY: single-threaded at this point (the runtime is shut down), so changing the
+        // environment cannot race another thread.
+        unsafe { std::env::set_var(k, v) };
+    }
+
     // 6. Exec.
-    exec(&args.command)
+    exec(&args.command, &run_as)
 }
 
 fn run_as(args: &ExecArgs) -> Result<RunAs, String> {
@@ -196,7 +256,10 @@ fn run_as(args: &ExecArgs) -> Result<RunAs, String> {
         };
     }
     if let Some(name) = &args.user {
-        return lookup(name);
+        return match lookup(name)? {
+            RunAs::User { uid, .. } if uid.is_root() => Err(root_refusal(name)),
+            user => Ok(user),
+        };
     }
     if let Ok(uid) = std::env::var("SUDO_UID") {
         let uid: u32 = uid
@@ -227,10 +290,15 @@ fn run_as(args: &ExecArgs) -> Result<RunAs, String> {
         );
         return Ok(RunAs::Current);
     }
-    Err(
-        "refusing to run the command as root: root can leave its cgroup and escape enforcement. \
-         Pass --user USER to run it as USER, or --allow-root if you accept the risk"
-            .into(),
+    Err(root_refusal("root"))
+}
+
+/// The refusal to run CMD as root without `--allow-root`, however root was asked for.
+fn root_refusal(user: &str) -> String {
+    format!(
+        "refusing to run the command as {user} (uid 0): root can leave its cgroup and escape \
+         enforcement. Pass --user USER to run it as another user, or --allow-root if you \
+         accept the risk"
     )
 }
 
@@ -286,7 +354,7 @@ fn drop_privileges(run_as: &RunAs) -> Result<(), String> {
     Ok(())
 }
 
-fn exec(command: &[OsString]) -> ExitCode {
+fn exec(command: &[OsString], run_as: &RunAs) -> ExitCode {
     let args: Result<Vec<CString>, _> =
         command.iter().map(|a| CString::new(a.as_bytes())).collect();
     let Ok(args) = args else {
@@ -301,7 +369,11 @@ fn exec(command: &[OsString]) -> ExitCode {
         return fail("the command path contains a NUL byte");
     };
     let err = nix::unistd::execv(&cpath, &args).unwrap_err();
-    eprintln!("enforcer exec: {name}: {}", err.desc());
+    eprintln!(
+        "enforcer exec: {name}: {} (as user {})",
+        err.desc(),
+        run_as.describe()
+    );
     ExitCode::from(if err == nix::errno::Errno::ENOENT {
         EXIT_NOT_FOUND
     } else {

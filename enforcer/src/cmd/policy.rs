@@ -85,19 +85,22 @@ pub fn run_to(cmd: PolicyCommand, out: &mut dyn Write, err: &mut dyn Write) -> E
 fn check(args: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
     let mut failed = false;
     for file in &args.files {
-        match Policy::load(file) {
+        match Policy::check(file) {
             Ok(policy) => {
+                let n = policy.rule_count();
                 let _ = writeln!(
                     out,
-                    "ok: {} ({} rules, sha256 {})",
+                    "ok: {} ({n} rule{}, sha256 {})",
                     file.display(),
-                    policy.rule_count(),
+                    if n == 1 { "" } else { "s" },
                     policy.sha256()
                 );
             }
-            Err(e) => {
+            Err(errors) => {
                 failed = true;
-                let _ = writeln!(err, "error: {e}");
+                for e in errors {
+                    let _ = writeln!(err, "error: {e}");
+                }
             }
         }
     }

@@ -8,7 +8,7 @@ use crate::{
     config::{Config, SecurityMode},
     enrol::Source,
     policy::Mode,
-    status::Status,
+    status::{HealthState, Status},
 };
 
 #[derive(clap::Args, Debug)]
@@ -20,9 +20,11 @@ pub struct StatusArgs {
 
 /// Exit code when no daemon is running.
 pub const NOT_RUNNING: u8 = 3;
+/// Exit code when the daemon runs but reports problems (`/healthz` says degraded).
+pub const DEGRADED: u8 = 4;
 
 pub fn run(args: StatusArgs, config: &Config) -> ExitCode {
-    let client = Client::new(config.admin_socket_path());
+    let client = Client::new(config);
     let result = match super::runtime() {
         Ok(rt) => rt.block_on(client.get::<Status>("/v1/status")),
         Err(e) => Err(AdminError::Transport(e.to_string())),
@@ -46,7 +48,11 @@ pub fn run(args: StatusArgs, config: &Config) -> ExitCode {
     } else {
         print!("{}", render(&status));
     }
-    ExitCode::SUCCESS
+    if status.health == HealthState::Degraded {
+        ExitCode::from(DEGRADED)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// Human-readable status.
@@ -54,9 +60,15 @@ pub fn render(s: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let d = &s.daemon;
+    let killed: Vec<&str> = s
+        .agents
+        .iter()
+        .filter(|a| a.killed)
+        .map(|a| a.name.as_str())
+        .collect();
     let _ = writeln!(
         out,
-        "enforcer {} (pid {}), started {}, proxy port {}, {} mode",
+        "enforcer {} (pid {}), started {}, proxy port {}, {} mode, {}{}",
         d.version,
         d.pid,
         d.started,
@@ -65,7 +77,20 @@ pub fn render(s: &Status) -> String {
             SecurityMode::Strict => "strict",
             SecurityMode::Permissive => "permissive",
         },
+        match s.health {
+            HealthState::Healthy => "healthy",
+            HealthState::Degraded => "DEGRADED",
+            HealthState::Disabled => "no agents",
+        },
+        if killed.is_empty() {
+            String::new()
+        } else {
+            format!(", KILLED: {}", killed.join(", "))
+        },
     );
+    for p in &s.problems {
+        let _ = writeln!(out, "problem: {p}");
+    }
     let _ = writeln!(
         out,
         "kill switch: {}",

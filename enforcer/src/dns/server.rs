@@ -22,8 +22,8 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{Name, RData, Record, RecordType, rdata},
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{Name, RData, Record, RecordType, rdata, rdata::opt::EdnsOption},
 };
 use ipnet::IpNet;
 use tokio::{
@@ -175,14 +175,24 @@ impl Resolver {
         client.agent.touch_eval();
         let query = &request.queries[0];
         let qname = query.name().to_ascii();
+        let qtype = query.query_type();
+        // A denial keeps NXDOMAIN (nothing exists for this agent) and says why in an Extended
+        // DNS Error, so a client that reads it can tell a policy from an outage.
+        let denied = || {
+            blocked(
+                reply(ResponseCode::NXDomain, Vec::new()),
+                &request,
+                &client.agent.name,
+            )
+        };
         let name = match canonical_host(qname.trim_end_matches('.')) {
             Ok(n) => n,
             Err(e) => {
                 let reason = format!("not a valid host name: {e}");
-                if !self.audit_deny(client, &qname, &reason, false) {
+                if !self.audit_deny(client, &qname, qtype, &reason, false) {
                     return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
                 }
-                return encode(reply(ResponseCode::NXDomain, Vec::new()), &request, udp);
+                return encode(denied(), &request, udp);
             }
         };
         let policy = client.agent.policy();
@@ -190,14 +200,13 @@ impl Resolver {
         let matched = crate::metrics::timed(|| policy.host_match(&name));
         if matched == HostMatch::None {
             let reason = format!("no rule of agent '{}' can allow {name}", client.agent.name);
-            if !self.audit_deny(client, &name, &reason, dry_run) {
+            if !self.audit_deny(client, &name, qtype, &reason, dry_run) {
                 return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
             }
             if !dry_run {
-                return encode(reply(ResponseCode::NXDomain, Vec::new()), &request, udp);
+                return encode(denied(), &request, udp);
             }
         }
-        let qtype = query.query_type();
         if matches!(qtype, RecordType::HTTPS | RecordType::SVCB) {
             return encode(reply(ResponseCode::NoError, Vec::new()), &request, udp);
         }
@@ -209,7 +218,7 @@ impl Resolver {
                 return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
             }
         };
-        if matched != HostMatch::Exact && !self.strip_internal(client, &name, &mut answers) {
+        if matched != HostMatch::Exact && !self.strip_internal(client, &name, qtype, &mut answers) {
             return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
         }
         for r in &mut answers {
@@ -268,7 +277,13 @@ impl Resolver {
 
     /// Removes internal addresses from a wildcard-matched answer, auditing each. False when
     /// a record could not be written in strict mode: the answer must then be refused.
-    fn strip_internal(&self, client: &Caller, name: &str, answers: &mut Vec<Record>) -> bool {
+    fn strip_internal(
+        &self,
+        client: &Caller,
+        name: &str,
+        qtype: RecordType,
+        answers: &mut Vec<Record>,
+    ) -> bool {
         let mut recorded = true;
         answers.retain(|r| {
             let ip = match &r.data {
@@ -285,7 +300,7 @@ impl Resolver {
                      wildcard (list the CIDR in dns.allow_internal_answers, or name the host exactly)"
                 );
                 tracing::warn!(agent = %client.agent.name, "{reason}");
-                recorded &= self.audit_dns(client, name, PolicyResult::Deny, &reason);
+                recorded &= self.audit_dns(client, name, qtype, PolicyResult::Deny, &reason);
                 return false;
             }
             true
@@ -316,7 +331,14 @@ impl Resolver {
 
     /// Records a refused (or, in dry run, would-be refused) name. False when the record could
     /// not be written in strict mode.
-    fn audit_deny(&self, client: &Caller, name: &str, reason: &str, dry_run: bool) -> bool {
+    fn audit_deny(
+        &self,
+        client: &Caller,
+        name: &str,
+        qtype: RecordType,
+        reason: &str,
+        dry_run: bool,
+    ) -> bool {
         let result = if dry_run {
             tracing::warn!(agent = %client.agent.name, "would be denied (dry-run): {reason}");
             PolicyResult::WouldDeny
@@ -324,14 +346,22 @@ impl Resolver {
             tracing::info!(agent = %client.agent.name, pid = client.pid, comm = %client.comm, "DNS denied: {reason}");
             PolicyResult::Deny
         };
-        self.audit_dns(client, name, result, reason)
+        self.audit_dns(client, name, qtype, result, reason)
     }
 
-    fn audit_dns(&self, client: &Caller, name: &str, result: PolicyResult, reason: &str) -> bool {
+    fn audit_dns(
+        &self,
+        client: &Caller,
+        name: &str,
+        qtype: RecordType,
+        result: PolicyResult,
+        reason: &str,
+    ) -> bool {
         self.decisions.record(
             client
                 .event(EventKind::Dns)
                 .dns_name(name)
+                .dns_type(qtype.to_string())
                 .policy_result(result)
                 .reason(reason),
         )
@@ -358,6 +388,28 @@ fn dangling_cname(answers: &[Record], name: &Name, qtype: RecordType) -> Option<
         .iter()
         .any(|r| r.name.to_lowercase() == current && r.record_type() == qtype);
     (!has_address).then_some(current)
+}
+
+/// The Extended DNS Error (RFC 8914) option code.
+const EDNS_EXTENDED_ERROR: u16 = 15;
+/// Its INFO-CODE "Blocked": the domain is blocked by the operator's policy.
+const EDE_BLOCKED: u16 = 15;
+
+/// Adds an Extended DNS Error "Blocked" naming the agent's policy, when the client sent EDNS
+/// (a reply carries an OPT record only if the query did, RFC 6891).
+fn blocked(mut reply: Message, request: &Message, agent: &str) -> Message {
+    let Some(asked) = &request.edns else {
+        return reply;
+    };
+    let text = format!("denied by egress policy (agent {agent})");
+    let mut payload = EDE_BLOCKED.to_be_bytes().to_vec();
+    payload.extend_from_slice(text.as_bytes());
+    let mut edns = Edns::new();
+    edns.set_max_payload(asked.max_payload().max(512));
+    edns.options_mut()
+        .insert(EdnsOption::Unknown(EDNS_EXTENDED_ERROR, payload));
+    reply.set_edns(edns);
+    reply
 }
 
 /// Encodes a reply; over UDP, one larger than the client can take is truncated (TC set).
@@ -515,6 +567,51 @@ mod tests {
     async fn code(r: &Resolver, caller: &Caller, name: &str) -> ResponseCode {
         let reply = r.answer(Some(caller), &query(name), true).await.unwrap();
         Message::from_vec(&reply).unwrap().metadata.response_code
+    }
+
+    #[tokio::test]
+    async fn a_denial_keeps_nxdomain_and_says_why_in_an_extended_dns_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, audit, caller) = resolver(dir.path(), SecurityMode::Strict);
+        let mut m = Message::new(9, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii("evil.test.").unwrap(),
+            RecordType::AAAA,
+        ));
+        m.set_edns(Edns::new());
+        let reply = r
+            .answer(Some(&caller), &m.to_vec().unwrap(), true)
+            .await
+            .unwrap();
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+        let ede = reply
+            .edns
+            .as_ref()
+            .and_then(|e| e.option(EDNS_EXTENDED_ERROR.into()))
+            .expect("an Extended DNS Error");
+        let EdnsOption::Unknown(_, payload) = ede else {
+            panic!("{ede:?}")
+        };
+        assert_eq!(&payload[..2], &EDE_BLOCKED.to_be_bytes());
+        assert_eq!(
+            std::str::from_utf8(&payload[2..]).unwrap(),
+            "denied by egress policy (agent dns-agent)"
+        );
+        // Without EDNS in the query, the reply carries no OPT record.
+        let reply = r
+            .answer(Some(&caller), &query("evil.test."), true)
+            .await
+            .unwrap();
+        assert!(Message::from_vec(&reply).unwrap().edns.is_none());
+        // The records tell the query types apart.
+        let records = crate::audit::testing::records(&audit, dir.path()).await;
+        let types: Vec<&str> = records
+            .iter()
+            .filter(|r| r["event"] == "dns")
+            .map(|r| r["dns_type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["AAAA", "A"]);
     }
 
     #[tokio::test]

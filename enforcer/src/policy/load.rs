@@ -82,6 +82,88 @@ pub(crate) fn from_yaml(bytes: &[u8], file: &str) -> Result<Policy, PolicyError>
     })
 }
 
+/// Every error of a file whose first error is `first`: when that error is inside a rule, every
+/// other rule is checked on its own too (in a document of its own, so one bad rule does not
+/// hide the next), and reported at the line where it starts.
+pub(crate) fn all_errors(first: PolicyError, bytes: &[u8], file: &str) -> Vec<PolicyError> {
+    let in_rule = matches!(&first, PolicyError::Invalid { rule: Some(_), .. });
+    let rules = std::str::from_utf8(bytes)
+        .ok()
+        .filter(|_| in_rule)
+        .and_then(|text| {
+            let doc = serde_yaml::from_str::<serde_yaml::Value>(text).ok()?;
+            let rules = doc.get("rules")?.as_sequence()?.clone();
+            Some((text, rules))
+        });
+    let Some((text, rules)) = rules else {
+        return vec![first];
+    };
+    let starts = rule_starts(text, rules.len());
+    let key = |e: &PolicyError| match e {
+        PolicyError::Invalid { rule, message, .. } => Some((rule.clone(), message.clone())),
+        _ => None,
+    };
+    let first_key = key(&first);
+    let mut errors = vec![first];
+    for (i, rule) in rules.into_iter().enumerate() {
+        let mut single = serde_yaml::Mapping::new();
+        single.insert("rules".into(), serde_yaml::Value::Sequence(vec![rule]));
+        let Ok(single) = serde_yaml::to_string(&single) else {
+            continue;
+        };
+        let Err(e) = from_yaml(single.as_bytes(), file) else {
+            continue;
+        };
+        if key(&e) == first_key {
+            continue;
+        }
+        errors.push(match e {
+            PolicyError::Invalid { rule, message, .. } => {
+                let (line, column) = starts.get(i).copied().unwrap_or((0, 0));
+                PolicyError::Invalid {
+                    file: file.to_owned(),
+                    line,
+                    column,
+                    rule: rule.or_else(|| Some(format!("#{}", i + 1))),
+                    message,
+                }
+            }
+            other => other,
+        });
+    }
+    errors
+}
+
+/// Where each item of the top-level `rules:` block sequence starts (line, column), when the
+/// file is written that way and the count agrees; otherwise none are known.
+fn rule_starts(text: &str, count: usize) -> Vec<(usize, usize)> {
+    let mut starts = Vec::new();
+    let mut inside = false;
+    let mut indent = None;
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        let depth = line.len() - trimmed.len();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if depth == 0 {
+            inside = line.starts_with("rules:");
+            continue;
+        }
+        if inside && (trimmed.starts_with("- ") || trimmed == "-") {
+            let at = *indent.get_or_insert(depth);
+            if depth == at {
+                starts.push((n + 1, depth + 1));
+            }
+        }
+    }
+    if starts.len() == count {
+        starts
+    } else {
+        Vec::new()
+    }
+}
+
 /// Errors of the first pass: YAML syntax, document structure, alias bombs.
 fn document_error(file: &str, err: &serde_yaml::Error) -> PolicyError {
     let text = err.to_string();

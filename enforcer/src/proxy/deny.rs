@@ -1,9 +1,14 @@
 //! Denials an agent can read: a JSON body naming the reason, the rule, the agent and the
 //! request id, with `x-enforcer-decision` and `x-enforcer-request-id` headers.
 //!
+//! `error` is an object shaped the way the OpenAI and Anthropic SDKs (and most API clients)
+//! read errors, so the reason reaches the agent's exception text, not only `Error code: 403`:
+//!
 //! ```json
-//! {"error":"request denied by egress policy","reason":"denied by rule 'block-all-deletes'",
-//!  "rule":"block-all-deletes","agent_id":"sales-agent","request_id":"…","retryable":false}
+//! {"error":{"message":"denied by rule 'block-all-deletes'","type":"egress_policy_denied",
+//!   "code":"deny"},
+//!  "reason":"denied by rule 'block-all-deletes'","rule":"block-all-deletes",
+//!  "agent_id":"sales-agent","request_id":"…","retryable":false}
 //! ```
 
 use std::time::Duration;
@@ -18,15 +23,52 @@ pub const DECISION_HEADER: &str = "x-enforcer-decision";
 /// `x-enforcer-request-id`: the `request_id` of the audit record.
 pub const REQUEST_ID_HEADER: &str = "x-enforcer-request-id";
 
-/// The `error` of a policy denial.
-pub const DENIED: &str = "request denied by egress policy";
-/// The `error` of a rate-limit denial.
-pub const RATE_LIMITED: &str = "request rate limited by egress policy";
+/// What kind of refusal a response is: its `error.type` and `error.code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The policy denied the request (`code: deny`).
+    Denied,
+    /// A rate limit of the policy (`code: rate_limited`).
+    RateLimited,
+    /// The proxy refused a request it cannot judge safely: malformed, misdirected, too slow
+    /// or too large (`code: refused`).
+    Refused,
+    /// The audit log cannot be written in strict mode (`code: audit_unavailable`).
+    AuditUnavailable,
+    /// The upstream's certificate failed verification (`code: upstream_certificate`).
+    UpstreamCertificate,
+    /// The upstream could not be reached (`code: upstream_unreachable`).
+    UpstreamUnreachable,
+}
+
+impl Kind {
+    fn type_and_code(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Denied => ("egress_policy_denied", "deny"),
+            Kind::RateLimited => ("egress_policy_denied", "rate_limited"),
+            Kind::Refused => ("egress_policy_denied", "refused"),
+            Kind::AuditUnavailable => ("egress_proxy_error", "audit_unavailable"),
+            Kind::UpstreamCertificate => ("egress_proxy_error", "upstream_certificate"),
+            Kind::UpstreamUnreachable => ("egress_proxy_error", "upstream_unreachable"),
+        }
+    }
+
+    /// What happened, in a few words, before the reason.
+    fn headline(self) -> &'static str {
+        match self {
+            Kind::Denied | Kind::Refused => "request denied by egress policy",
+            Kind::RateLimited => "request rate limited by egress policy",
+            Kind::AuditUnavailable => "audit log unavailable",
+            Kind::UpstreamCertificate => "upstream certificate verification failed",
+            Kind::UpstreamUnreachable => "upstream connection failed",
+        }
+    }
+}
 
 /// The JSON body of a denial.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct DenyBody<'a> {
-    pub error: &'a str,
+    pub kind: Kind,
     pub reason: &'a str,
     pub rule: Option<&'a str>,
     pub agent_id: &'a str,
@@ -34,9 +76,46 @@ pub struct DenyBody<'a> {
     pub retryable: bool,
 }
 
+/// The wire form of [`DenyBody`].
+#[derive(Serialize)]
+struct Wire<'a> {
+    error: ErrorObject<'a>,
+    reason: &'a str,
+    rule: Option<&'a str>,
+    agent_id: &'a str,
+    request_id: &'a str,
+    retryable: bool,
+}
+
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    code: &'a str,
+}
+
 impl DenyBody<'_> {
     fn to_vec(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("deny body serialises")
+        let (kind, code) = self.kind.type_and_code();
+        let message = match self.kind {
+            // The reason says it all: "denied by rule 'x'", "no rule allows ...".
+            Kind::Denied | Kind::RateLimited | Kind::Refused => self.reason.to_owned(),
+            _ => format!("{}: {}", self.kind.headline(), self.reason),
+        };
+        serde_json::to_vec(&Wire {
+            error: ErrorObject {
+                message,
+                kind,
+                code,
+            },
+            reason: self.reason,
+            rule: self.rule,
+            agent_id: self.agent_id,
+            request_id: self.request_id,
+            retryable: self.retryable,
+        })
+        .expect("deny body serialises")
     }
 }
 
@@ -107,7 +186,7 @@ pub fn http_403(agent: &str, request_id: &str, rule: Option<&str>, reason: &str)
         status: StatusCode::FORBIDDEN,
         decision: Some("deny"),
         body: DenyBody {
-            error: DENIED,
+            kind: Kind::Denied,
             reason,
             rule,
             agent_id: agent,
@@ -146,7 +225,8 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"error":"request denied by egress policy",
+            serde_json::json!({"error":{"message":"denied by rule 'block'",
+                "type":"egress_policy_denied","code":"deny"},
                 "reason":"denied by rule 'block'","rule":"block","agent_id":"sales-agent",
                 "request_id":"r-1","retryable":false})
         );

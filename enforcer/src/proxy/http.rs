@@ -49,7 +49,7 @@ use tokio::{
 };
 
 use super::{
-    deny::{self, DECISION_HEADER, DENIED, DenyBody, REQUEST_ID_HEADER, Refusal},
+    deny::{self, DECISION_HEADER, DenyBody, REQUEST_ID_HEADER, Refusal},
     peek::strip_port,
     scope::{self, Scope, ScopeExec},
     tls::UpstreamTls,
@@ -599,7 +599,11 @@ impl Service {
             },
             decision: Some(if limited { "rate_limited" } else { "deny" }),
             body: DenyBody {
-                error: if limited { deny::RATE_LIMITED } else { DENIED },
+                kind: if limited {
+                    deny::Kind::RateLimited
+                } else {
+                    deny::Kind::Denied
+                },
                 reason: &decision.reason,
                 rule: decision.rule.as_deref(),
                 agent_id: &self.conn.caller.agent.name,
@@ -635,7 +639,11 @@ impl Service {
             status,
             decision: Some("deny"),
             body: DenyBody {
-                error: DENIED,
+                kind: if status == StatusCode::FORBIDDEN {
+                    deny::Kind::Denied
+                } else {
+                    deny::Kind::Refused
+                },
                 reason,
                 rule,
                 agent_id: &self.conn.caller.agent.name,
@@ -662,7 +670,7 @@ impl Service {
             status: StatusCode::SERVICE_UNAVAILABLE,
             decision: Some("deny"),
             body: DenyBody {
-                error: "audit log unavailable",
+                kind: deny::Kind::AuditUnavailable,
                 reason: "the audit log cannot be written, and security_mode is strict",
                 rule: None,
                 agent_id: &self.conn.caller.agent.name,
@@ -723,10 +731,10 @@ impl Service {
             status: StatusCode::BAD_GATEWAY,
             decision: verify.then_some("deny"),
             body: DenyBody {
-                error: if verify {
-                    "upstream certificate verification failed"
+                kind: if verify {
+                    deny::Kind::UpstreamCertificate
                 } else {
-                    "upstream connection failed"
+                    deny::Kind::UpstreamUnreachable
                 },
                 reason: &reason,
                 rule: None,
@@ -808,7 +816,7 @@ impl Service {
                 status: v.status(),
                 decision: Some("deny"),
                 body: DenyBody {
-                    error: DENIED,
+                    kind: deny::Kind::Refused,
                     reason: &reason,
                     rule: None,
                     agent_id: &svc.conn.caller.agent.name,

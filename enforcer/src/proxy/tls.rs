@@ -34,7 +34,7 @@ pub const ALPN_SERVER: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("tls.extra_upstream_roots: cannot read {path}: {source}")]
+    #[error("tls.extra_upstream_roots: cannot read {path}: {io}", io = crate::sys::io_text(source))]
     RootsRead {
         path: PathBuf,
         source: std::io::Error,

@@ -18,16 +18,15 @@ use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     #[error(
-        "binding {name} to {proto} {addr}: {source}; is another enforcer running, or is the port \
-         taken? (`ss -lntup` shows who holds it)"
-    )]
+        "binding {name} to {proto} {addr}: {io}; is another enforcer running, or is the port \
+         taken? (`ss -lntup` shows who holds it)", io = crate::sys::io_text(source))]
     Bind {
         name: String,
         proto: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("setting up {name} on {addr}: {source}")]
+    #[error("setting up {name} on {addr}: {io}", io = crate::sys::io_text(source))]
     Setup {
         name: String,
         addr: SocketAddr,

@@ -190,7 +190,9 @@ async fn an_allowed_then_a_denied_request_on_one_keep_alive_connection() {
         "application/json"
     );
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["error"], "request denied by egress policy");
+    assert_eq!(v["error"]["message"], "denied by rule 'block-admin'");
+    assert_eq!(v["error"]["type"], "egress_policy_denied");
+    assert_eq!(v["error"]["code"], "deny");
     assert_eq!(v["reason"], "denied by rule 'block-admin'");
     assert_eq!(v["rule"], "block-admin");
     assert_eq!(v["agent_id"], "test-agent");
@@ -380,10 +382,7 @@ async fn smuggling_shapes_get_a_400_and_the_connection_closes() {
             answer.starts_with("HTTP/1.1 400 "),
             "{attempt:?} → {answer}"
         );
-        assert!(
-            answer.contains("\"error\":\"request denied by egress policy\""),
-            "{answer}"
-        );
+        assert!(answer.contains("\"code\":\"refused\""), "{answer}");
     }
     // After a good request on the same connection: its answer, then the 400, then the end.
     let answer = raw(

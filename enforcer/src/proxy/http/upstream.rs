@@ -46,7 +46,7 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why an upstream connection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("cannot connect to {dst}: {source}")]
+    #[error("cannot connect to {dst}: {io}", io = crate::sys::io_text(source))]
     Connect { dst: SocketAddr, source: io::Error },
     #[error("connecting to {dst} timed out after {}s", CONNECT_TIMEOUT.as_secs())]
     ConnectTimeout { dst: SocketAddr },
@@ -59,7 +59,7 @@ pub enum UpstreamError {
         dst: SocketAddr,
         reason: String,
     },
-    #[error("TLS handshake with {host} ({dst}) failed: {source}")]
+    #[error("TLS handshake with {host} ({dst}) failed: {io}", io = crate::sys::io_text(source))]
     Tls {
         host: String,
         dst: SocketAddr,
