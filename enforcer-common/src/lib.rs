@@ -59,13 +59,17 @@ pub mod programs {
     pub const SOCK_OPS: &str = "track_connect";
     pub const SOCK_RELEASE: &str = "forget_released";
     pub const SKB_EGRESS: &str = "filter_egress";
+    pub const BIND4: &str = "refuse_bind4";
+    pub const BIND6: &str = "refuse_bind6";
 
     /// Every program, in attach order. Attach order matters little (each hook is independent),
     /// but sock_ops and sock_release go first so no redirected socket misses its record, and
     /// the connect hooks come last.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         SOCK_OPS,
         SOCK_RELEASE,
+        BIND4,
+        BIND6,
         GETPEERNAME4,
         GETPEERNAME6,
         RECVMSG4,
@@ -134,6 +138,19 @@ impl Addr {
     /// Loopback or unspecified: 127.0.0.0/8, 0.0.0.0, ::1 and ::.
     ///
     /// A connect to `0.0.0.0` or `::` reaches the local host, so it counts as loopback.
+    /// Exactly where the daemon listens: `127.0.0.1` (IPv4 or IPv4-mapped) or `::1`. Only
+    /// these, with the proxy and DNS ports, are "the daemon"; other loopback addresses with the
+    /// same port numbers are other services.
+    pub const fn is_daemon_listener(&self) -> bool {
+        if self.is_ipv4_mapped() {
+            return self.words[3] == u32::from_ne_bytes([127, 0, 0, 1]);
+        }
+        self.words[0] == 0
+            && self.words[1] == 0
+            && self.words[2] == 0
+            && self.words[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    }
+
     pub const fn is_local(&self) -> bool {
         if self.is_ipv4_mapped() {
             let first = self.words[3].to_ne_bytes()[0];
@@ -333,6 +350,10 @@ pub mod deny_reason {
     pub const NOT_READY: u32 = 8;
     /// DNS over TLS (port 853).
     pub const DNS_OVER_TLS: u32 = 9;
+    /// `bind()` to the proxy or DNS port number, on any address: an enrolled process could
+    /// otherwise receive what other agents send there, or squat the port while the daemon
+    /// restarts.
+    pub const BIND: u32 = 10;
 }
 
 /// Record pushed on [`maps::EVENTS`] for each refused connect or send.

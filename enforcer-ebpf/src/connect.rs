@@ -203,7 +203,7 @@ fn connect_stream<const V6: bool>(
     }
     let listed = allowlisted(agent, dst, port);
     if dst.is_local() {
-        if port == cfg.proxy_port || port == cfg.dns_port {
+        if (port == cfg.proxy_port || port == cfg.dns_port) && dst.is_daemon_listener() {
             // Straight to our own listeners: let it through unchanged, but mark the socket so
             // the proxy closes it instead of trusting a stale record for its port. The
             // resolver still learns the agent from it.
@@ -242,8 +242,8 @@ fn connect_stream<const V6: bool>(
     Ok(ALLOW_CALL)
 }
 
-/// UDP: only DNS. Port 53 to any address goes to the local resolver; the resolver port itself
-/// is reachable directly.
+/// UDP: only DNS. Port 53 to any address goes to the local resolver; the resolver itself
+/// (exactly 127.0.0.1 or ::1 at the DNS port) is reachable directly.
 #[inline(always)]
 pub fn udp_verdict<const V6: bool>(
     ctx: &SockAddrContext,
@@ -255,7 +255,7 @@ pub fn udp_verdict<const V6: bool>(
     if port == 53 {
         return redirect_dns::<V6>(ctx, cfg, agent, dst, port, IPPROTO_UDP as u16);
     }
-    if dst.is_local() && port == cfg.dns_port {
+    if dst.is_daemon_listener() && port == cfg.dns_port {
         if !record::<V6>(ctx, agent, dst, port, orig_flags::DNS | orig_flags::DIRECT) {
             refuse(
                 ctx,

@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod bind;
 mod common;
 mod connect;
 mod getpeername;
@@ -30,6 +31,17 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     connect::try_connect::<true>(&ctx).unwrap_or(DENY_CALL)
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn refuse_bind4(ctx: SockAddrContext) -> i32 {
+    // An error means we could not judge the bind: refuse it (EPERM).
+    bind::try_bind::<false>(&ctx).unwrap_or(DENY_CALL)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn refuse_bind6(ctx: SockAddrContext) -> i32 {
+    bind::try_bind::<true>(&ctx).unwrap_or(DENY_CALL)
 }
 
 #[cgroup_sock_addr(sendmsg4)]

@@ -1,6 +1,6 @@
 //! `cgroup_skb/egress`: defence in depth. Every packet an enrolled socket sends must go where
-//! the socket hooks would have let it: TCP to the proxy or resolver on loopback, UDP to the
-//! resolver. Raw sockets, ping sockets and anything else that escaped the socket hooks are
+//! the socket hooks would have let it: TCP to the proxy or resolver, UDP to the resolver, at
+//! exactly the addresses the daemon listens on (127.0.0.1 and ::1). Raw sockets, ping sockets and anything else that escaped the socket hooks are
 //! dropped. With the kill switch engaged, everything is dropped.
 //!
 //! It also tells the resolver who sent a UDP query: the socket's DNS record (written at
@@ -122,7 +122,9 @@ fn packet_verdict(ctx: &SkBuffContext, cfg: &GlobalConfig) -> Result<i32, i64> {
     let Some(p) = parse(ctx)? else {
         return Ok(DROP);
     };
-    if !p.dst.is_local() {
+    // Only to where the daemon listens: another loopback address with the same port number
+    // is another service, or another agent's socket.
+    if !p.dst.is_daemon_listener() {
         return Ok(DROP);
     }
     let allowed = match p.proto {

@@ -110,6 +110,10 @@ pub struct Agent {
     killed: AtomicBool,
     reload: Mutex<ReloadStatus>,
     last_eval: AtomicU64,
+    /// Answers refused for the learned-address quota since the last notice, and when that
+    /// notice was (Unix ms).
+    quota_refused: AtomicU64,
+    quota_noticed_ms: AtomicU64,
 }
 
 impl Agent {
@@ -139,6 +143,8 @@ impl Agent {
                 message: "loaded at start".into(),
             }),
             last_eval: AtomicU64::new(0),
+            quota_refused: AtomicU64::new(0),
+            quota_noticed_ms: AtomicU64::new(0),
         }
     }
 
@@ -170,6 +176,25 @@ impl Agent {
 
     pub fn set_killed(&self, killed: bool) {
         self.killed.store(killed, Ordering::SeqCst);
+    }
+
+    /// Counts an answer refused for the learned-address quota; `Some(count)` at most once per
+    /// [`QUOTA_NOTICE_EVERY`], with how many were refused since the last notice.
+    pub fn quota_notice(&self) -> Option<u64> {
+        let refused = self.quota_refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = u64::try_from(jiff::Timestamp::now().as_millisecond()).unwrap_or(0);
+        let last = self.quota_noticed_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(QUOTA_NOTICE_EVERY.as_millis()).unwrap_or(u64::MAX);
+        if now.saturating_sub(last) < every
+            || self
+                .quota_noticed_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        self.quota_refused.fetch_sub(refused, Ordering::Relaxed);
+        Some(refused)
     }
 
     /// Notes that a decision was just made (for health reports).
@@ -420,41 +445,66 @@ impl Registry {
     }
 }
 
-/// Persistent name → kernel id table.
+/// Persistent name → kernel id table. An id stays with its name (and reserved) for as long as
+/// the table holds it, so a cgroup still mapped to a removed agent's id never falls to another
+/// agent; names that were ever configured are remembered, so an ad-hoc agent cannot take one.
 pub struct IdTable {
     path: PathBuf,
     ids: BTreeMap<String, u32>,
+    configured: BTreeSet<String>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct IdFile {
     ids: BTreeMap<String, u32>,
+    #[serde(default)]
+    configured: BTreeSet<String>,
 }
 
 impl IdTable {
     pub fn load(state_dir: &Path) -> Result<Self, AgentError> {
         let path = state_dir.join("agent-ids.json");
-        let ids = match std::fs::read(&path) {
+        let (ids, configured) = match std::fs::read(&path) {
             Ok(bytes) => {
                 let file: IdFile =
                     serde_json::from_slice(&bytes).map_err(|e| AgentError::Corrupt {
                         path: path.clone(),
                         message: e.to_string(),
                     })?;
-                file.ids
+                (file.ids, file.configured)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
             Err(source) => return Err(AgentError::Persist { path, source }),
         };
-        Ok(Self { path, ids })
+        Ok(Self {
+            path,
+            ids,
+            configured,
+        })
     }
 
-    /// The agent's id, allocating (and persisting) the smallest free one.
-    pub fn id_for(&mut self, name: &str) -> Result<u32, AgentError> {
+    /// Was `name` ever a configured agent (present in the config now, or removed from it
+    /// while its id is still held)?
+    pub fn was_configured(&self, name: &str) -> bool {
+        self.configured.contains(name)
+    }
+
+    /// Remembers that `name` is a configured agent.
+    pub fn mark_configured(&mut self, name: &str) -> Result<(), AgentError> {
+        if self.configured.insert(name.to_owned()) {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// The agent's id, allocating (and persisting) the smallest free one. `in_use` are ids
+    /// the kernel still maps some cgroup to: never handed out again, whatever the table says.
+    pub fn id_for(&mut self, name: &str, in_use: &[u32]) -> Result<u32, AgentError> {
         if let Some(id) = self.ids.get(name) {
             return Ok(*id);
         }
-        let used: BTreeSet<u32> = self.ids.values().copied().collect();
+        let mut used: BTreeSet<u32> = self.ids.values().copied().collect();
+        used.extend(in_use);
         let id = (1..MAX_AGENTS)
             .find(|i| !used.contains(i))
             .ok_or(AgentError::Full)?;
@@ -473,7 +523,7 @@ impl IdTable {
     }
 
     pub fn forget(&mut self, name: &str) -> Result<(), AgentError> {
-        if self.ids.remove(name).is_some() {
+        if self.ids.remove(name).is_some() | self.configured.remove(name) {
             self.save()?;
         }
         Ok(())
@@ -482,6 +532,7 @@ impl IdTable {
     fn save(&self) -> Result<(), AgentError> {
         let file = IdFile {
             ids: self.ids.clone(),
+            configured: self.configured.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).expect("id table serialises");
         write_atomic(&self.path, &bytes).map_err(|source| AgentError::Persist {
@@ -520,6 +571,9 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How often an agent over its learned-address quota gets a log line and an audit record.
+pub const QUOTA_NOTICE_EVERY: Duration = Duration::from_secs(10);
+
 /// How often names from the policy are resolved again (resolve-at-load has no TTLs).
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -531,14 +585,18 @@ mod tests {
     fn ids_are_stable_and_smallest_free() {
         let dir = tempfile::tempdir().unwrap();
         let mut t = IdTable::load(dir.path()).unwrap();
-        assert_eq!(t.id_for("a").unwrap(), 1);
-        assert_eq!(t.id_for("b").unwrap(), 2);
-        assert_eq!(t.id_for("a").unwrap(), 1);
+        assert_eq!(t.id_for("a", &[]).unwrap(), 1);
+        assert_eq!(t.id_for("b", &[]).unwrap(), 2);
+        assert_eq!(t.id_for("a", &[]).unwrap(), 1);
+        t.mark_configured("b").unwrap();
         t.forget("a").unwrap();
-        assert_eq!(t.id_for("c").unwrap(), 1);
+        // An id the kernel still maps a cgroup to is never handed out, table or not.
+        assert_eq!(t.id_for("c", &[1]).unwrap(), 3);
+        assert_eq!(t.id_for("d", &[]).unwrap(), 1);
         let mut again = IdTable::load(dir.path()).unwrap();
-        assert_eq!(again.id_for("b").unwrap(), 2);
-        assert_eq!(again.id_for("c").unwrap(), 1);
+        assert_eq!(again.id_for("b", &[]).unwrap(), 2);
+        assert_eq!(again.id_for("c", &[]).unwrap(), 3);
+        assert!(again.was_configured("b") && !again.was_configured("c"));
     }
 
     #[test]

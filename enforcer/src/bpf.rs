@@ -91,6 +91,11 @@ pub enum BpfError {
         dir.display()
     )]
     ConfigLayout { dir: PathBuf, found: u32 },
+    #[error(
+        "agent id {agent} holds {quota} learned addresses, its dns.max_learned_per_agent; new \
+         names are refused until some expire (raise the quota if the agent needs more)"
+    )]
+    Quota { agent: u32, quota: usize },
     #[error("agent id {0} is out of range (at most {max} agents)", max = MAX_AGENTS - 1)]
     AgentId(u32),
     #[error(
@@ -155,6 +160,10 @@ pub struct Kernel {
     ebpf: Mutex<Ebpf>,
     control: Mutex<ControlMaps>,
     orig: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    /// The learned (expiring) allowlist entries as user space tracks them.
+    learned: Mutex<LearnedIndex>,
+    /// Why per-cgroup BPF LSM programs cannot run here, when they cannot.
+    lsm: Result<(), String>,
     dns_clients: HashMap<MapData, SockKey, DnsClient>,
     counters: PerCpuArray<MapData, AgentCounters>,
     events: Mutex<Option<RingBuf<MapData>>>,
@@ -200,16 +209,46 @@ impl Kernel {
         let dns_clients = take_map(&mut ebpf, maps::DNS_CLIENTS)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let events = take_map(&mut ebpf, maps::EVENTS)?;
+        // The one walk of the allowlist: what an earlier daemon learned, to expire it on time
+        // and count it against each agent's quota.
+        let learned = LearnedIndex::from_map(&control.allow);
         Ok(Self {
             dir: dir.to_owned(),
             ebpf: Mutex::new(ebpf),
             control: Mutex::new(control),
             orig: Mutex::new(orig),
+            learned: Mutex::new(learned),
+            lsm: sys::probe_lsm_cgroup(),
             dns_clients,
             counters,
             events: Mutex::new(Some(events)),
             logger: Mutex::new(logger),
         })
+    }
+
+    /// The protections that need per-cgroup BPF LSM programs, by name, with what is exposed
+    /// without them: empty when the kernel runs such programs. On such a kernel `enforcer
+    /// exec` still contains its commands with Landlock and seccomp; these name what remains.
+    pub fn missing_protections(&self) -> Vec<String> {
+        let Err(why) = &self.lsm else {
+            return Vec::new();
+        };
+        [
+            "unix sockets: enrolled processes may connect to unix-socket services outside \
+             their cgroup (D-Bus, docker.sock, systemd --user, tmux, nscd), which can act for \
+             them (needs the unix_stream_connect and unix_may_send hooks)",
+            "borrowed sockets in enrolled services: processes not started by `enforcer exec` \
+             may take sockets from outside with pidfd_getfd or SCM_RIGHTS, or ptrace an outside \
+             process (needs file_receive and ptrace_access_check; `enforcer exec` contains its \
+             commands with Landlock)",
+            "socket families in enrolled services: processes not started by `enforcer exec` may \
+             open AF_VSOCK, AF_PACKET and other sockets no hook sees (needs socket_create; \
+             `enforcer exec` refuses them with seccomp; give services \
+             RestrictAddressFamilies=)",
+        ]
+        .into_iter()
+        .map(|what| format!("missing protection, {why}: {what}"))
+        .collect()
     }
 
     fn links_dir(&self, cgroup_id: u64) -> PathBuf {
@@ -458,12 +497,16 @@ impl Kernel {
     /// Learns an address from a DNS answer: allowed (any port) until `expires_boot_ns`. A
     /// static entry for the same address is kept as it is (it never expires); a learned one is
     /// extended, never shortened.
+    /// Learns an address from a DNS answer (see above). An agent holding `quota` learned
+    /// addresses already may not add another (refreshing one it holds is fine): the map is
+    /// shared, and one agent must not starve the others.
     pub fn learn_allow(
         &self,
         agent: u32,
         ip: IpAddr,
         expires_boot_ns: u64,
         exact: bool,
+        quota: usize,
     ) -> Result<(), BpfError> {
         check_agent(agent)?;
         let entry = AllowEntry {
@@ -481,10 +524,21 @@ impl Kernel {
             value.expires_boot_ns = value.expires_boot_ns.max(existing.expires_boot_ns);
             value.flags |= existing.flags & allow_flags::EXPLICIT;
         }
+        let mut learned = lock(&self.learned);
+        if !learned.holds(agent, ip) && learned.count(agent) >= quota {
+            return Err(BpfError::Quota { agent, quota });
+        }
         control
             .allow
             .insert(&key, value, 0)
-            .map_err(map_error(maps::ALLOW))
+            .map_err(map_error(maps::ALLOW))?;
+        learned.note(agent, ip, value.expires_boot_ns);
+        Ok(())
+    }
+
+    /// How many learned addresses the agent holds now.
+    pub fn learned_count(&self, agent: u32) -> usize {
+        lock(&self.learned).count(agent)
     }
 
     /// Removes one entry.
@@ -492,6 +546,9 @@ impl Kernel {
         let mut control = lock(&self.control);
         let (key, _) = allow_key_value(agent, entry);
         let _ = control.allow.remove(&key);
+        if entry.net.prefix_len() == entry.net.max_prefix_len() && entry.port.is_none() {
+            lock(&self.learned).forget(agent, entry.net.addr());
+        }
     }
 
     /// The agent's allowlist as the kernel holds it.
@@ -516,28 +573,29 @@ impl Kernel {
     }
 
     /// Removes every entry whose expiry has passed; returns what was removed, per agent.
+    /// Removes learned entries whose time has come, from the expiry queue: the cost follows
+    /// what expires, not the size of the map (a walk of 65,536 entries every second took most
+    /// of a CPU). The kernel already ignores expired entries on lookup; this frees their
+    /// slots.
     pub fn sweep_expired(&self, now_boot_ns: u64) -> Vec<(u32, AllowEntry)> {
         let mut control = lock(&self.control);
-        let expired: Vec<(Key<AllowKey>, AllowValue)> = control
-            .allow
-            .iter()
-            .flatten()
-            .filter(|(_, v)| v.expires_boot_ns != 0 && v.expires_boot_ns <= now_boot_ns)
-            .collect();
+        let due = lock(&self.learned).take_due(now_boot_ns);
         let mut out = Vec::new();
-        for (key, value) in expired {
+        for (agent, ip, expires_boot_ns) in due {
+            let entry = AllowEntry {
+                net: ipnet::IpNet::from(ip),
+                port: None,
+                expires_boot_ns,
+                flags: allow_flags::LEARNED,
+            };
+            let (key, _) = allow_key_value(agent, &entry);
+            // A static entry for the same address may have replaced it: keep that one.
+            match control.allow.get(&key, 0) {
+                Ok(v) if v.expires_boot_ns == 0 || v.expires_boot_ns > now_boot_ns => continue,
+                _ => {}
+            }
             if control.allow.remove(&key).is_ok() {
-                let data = key.data();
-                let bits = key.prefix_len().saturating_sub(AllowKey::FIXED_PREFIX_BITS) as u8;
-                out.push((
-                    data.agent,
-                    AllowEntry {
-                        net: addr_net(&data.addr, bits),
-                        port: (data.port != 0).then_some(data.port),
-                        expires_boot_ns: value.expires_boot_ns,
-                        flags: value.flags,
-                    },
-                ));
+                out.push((agent, entry));
             }
         }
         out
@@ -591,6 +649,81 @@ impl Kernel {
     /// The deny-event ring; it can be taken once.
     pub fn take_events(&self) -> Option<RingBuf<MapData>> {
         lock(&self.events).take()
+    }
+}
+
+/// The learned allowlist entries: each agent's addresses with their current expiry (for the
+/// quota), and a queue of expiries (for the sweep). A refreshed address leaves its earlier
+/// queue entry behind; it is skipped when it comes up.
+#[derive(Default)]
+struct LearnedIndex {
+    by_agent: std::collections::HashMap<u32, std::collections::HashMap<IpAddr, u64>>,
+    queue: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u32, IpAddr)>>,
+}
+
+impl LearnedIndex {
+    fn from_map(allow: &LpmTrie<MapData, AllowKey, AllowValue>) -> Self {
+        let mut index = Self::default();
+        for (key, value) in allow.iter().flatten() {
+            let data = key.data();
+            let full = key.prefix_len() == AllowKey::FIXED_PREFIX_BITS + 128;
+            if value.flags & allow_flags::LEARNED != 0
+                && value.expires_boot_ns != 0
+                && full
+                && data.port == 0
+            {
+                index.note(data.agent, ip_of(&data.addr), value.expires_boot_ns);
+            }
+        }
+        index
+    }
+
+    fn holds(&self, agent: u32, ip: IpAddr) -> bool {
+        self.by_agent
+            .get(&agent)
+            .is_some_and(|m| m.contains_key(&ip))
+    }
+
+    fn count(&self, agent: u32) -> usize {
+        self.by_agent.get(&agent).map_or(0, |m| m.len())
+    }
+
+    fn note(&mut self, agent: u32, ip: IpAddr, expires: u64) {
+        let current = self
+            .by_agent
+            .entry(agent)
+            .or_default()
+            .entry(ip)
+            .or_insert(0);
+        if expires > *current {
+            *current = expires;
+            self.queue.push(std::cmp::Reverse((expires, agent, ip)));
+        }
+    }
+
+    fn forget(&mut self, agent: u32, ip: IpAddr) {
+        if let Some(m) = self.by_agent.get_mut(&agent) {
+            m.remove(&ip);
+        }
+    }
+
+    /// Entries due by `now` whose expiry was not pushed back since.
+    fn take_due(&mut self, now: u64) -> Vec<(u32, IpAddr, u64)> {
+        let mut due = Vec::new();
+        while let Some(std::cmp::Reverse((expires, agent, ip))) = self.queue.peek().copied() {
+            if expires > now {
+                break;
+            }
+            self.queue.pop();
+            let Some(m) = self.by_agent.get_mut(&agent) else {
+                continue;
+            };
+            if m.get(&ip) == Some(&expires) {
+                m.remove(&ip);
+                due.push((agent, ip, expires));
+            }
+        }
+        due
     }
 }
 
@@ -798,6 +931,28 @@ pub fn boot_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_learned_index_expires_from_its_queue_and_counts_per_agent() {
+        let mut idx = LearnedIndex::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        idx.note(1, a, 100);
+        idx.note(1, b, 50);
+        idx.note(2, a, 70);
+        assert_eq!((idx.count(1), idx.count(2)), (2, 1));
+        // Refreshed: its first expiry no longer counts.
+        idx.note(1, a, 300);
+        assert_eq!(idx.take_due(60), vec![(1, b, 50)]);
+        assert_eq!(idx.take_due(120), vec![(2, a, 70)]);
+        assert!(idx.holds(1, a) && !idx.holds(1, b));
+        assert_eq!(idx.take_due(300), vec![(1, a, 300)]);
+        assert_eq!(idx.count(1), 0);
+        // A shorter expiry never shortens a longer one.
+        idx.note(3, a, 500);
+        idx.note(3, a, 400);
+        assert!(idx.take_due(450).is_empty());
+    }
 
     #[test]
     fn addresses_round_trip_through_the_kernel_form() {

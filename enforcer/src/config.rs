@@ -85,6 +85,10 @@ pub struct DnsConfig {
     pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
     /// Longest time a learned address stays in the kernel allowlist, in seconds. Default: 300.
     pub max_ttl: u32,
+    /// Most learned addresses one agent may hold in the kernel allowlist at once (the map is
+    /// shared by every agent). Past it that agent's new answers get SERVFAIL, while other
+    /// agents keep learning. Default: 4096.
+    pub max_learned_per_agent: usize,
     /// CIDRs that wildcard-matched names may resolve to despite the rebinding guard.
     /// Default: none.
     pub allow_internal_answers: Vec<ipnet::IpNet>,
@@ -96,6 +100,7 @@ impl Default for DnsConfig {
             upstream: Vec::new(),
             static_hosts: BTreeMap::new(),
             max_ttl: 300,
+            max_learned_per_agent: 4096,
             allow_internal_answers: Vec::new(),
         }
     }
@@ -154,6 +159,11 @@ pub struct Config {
     pub proxy_port: u16,
     /// Local DNS resolver port on 127.0.0.1 and `[::1]`. Default: 1002.
     pub dns_port: u16,
+    /// Allow `proxy_port` or `dns_port` at or above `net.ipv4.ip_unprivileged_port_start`
+    /// (any user could then take the port while the daemon restarts, and receive what agents
+    /// send there: a warning is logged at every start). Default: `false`, such ports are
+    /// refused.
+    pub allow_unprivileged_ports: bool,
     /// Proxy threads, each running its own connections. Default: one per CPU the daemon may
     /// run on.
     pub proxy_threads: Option<usize>,
@@ -192,6 +202,7 @@ impl Default for Config {
             admin_group: None,
             proxy_port: 1001,
             dns_port: 1002,
+            allow_unprivileged_ports: false,
             proxy_threads: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 15090)),
             kill_switch: None,
@@ -231,6 +242,42 @@ impl Config {
         let mut config = Self::parse(&text, path, &base)?;
         config.source = Some(path.to_owned());
         Ok(config)
+    }
+
+    /// The daemon's ports must be privileged (below `ip_unprivileged_port_start`), or no
+    /// unprivileged process may squat them while the daemon restarts. `Ok(Some(warning))` when
+    /// `allow_unprivileged_ports` lets unprivileged ones through.
+    pub fn check_port_privilege(&self) -> Result<Option<String>, ConfigError> {
+        let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1024);
+        let low = [("proxy_port", self.proxy_port), ("dns_port", self.dns_port)]
+            .into_iter()
+            .filter(|(_, p)| *p >= start)
+            .map(|(k, p)| format!("{k} {p}"))
+            .collect::<Vec<_>>();
+        if low.is_empty() {
+            return Ok(None);
+        }
+        let what = format!(
+            "{} at or above net.ipv4.ip_unprivileged_port_start ({start}): any user can bind it \
+             while the daemon is down or restarting, and receive agents' requests",
+            low.join(" and ")
+        );
+        if self.allow_unprivileged_ports {
+            Ok(Some(format!(
+                "{what} (allowed by allow_unprivileged_ports)"
+            )))
+        } else {
+            Err(ConfigError::Invalid {
+                path: self.source.clone().unwrap_or_default(),
+                message: format!(
+                    "{what}; use ports below {start} (the defaults are 1001 and 1002), or set \
+                     allow_unprivileged_ports: true to accept the risk"
+                ),
+            })
+        }
     }
 
     /// How to start the daemon on this configuration, for hints in error messages.

@@ -54,6 +54,9 @@ pub async fn run(
 
     // Everything that can fail is checked before anything changes: a start that fails
     // leaves keys, CA, pins and links as they were.
+    if let Some(warning) = config.check_port_privilege()? {
+        tracing::warn!("{warning}");
+    }
     let policies = lifecycle::check_policies(&config, &hierarchy)?;
     agents::IdTable::load(&config.state_dir)?;
     audit::check_daemon_key(&config)?;
@@ -95,6 +98,9 @@ pub async fn run(
         None => None,
     };
     let kernel = Arc::new(Kernel::open(&config.bpffs_dir, bpf::EBPF_OBJECT)?);
+    for missing in kernel.missing_protections() {
+        tracing::warn!("{missing}");
+    }
     let registry = Arc::new(Registry::default());
     let enroller = Arc::new(Enroller::new(
         hierarchy,
@@ -199,10 +205,8 @@ pub async fn run(
         kernel.clone(),
         registry.clone(),
         decisions,
-        &config.dns.static_hosts,
+        &config.dns,
         config.dns_upstreams(),
-        config.dns.max_ttl,
-        config.dns.allow_internal_answers.clone(),
     ));
     tokio::spawn(dns::server::serve_udp(
         listeners.dns_udp_v4,

@@ -49,6 +49,16 @@ pub enum EnrolError {
     NotEnrolled(PathBuf),
     #[error("process {pid} is not in an enrolled cgroup (it is in {cgroup})")]
     PidNotEnrolled { pid: u32, cgroup: PathBuf },
+    #[error(
+        "the kernel reports {} not attached to {path} (cgroup id {id}); refusing to run anything \
+         there. `enforcer status` shows the links",
+        missing.join(", ")
+    )]
+    NotAttached {
+        path: PathBuf,
+        id: u64,
+        missing: Vec<&'static str>,
+    },
     #[error("cannot save enrolments to {path}: {io}", io = crate::sys::io_text(source))]
     Persist {
         path: PathBuf,
@@ -363,6 +373,28 @@ impl Enroller {
             self.save(&state)?;
         }
         Ok((target, warnings))
+    }
+
+    /// The id of the cgroup at `path`, once the kernel confirms that every program is
+    /// attached to exactly that cgroup (by id, not by path).
+    pub fn verified_id(&self, path: &Path) -> Result<u64, EnrolError> {
+        let id = cgroup_id(path)?;
+        let missing: Vec<&'static str> = self
+            .kernel
+            .link_states(id)
+            .into_iter()
+            .filter(|(_, state)| *state != crate::bpf::LinkState::Attached)
+            .map(|(name, _)| name)
+            .collect();
+        if missing.is_empty() {
+            Ok(id)
+        } else {
+            Err(EnrolError::NotAttached {
+                path: path.to_owned(),
+                id,
+                missing,
+            })
+        }
     }
 
     /// Moves a process and its descendants back where it came from (or to the root cgroup).

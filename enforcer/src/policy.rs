@@ -395,6 +395,16 @@ impl Policy {
         self.rules.len()
     }
 
+    /// Does this policy allow nothing at all: `default: deny`, enforced, and no allow rule?
+    pub fn denies_everything(&self) -> bool {
+        !self.default_allow
+            && self.mode == Mode::Enforce
+            && !self
+                .rules
+                .iter()
+                .any(|r| matches!(r.action, engine::Action::Allow))
+    }
+
     pub fn agent(&self) -> Option<&str> {
         self.agent.as_deref()
     }

@@ -260,6 +260,7 @@ impl Reporter {
         if !self.audit.healthy() {
             problems.push("audit log cannot be written".into());
         }
+        problems.extend(self.kernel.missing_protections());
         let status = if !problems.is_empty() {
             HealthState::Degraded
         } else if agents.is_empty() {

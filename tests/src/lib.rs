@@ -459,6 +459,7 @@ impl TestDaemon {
         let mut names = Vec::new();
         let mut config = format!(
             "state_dir: state\nruntime_dir: run\nbpffs_dir: {}\nproxy_port: {proxy_port}\n\
+             allow_unprivileged_ports: true\n\
              dns_port: {dns_port}\naudit_log: audit/audit.jsonl\n\
              metrics_listen: 127.0.0.1:{metrics_port}\n{extra}\n",
             bpffs.display(),
@@ -811,6 +812,31 @@ impl TestDaemon {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The problems `status` lists, but for the protections this kernel cannot give (no BPF
+    /// LSM), which the daemon reports from its first instant: what a test's own action caused.
+    pub fn problems(&self) -> Vec<String> {
+        self.status()["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .filter(|p| !p.starts_with("missing protection"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether this kernel runs per-cgroup BPF LSM programs, as the daemon found.
+    pub fn has_bpf_lsm(&self) -> bool {
+        !self.status()["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| {
+                p.as_str()
+                    .is_some_and(|p| p.starts_with("missing protection"))
+            })
     }
 
     pub fn agent_status(&self, logical: &str) -> serde_json::Value {

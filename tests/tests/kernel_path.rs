@@ -394,7 +394,7 @@ fn after_sigkill_enrolled_processes_reach_nothing_and_a_restart_restores_everyth
         d.log()
     );
     assert!(
-        d.log().contains("attached=0 updated=11"),
+        d.log().contains("attached=0 updated=13"),
         "restart must reuse pinned links:\n{}",
         d.log()
     );

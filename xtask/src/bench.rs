@@ -397,6 +397,7 @@ impl Env {
         std::fs::write(dir.join("bench.yaml"), policy)?;
         let config = format!(
             "state_dir: state\nruntime_dir: run\nbpffs_dir: {}\nproxy_port: {}\ndns_port: {}\n\
+             allow_unprivileged_ports: true\n\
              audit_log: audit/audit.jsonl\nmetrics_listen: 127.0.0.1:{}\n\
              dns:\n  upstream: [127.0.0.53]\n\
              tls:\n  extra_upstream_roots: [{}]\n\

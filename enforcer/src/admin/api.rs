@@ -36,6 +36,10 @@ pub struct EnrolResponse {
     /// (`SSL_CERT_FILE`, `CURL_CA_BUNDLE`, ...) at it.
     #[serde(default)]
     pub ca_bundle: Option<String>,
+    /// The id of the cgroup the daemon moved the process into, after it asked the kernel that
+    /// every program is attached to exactly that cgroup.
+    #[serde(default)]
+    pub cgroup_id: u64,
     /// The agent's kill switch (or the global one) is engaged: the command's connections will
     /// be refused.
     #[serde(default)]

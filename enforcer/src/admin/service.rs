@@ -44,11 +44,18 @@ impl Handler for Service {
     async fn enrol(&self, peer: &Peer, req: EnrolRequest) -> Result<EnrolResponse, Refusal> {
         validate_agent_name(&req.agent).map_err(Refusal::BadInput)?;
         let agent = match (&req.policy_yaml, self.registry.get(&req.agent)) {
-            (Some(yaml), _) => self
-                .lifecycle
-                .register_adhoc(&req.agent, yaml, peer.is_root())
-                .await
-                .map_err(adhoc_refusal)?,
+            (Some(yaml), _) => {
+                let user = (!peer.is_root()).then(|| {
+                    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid))
+                        .ok()
+                        .flatten()
+                        .map_or_else(|| format!("uid{}", peer.uid), |u| u.name)
+                });
+                self.lifecycle
+                    .register_adhoc(&req.agent, yaml, user.as_deref())
+                    .await
+                    .map_err(adhoc_refusal)?
+            }
             (None, Some(a)) => a,
             (None, None) => {
                 return Err(Refusal::NotFound(format!(
@@ -90,12 +97,14 @@ impl Handler for Service {
         for w in &warnings {
             tracing::warn!(agent = %agent.name, "{w}");
         }
+        let cgroup_id = self.enroller.verified_id(&cgroup).map_err(enrol_refusal)?;
         Ok(EnrolResponse {
             agent: agent.name.clone(),
             cgroup: cgroup.display().to_string(),
             warnings,
             ca_bundle: self.ca_bundle.as_ref().map(|p| p.display().to_string()),
             killed: agent.is_killed(),
+            cgroup_id,
         })
     }
 
@@ -122,8 +131,12 @@ impl Handler for Service {
 
 fn adhoc_refusal(e: AdHocRefusal) -> Refusal {
     match e {
-        AdHocRefusal::Configured { .. } => Refusal::Conflict(e.to_string()),
-        AdHocRefusal::NotRoot(_) => Refusal::Forbidden(e.to_string()),
+        AdHocRefusal::Configured { .. } | AdHocRefusal::WasConfigured(_) => {
+            Refusal::Conflict(e.to_string())
+        }
+        AdHocRefusal::NotRoot(_) | AdHocRefusal::Prefix { .. } | AdHocRefusal::NotDenyAll(_) => {
+            Refusal::Forbidden(e.to_string())
+        }
         AdHocRefusal::BadPolicy(_) => Refusal::BadInput(e.to_string()),
         AdHocRefusal::Failed(_) => Refusal::Internal(e.to_string()),
     }
@@ -142,8 +155,9 @@ fn enrol_refusal(e: EnrolError) -> Refusal {
             Refusal::NotFound(message)
         }
         EnrolError::Cgroup(CgroupError::BadPath(_)) => Refusal::BadInput(message),
-        EnrolError::Cgroup(_) | EnrolError::Bpf(_) | EnrolError::Persist { .. } => {
-            Refusal::Internal(message)
-        }
+        EnrolError::Cgroup(_)
+        | EnrolError::Bpf(_)
+        | EnrolError::Persist { .. }
+        | EnrolError::NotAttached { .. } => Refusal::Internal(message),
     }
 }

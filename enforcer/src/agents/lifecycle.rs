@@ -90,6 +90,21 @@ pub enum AdHocRefusal {
         "ad-hoc agent '{0}' already exists with a different policy; only root may replace it (or pick another name)"
     )]
     NotRoot(String),
+    #[error(
+        "'{0}' was a configured agent (its cgroups may still be enrolled and refusing); an \
+         ad-hoc agent cannot take its name. Pick another name"
+    )]
+    WasConfigured(String),
+    #[error(
+        "only root may name an ad-hoc agent freely: as {user}, name it {prefix}... (for \
+         example {prefix}task)"
+    )]
+    Prefix { user: String, prefix: String },
+    #[error(
+        "only root may register an ad-hoc agent whose policy allows anything; as {0}, the \
+         policy must deny everything (default: deny, no allow rules, mode: enforce)"
+    )]
+    NotDenyAll(String),
     #[error("{0}")]
     BadPolicy(PolicyError),
     #[error(transparent)]
@@ -269,7 +284,19 @@ impl Lifecycle {
         exec_cgroup: PathBuf,
         policy: Arc<Policy>,
     ) -> Result<Arc<Agent>, LifecycleError> {
-        let id = lock(&self.ids).id_for(name)?;
+        let in_use: Vec<u32> = self
+            .kernel
+            .cgroup_agents()
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        let id = {
+            let mut ids = lock(&self.ids);
+            if origin == Origin::Configured {
+                ids.mark_configured(name)?;
+            }
+            ids.id_for(name, &in_use)?
+        };
         let agent = Arc::new(Agent::new(
             name.to_owned(),
             id,
@@ -339,12 +366,16 @@ impl Lifecycle {
 
     /// Registers (or reuses) an ad-hoc agent from policy bytes sent by `enforcer exec
     /// --policy`; only root may replace an existing one's policy.
+    ///
+    /// `caller` is `None` for root, else the calling user's name: such a caller may only name
+    /// the agent `user-<name>-...` and give it a policy that denies everything.
     pub async fn register_adhoc(
         &self,
         name: &str,
         yaml: &str,
-        caller_is_root: bool,
+        caller: Option<&str>,
     ) -> Result<Arc<Agent>, AdHocRefusal> {
+        let caller_is_root = caller.is_none();
         let existing = self.registry.get(name);
         if let Some(a) = &existing
             && a.origin == Origin::Configured
@@ -354,8 +385,25 @@ impl Lifecycle {
                 policy: a.policy_path.clone(),
             });
         }
+        if lock(&self.ids).was_configured(name) {
+            return Err(AdHocRefusal::WasConfigured(name.to_owned()));
+        }
+        if let Some(user) = caller {
+            let prefix = format!("user-{user}-");
+            if !name.starts_with(&prefix) || name.len() == prefix.len() {
+                return Err(AdHocRefusal::Prefix {
+                    user: user.to_owned(),
+                    prefix,
+                });
+            }
+        }
         let policy = Policy::from_yaml(yaml.as_bytes(), &format!("{name} (ad-hoc)"))
             .map_err(AdHocRefusal::BadPolicy)?;
+        if let Some(user) = caller
+            && !policy.denies_everything()
+        {
+            return Err(AdHocRefusal::NotDenyAll(user.to_owned()));
+        }
         if let Some(agent) = existing {
             if agent.policy().sha256() == policy.sha256() {
                 return Ok(agent);

@@ -40,6 +40,7 @@ impl Denial {
             deny_reason::NO_AGENT => "no_agent",
             deny_reason::NOT_READY => "not_ready",
             deny_reason::DNS_OVER_TLS => "dns_over_tls",
+            deny_reason::BIND => "bind",
             _ => "unknown",
         }
     }

@@ -12,7 +12,10 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{BPF_F_REPLACE, bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
+use aya_obj::generated::{
+    BPF_F_REPLACE, bpf_attach_type::BPF_LSM_CGROUP, bpf_attr, bpf_cmd, bpf_link_info,
+    bpf_link_type, bpf_prog_type::BPF_PROG_TYPE_LSM,
+};
 
 fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
     // SAFETY: `attr` is a valid, zero-initialised bpf_attr of the size we pass; the kernel
@@ -103,4 +106,50 @@ pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     let fd = sys_bpf(bpf_cmd::BPF_PROG_GET_FD_BY_ID, &mut attr)?;
     // SAFETY: the kernel returned a new descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Whether this kernel runs per-cgroup BPF LSM programs: loads `r0 = 1; exit` as
+/// `BPF_PROG_TYPE_LSM` / `BPF_LSM_CGROUP` on `bpf_lsm_socket_create`. aya 0.14 can load such
+/// programs, but only from an object; a probe needs none. Err says why not (the kernel's
+/// error and verifier log). Seen failing with EPERM on kernels that cannot patch their text
+/// for BPF trampolines (a PVM guest), even with CONFIG_BPF_LSM and `bpf` in the LSM list.
+pub fn probe_lsm_cgroup() -> Result<(), String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+    let id = btf
+        .id_by_type_name_kind("bpf_lsm_socket_create", aya_obj::btf::BtfKind::Func)
+        .map_err(|e| format!("the kernel has no BPF LSM hooks (CONFIG_BPF_LSM): {e}"))?;
+    // BPF_MOV64_IMM(R0, 1); BPF_EXIT_INSN()
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    // SAFETY: all-zero is a valid bpf_attr.
+    let mut attr: bpf_attr = unsafe { mem::zeroed() };
+    // SAFETY: the prog-load member of the union, on a zeroed attr.
+    let load = unsafe { &mut attr.__bindgen_anon_3 };
+    load.prog_type = BPF_PROG_TYPE_LSM as u32;
+    load.expected_attach_type = BPF_LSM_CGROUP as u32;
+    load.attach_btf_id = id;
+    load.insns = insns.as_ptr() as u64;
+    load.insn_cnt = insns.len() as u32;
+    load.license = license.as_ptr() as u64;
+    load.log_level = 1;
+    load.log_size = log.len() as u32;
+    load.log_buf = log.as_mut_ptr() as u64;
+    match sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: a new descriptor we own; closed at once.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            Ok(())
+        }
+        Err(e) => {
+            let end = log.iter().position(|&c| c == 0).unwrap_or(log.len());
+            let log = String::from_utf8_lossy(&log[..end]);
+            let e = crate::sys::io_text(&e);
+            Err(if log.trim().is_empty() {
+                format!("the kernel refuses BPF LSM programs ({e})")
+            } else {
+                format!("the kernel refuses BPF LSM programs ({e}): {}", log.trim())
+            })
+        }
+    }
 }

@@ -44,6 +44,8 @@ PIP_CERT, AWS_CA_BUNDLE and DENO_CERT point at its trust bundle.
 Exit codes, as env(1): 125 enforcer failed (nothing was run), 126 the command cannot be run, \
 127 the command was not found, otherwise the command's own status.";
 
+pub mod sandbox;
+
 pub const EXIT_ENFORCER_FAILED: u8 = 125;
 pub const EXIT_CANNOT_RUN: u8 = 126;
 pub const EXIT_NOT_FOUND: u8 = 127;
@@ -78,6 +80,10 @@ pub struct ExecArgs {
     /// its cgroup and escape enforcement.
     #[arg(long)]
     pub allow_root: bool,
+    /// Run CMD even when fd 0, 1 or 2 is an inet socket (made outside the agent's cgroup,
+    /// where no hook sees it).
+    #[arg(long)]
+    pub allow_socket_stdio: bool,
     /// Set a variable in CMD's environment (after HOME, USER, LOGNAME and the CA variables);
     /// repeat for several.
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
@@ -135,6 +141,11 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
+    if !args.allow_socket_stdio
+        && let Err(e) = sandbox::check_stdio()
+    {
+        return fail(e);
+    }
     let run_as = match run_as(&args) {
         Ok(r) => r,
         Err(e) => return fail(e),
@@ -177,7 +188,7 @@ pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
             response.agent
         );
     }
-    if let Err(e) = check_enrolled(Path::new(&response.cgroup)) {
+    if let Err(e) = check_enrolled(Path::new(&response.cgroup), response.cgroup_id) {
         return fail(e);
     }
 
@@ -200,6 +211,11 @@ pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
     // 4. No privilege regained through setuid binaries or file capabilities.
     if let Err(e) = nix::sys::prctl::set_no_new_privs() {
         return fail(format!("cannot set no_new_privs: {e}"));
+    }
+    // What the cgroup hooks cannot give: no borrowing of other processes' sockets, no
+    // abstract unix sockets outside, only the socket families the hooks see.
+    if let Err(e) = sandbox::landlock().and_then(|()| sandbox::seccomp()) {
+        return fail(e);
     }
 
     // 5. Trust for intercepted TLS. Never point the variables at a file the command cannot
@@ -309,17 +325,29 @@ fn read_policy(path: &Path) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", path.display()))
 }
 
-/// Confirms that this process now lives in (or below) the cgroup the daemon reported.
-fn check_enrolled(expected: &Path) -> Result<(), String> {
+/// Confirms that this process now lives in the very cgroup the daemon verified: the same
+/// path, and the same cgroup id (a cgroup removed and created again at that path would have
+/// a new id and none of the programs). A populated cgroup cannot be removed, so once this
+/// process is in it the id cannot change under it.
+fn check_enrolled(expected: &Path, verified_id: u64) -> Result<(), String> {
     let hierarchy = Hierarchy::discover().map_err(|e| e.to_string())?;
     let own = hierarchy
         .of_pid(std::process::id())
         .map_err(|e| e.to_string())?;
-    if !own.starts_with(expected) {
+    if own != expected {
         return Err(format!(
             "the daemon reported enrolment in {}, but this process is in {}; not running the \
              command unenforced",
             expected.display(),
+            own.display()
+        ));
+    }
+    let id = crate::cgroup::cgroup_id(&own).map_err(|e| e.to_string())?;
+    if id != verified_id {
+        return Err(format!(
+            "this process is in {} with cgroup id {id}, but the daemon verified the programs \
+             on cgroup id {verified_id} (the cgroup was created again meanwhile?); not running \
+             the command unenforced",
             own.display()
         ));
     }

@@ -76,6 +76,7 @@ pub trait DnsKernel: Send + Sync + 'static {
         ip: IpAddr,
         expires_boot_ns: u64,
         exact: bool,
+        quota: usize,
     ) -> Result<(), BpfError>;
 }
 
@@ -94,8 +95,9 @@ impl DnsKernel for Kernel {
         ip: IpAddr,
         expires_boot_ns: u64,
         exact: bool,
+        quota: usize,
     ) -> Result<(), BpfError> {
-        Kernel::learn_allow(self, agent, ip, expires_boot_ns, exact)
+        Kernel::learn_allow(self, agent, ip, expires_boot_ns, exact, quota)
     }
 }
 
@@ -108,21 +110,23 @@ pub struct Resolver {
     pub statics: BTreeMap<String, Vec<IpAddr>>,
     pub upstreams: Vec<SocketAddr>,
     pub max_ttl: u32,
+    /// `dns.max_learned_per_agent`.
+    pub max_learned: usize,
     pub allow_internal: Vec<IpNet>,
     rebinding: Vec<IpNet>,
 }
 
 impl Resolver {
+    /// `upstreams` are the servers `config` names (or the system's), resolved by the caller.
     pub fn new(
         kernel: Arc<dyn DnsKernel>,
         registry: Arc<Registry>,
         decisions: Decisions,
-        statics: &BTreeMap<String, Vec<IpAddr>>,
+        config: &crate::config::DnsConfig,
         upstreams: Vec<SocketAddr>,
-        max_ttl: u32,
-        allow_internal: Vec<IpNet>,
     ) -> Self {
-        let statics = statics
+        let statics = config
+            .static_hosts
             .iter()
             .filter_map(|(k, v)| Some((canonical_host(k).ok()?, v.clone())))
             .collect();
@@ -132,8 +136,9 @@ impl Resolver {
             decisions,
             statics,
             upstreams,
-            max_ttl: max_ttl.max(MIN_TTL),
-            allow_internal,
+            max_ttl: config.max_ttl.max(MIN_TTL),
+            max_learned: config.max_learned_per_agent,
+            allow_internal: config.allow_internal_answers.clone(),
             rebinding: REBINDING
                 .iter()
                 .map(|n| n.parse().expect("static CIDR"))
@@ -224,13 +229,17 @@ impl Resolver {
         for r in &mut answers {
             r.ttl = r.ttl.min(self.max_ttl);
         }
-        self.learn(
+        if !self.learn(
             client,
             &name,
+            qtype,
             matched == HostMatch::Exact,
             &answers,
             query.name(),
-        );
+        ) {
+            // An answer the kernel could not learn would only lead to a refused connect.
+            return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
+        }
         encode(reply(code, answers), &request, udp)
     }
 
@@ -308,25 +317,47 @@ impl Resolver {
         recorded
     }
 
-    /// Puts the answer's addresses into the agent's allowlist and name table.
-    fn learn(&self, client: &Caller, name: &str, exact: bool, answers: &[Record], qname: &Name) {
+    /// Puts the answer's addresses into the agent's allowlist and name table. False when the
+    /// agent's quota of learned addresses is full: the answer is then refused.
+    fn learn(
+        &self,
+        client: &Caller,
+        name: &str,
+        qtype: RecordType,
+        exact: bool,
+        answers: &[Record],
+        qname: &Name,
+    ) -> bool {
         let mut probe = Message::new(0, MessageType::Response, OpCode::Query);
         probe.add_answers(answers.iter().cloned());
         let addrs = client::addresses(&probe, qname);
-        if addrs.is_empty() {
-            return;
-        }
         let now = crate::bpf::boot_ns();
         for a in &addrs {
             let ttl = a.ttl.clamp(MIN_TTL, self.max_ttl);
             let expires = now + u64::from(ttl) * 1_000_000_000;
             let ip = crate::addr::canonical(a.ip);
-            if let Err(e) = self.kernel.learn_allow(client.agent.id, ip, expires, exact) {
-                tracing::warn!(agent = %client.agent.name, %ip, "cannot learn the address: {e}; connects to it are refused");
-                continue;
+            match self
+                .kernel
+                .learn_allow(client.agent.id, ip, expires, exact, self.max_learned)
+            {
+                Ok(()) => client.agent.learn(name, ip, expires, exact),
+                Err(e @ BpfError::Quota { .. }) => {
+                    // One record per agent per interval, with how many were refused: a
+                    // flooding agent must not flood the log too.
+                    if let Some(refused) = client.agent.quota_notice() {
+                        let reason =
+                            format!("{e} ({refused} answers refused since the last record)");
+                        tracing::warn!(agent = %client.agent.name, "{reason}");
+                        let _ = self.audit_dns(client, name, qtype, PolicyResult::Deny, &reason);
+                    }
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(agent = %client.agent.name, %ip, "cannot learn the address: {e}; connects to it are refused");
+                }
             }
-            client.agent.learn(name, ip, expires, exact);
         }
+        true
     }
 
     /// Records a refused (or, in dry run, would-be refused) name. False when the record could
@@ -521,7 +552,14 @@ mod tests {
         fn take_orig(&self, _: SocketAddr) -> Option<enforcer_common::OrigDst> {
             None
         }
-        fn learn_allow(&self, _: u32, _: IpAddr, _: u64, _: bool) -> Result<(), BpfError> {
+        fn learn_allow(
+            &self,
+            _: u32,
+            _: IpAddr,
+            _: u64,
+            _: bool,
+            _: usize,
+        ) -> Result<(), BpfError> {
             Ok(())
         }
     }
@@ -540,14 +578,18 @@ mod tests {
         ));
         let registry = Arc::new(Registry::default());
         registry.insert(agent.clone());
-        let statics = BTreeMap::from([("api.test".to_owned(), vec!["192.0.2.7".parse().unwrap()])]);
+        let config = crate::config::DnsConfig {
+            static_hosts: BTreeMap::from([(
+                "api.test".to_owned(),
+                vec!["192.0.2.7".parse().unwrap()],
+            )]),
+            ..crate::config::DnsConfig::default()
+        };
         let resolver = Resolver::new(
             Arc::new(NoKernel),
             registry,
             Decisions::new(audit.clone(), mode),
-            &statics,
-            Vec::new(),
-            60,
+            &config,
             Vec::new(),
         );
         let caller = Caller {

@@ -7,6 +7,7 @@
 //! probe tcp ADDR [HOST]      connect, print peer, send GET / with Host, print status line
 //! probe tcp-hold ADDR SECS   connect, send GET with keep-alive, hold the connection
 //! probe udp ADDR             send one datagram
+//! probe bind ADDR tcp|udp    bind a socket there; print "bound" or the error
 //! probe raw-icmp IP          send an ICMP echo on a raw socket, wait for the reply
 //! probe ping IP              send an ICMP echo on a ping socket, wait for the reply
 //! probe whoami               print uid and NoNewPrivs
@@ -45,6 +46,7 @@ fn run(args: &[String]) -> i32 {
         Some("tcp") => tcp(&args[1], args.get(2).map(String::as_str)),
         Some("tcp-hold") => tcp_hold(&args[1], args[2].parse().unwrap_or(5)),
         Some("udp") => udp(&args[1]),
+        Some("bind") => bind(&args[1], args.get(2).map_or("tcp", String::as_str)),
         Some("raw-icmp") => icmp(&args[1], libc::SOCK_RAW),
         Some("ping") => icmp(&args[1], libc::SOCK_DGRAM),
         Some("whoami") => whoami(),
@@ -182,6 +184,28 @@ fn udp(addr: &str) -> i32 {
         Err(e) => {
             println!(
                 "error send: {e} (os error {})",
+                e.raw_os_error().unwrap_or(0)
+            );
+            1
+        }
+    }
+}
+
+fn bind(addr: &str, proto: &str) -> i32 {
+    let addr: SocketAddr = addr.parse().expect("address");
+    let result = if proto == "udp" {
+        UdpSocket::bind(addr).map(drop)
+    } else {
+        std::net::TcpListener::bind(addr).map(drop)
+    };
+    match result {
+        Ok(()) => {
+            println!("bound");
+            0
+        }
+        Err(e) => {
+            println!(
+                "error bind: {e} (os error {})",
                 e.raw_os_error().unwrap_or(0)
             );
             1
