@@ -282,13 +282,23 @@ impl Agent {
 
     /// Does the policy name this destination explicitly (an IP literal, or the address a
     /// name written exactly resolved to)? Only such destinations may be internal ones.
+    ///
+    /// "Explicit" is per (name, port) as written: a name written exactly for port 5432 makes
+    /// its address explicit on 5432 only, not on every port of that address.
     pub fn is_explicit(&self, ip: IpAddr, port: u16) -> bool {
         let literal = lock(&self.explicit).iter().any(|e| {
             e.flags & enforcer_common::allow_flags::EXPLICIT != 0
                 && e.net.contains(&ip)
                 && e.port.is_none_or(|p| p == port)
         });
-        literal || lock(&self.names).exact_for(ip, crate::bpf::boot_ns())
+        if literal {
+            return true;
+        }
+        let policy = self.policy();
+        lock(&self.names)
+            .exact_names(ip, crate::bpf::boot_ns())
+            .iter()
+            .any(|name| policy.names_exactly(name, port))
     }
 }
 
@@ -377,10 +387,22 @@ impl Associations {
             .unwrap_or_default()
     }
 
+    #[cfg(test)]
     fn exact_for(&self, ip: IpAddr, now: u64) -> bool {
+        !self.exact_names(ip, now).is_empty()
+    }
+
+    /// The unexpired names written exactly in the policy that resolved to `ip`.
+    fn exact_names(&self, ip: IpAddr, now: u64) -> Vec<String> {
         self.by_ip
             .get(&ip)
-            .is_some_and(|m| m.values().any(|l| l.exact && l.expires_boot_ns > now))
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, l)| l.exact && l.expires_boot_ns > now)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn sweep(&mut self, now: u64) {

@@ -73,6 +73,27 @@ pub struct TlsConfig {
     pub passthrough_hosts: Vec<String>,
 }
 
+/// `http:` section.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A request body on GET, HEAD, OPTIONS or TRACE: `refuse` (default, a 400) or `forward`
+    /// (for APIs that search with GET bodies; the request then goes upstream with
+    /// `Connection: close` and that upstream connection is never reused).
+    pub bodies_on_safe_methods: SafeMethodBodies,
+}
+
+/// What to do with a body on a method that has no body semantics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SafeMethodBodies {
+    /// 400: an upstream that ignores such a body would read it as the next request.
+    #[default]
+    Refuse,
+    /// Forwarded, on an upstream connection closed after the response.
+    Forward,
+}
+
 /// `dns:` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -184,6 +205,8 @@ pub struct Config {
     pub security_mode: SecurityMode,
     /// TLS handling.
     pub tls: TlsConfig,
+    /// HTTP handling.
+    pub http: HttpConfig,
     /// DNS resolver.
     pub dns: DnsConfig,
     /// Configured agents. Default: none.
@@ -212,6 +235,7 @@ impl Default for Config {
             audit_checkpoint_records: 1000,
             security_mode: SecurityMode::Strict,
             tls: TlsConfig::default(),
+            http: HttpConfig::default(),
             dns: DnsConfig::default(),
             agents: Vec::new(),
             source: None,

@@ -76,6 +76,19 @@ pub async fn run(controls: Controls) {
         enroller,
     } = controls;
     let mut reconcile_tick = tokio::time::interval(RECONCILE_POLL);
+    // Reloads run in a task of their own: a policy that takes long to load (or a config
+    // reload under way) must never hold up the kill switch, which this loop serves first.
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<&'static str>();
+    let reloader = lifecycle.clone();
+    tokio::spawn(async move {
+        while let Some(why) = reload_rx.recv().await {
+            // Requests that piled up while a reload ran are served by one more.
+            while reload_rx.try_recv().is_ok() {}
+            reloader.reload(why).await;
+        }
+    });
+    let periodic = lifecycle.clone();
+    let periodic_tx = reload_tx.clone();
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -99,7 +112,14 @@ pub async fn run(controls: Controls) {
                 }
             }
             _ = kill_tick.tick() => kill_switch.check().await,
-            _ = policy_tick.tick() => lifecycle.reload_if_changed().await,
+            _ = policy_tick.tick() => {
+                let (periodic, tx) = (periodic.clone(), periodic_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    if periodic.changed() {
+                        let _ = tx.send("periodic check");
+                    }
+                });
+            }
             _ = reconcile_tick.tick() => {
                 for done in enroller.reconcile() {
                     tracing::warn!("{done}");
@@ -107,11 +127,11 @@ pub async fn run(controls: Controls) {
             }
             () = &mut reload_at, if reload_pending => {
                 reload_pending = false;
-                lifecycle.reload("file change").await;
+                let _ = reload_tx.send("file change");
             }
             Some(()) = recv_hup(&mut hup) => {
                 tracing::info!("SIGHUP: reloading");
-                lifecycle.reload("SIGHUP").await;
+                let _ = reload_tx.send("SIGHUP");
             }
         }
     }

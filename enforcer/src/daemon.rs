@@ -141,14 +141,23 @@ pub async fn run(
     lifecycle.load_all(policies).await?;
 
     let decisions = Decisions::new(audit.clone(), config.security_mode);
+    let deputy = Deputy::new(config.dns.allow_internal_answers.clone());
+    if let Err(e) = deputy.follow() {
+        tracing::warn!(
+            "cannot follow the host's address changes ({e}); the proxy refuses the addresses \
+             the host had at start, and an address added later is reachable through wildcard \
+             rules until a restart"
+        );
+    }
     let proxy_ctx = Arc::new(ProxyContext {
         records: kernel.clone(),
         registry: registry.clone(),
         decisions: decisions.clone(),
-        deputy: Deputy::new(),
+        deputy,
         tls,
         l7: Arc::new(L7Env {
             decisions: decisions.clone(),
+            safe_method_bodies: config.http.bodies_on_safe_methods,
             upstream_tls,
         }),
     });

@@ -139,6 +139,10 @@ pub const MAX_RULES: usize = 10_000;
 /// aliases counted at every use. Every document without aliases fits (a node takes at least
 /// two bytes); alias bombs ("billion laughs") fail fast with bounded memory.
 pub const YAML_NODE_SLACK: usize = 4096;
+/// Deepest nesting of flow collections (`[...]`, `{...}`) a policy may have. A real policy
+/// nests a few levels; the YAML parser's time grows faster than linearly with flow depth
+/// (80 KB of nested `[` took 17 s), so deeper documents are refused by a scan before parsing.
+pub const MAX_YAML_DEPTH: usize = 64;
 
 /// A compiled policy: immutable, `Send + Sync`, shared as `Arc<Policy>`.
 pub struct Policy {
@@ -440,6 +444,13 @@ impl Policy {
     /// that enforces on this answer must check [`Policy::mode`] for `dry_run` itself.
     pub fn host_match(&self, host: &str) -> HostMatch {
         engine::host_match(self, host)
+    }
+
+    /// Does an allow rule name `host` exactly (not through a wildcard) for `port`: a URL
+    /// pattern with that host and a port spec covering it (no port: 80 or 443), or a `tcp:`
+    /// target with that host and port?
+    pub fn names_exactly(&self, host: &str, port: u16) -> bool {
+        engine::names_exactly(self, host, port)
     }
 
     /// TLS: does this host need L7 inspection (a method, path, header, body, time-window or

@@ -462,7 +462,7 @@ impl Connection {
     /// Why the proxy will not connect to this destination for the agent (an internal address
     /// the policy does not name explicitly), if it will not.
     fn internal_destination(&self) -> Option<String> {
-        let why = self.ctx.deputy.internal(self.dst.ip())?;
+        let why = self.ctx.deputy.refuses(self.dst.ip())?;
         if self
             .caller
             .agent

@@ -1132,3 +1132,37 @@ rules:
         assert_eq!(p.host_needs_l7(Scheme::Https, host, 443), want, "{host}");
     }
 }
+
+#[test]
+fn a_name_written_exactly_is_explicit_only_on_the_ports_written() {
+    let p = Policy::from_yaml(
+        b"rules:\n  - name: db\n    allow: { tcp: \"db.internal:5432\" }\n\
+          \x20 - name: any\n    allow: { url: \"*\" }\n\
+          \x20 - name: api\n    allow: { url: \"https://api.internal/v1/*\" }\n\
+          \x20 - name: alt\n    allow: { url: \"alt.internal:8443\" }\n\
+          \x20 - name: wild\n    allow: { url: \"*.svc.internal:*\" }\n",
+        "t",
+    )
+    .unwrap();
+    assert!(p.names_exactly("db.internal", 5432));
+    assert!(
+        !p.names_exactly("db.internal", 8080),
+        "url: * names no host"
+    );
+    assert!(p.names_exactly("api.internal", 443));
+    assert!(
+        !p.names_exactly("api.internal", 80),
+        "https:// means 443 only"
+    );
+    assert!(p.names_exactly("alt.internal", 8443));
+    assert!(!p.names_exactly("alt.internal", 443));
+    assert!(
+        !p.names_exactly("x.svc.internal", 80),
+        "a wildcard is not exact"
+    );
+    assert!(
+        !p.names_exactly("DB.internal.", 1),
+        "canonicalised, port still checked"
+    );
+    assert!(p.names_exactly("DB.internal.", 5432));
+}

@@ -302,3 +302,44 @@ fn sighup_reloads_and_the_audit_log_of_a_run_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_hostile_policy_reload_never_holds_up_another_agents_kill_switch() {
+    // Scenario: agent b's policy file is replaced by hostile YAML (deeply nested flow
+    // sequences, which once took the parser tens of seconds) while agent a's kill switch is
+    // engaged. The kill applies at once (new connects refused well within a second; the
+    // bound only catches a hang), the hostile policy is refused, and b keeps its old one.
+    let Some(s) = Scenario::new("hostile_reload") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "ok");
+    let d = s
+        .daemon()
+        .agent("a", &allow_literal("127.0.0.6"))
+        .agent("b", &allow_literal("127.0.0.6"))
+        .start();
+    let addr = up.addr.to_string();
+    let sha_b = d.agent_status("b")["policy_sha256"].clone();
+    let hostile = format!(
+        "rules:\n  - name: x\n    allow: {{ url: {}\"a.com\"{} }}\n",
+        "[".repeat(160_000),
+        "]".repeat(160_000)
+    );
+    std::fs::write(d.policy_path("b"), hostile).unwrap();
+    let started = std::time::Instant::now();
+    std::fs::write(d.agent_kill_path("a"), b"").unwrap();
+    let refused = eventually(5, || {
+        stdout(&d.probe("a", &["tcp", &addr, &addr])).contains("(os error 1)")
+    });
+    let took = started.elapsed();
+    assert!(refused, "the kill did not apply");
+    assert!(took < Duration::from_secs(2), "the kill took {took:?}");
+    assert!(eventually(10, || {
+        d.agent_status("b")["last_reload"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nested deeper than 64"))
+    }));
+    assert_eq!(d.agent_status("b")["policy_sha256"], sha_b);
+    let out = d.probe("b", &["tcp", &addr, &addr]);
+    assert!(out.status.success(), "b still works: {}", stdout(&out));
+}

@@ -176,10 +176,12 @@ fn a_wildcard_allows_subdomains_and_not_lookalikes() {
             ("svc.test.evil.test", "A", "192.0.2.21", 60),
         ],
     );
+    // The answers are documentation addresses, internal to the rebinding filter: allowed here.
     let d = s
         .daemon()
         .agent("a", &policy(443))
         .dns_upstream(dns.addr)
+        .dns_lines("  allow_internal_answers: [192.0.2.0/24]")
         .start();
     let ok = d.probe("a", &["dns", "127.0.0.53:53", "a.svc.test", "A"]);
     assert!(stdout(&ok).contains("[192.0.2.20]"), "{}", stdout(&ok));

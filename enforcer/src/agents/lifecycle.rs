@@ -164,6 +164,7 @@ pub struct Lifecycle {
     ids: Mutex<IdTable>,
     /// Names learned by the previous run, handed to agents as they are added.
     saved_learned: Mutex<BTreeMap<String, Vec<LearnedName>>>,
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// What a [`Lifecycle`] acts on.
@@ -194,6 +195,7 @@ impl Lifecycle {
             config_sha: Mutex::new(config_sha),
             ids: Mutex::new(IdTable::load(&config.state_dir)?),
             saved_learned: Mutex::new(LearnedFile::load(&config.state_dir).agents),
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -397,8 +399,14 @@ impl Lifecycle {
                 });
             }
         }
-        let policy = Policy::from_yaml(yaml.as_bytes(), &format!("{name} (ad-hoc)"))
-            .map_err(AdHocRefusal::BadPolicy)?;
+        let source = format!("{name} (ad-hoc)");
+        let bytes = yaml.as_bytes().to_vec();
+        let label = source.clone();
+        let policy = parse_off_runtime(Path::new(&source), move || {
+            Policy::from_yaml(&bytes, &label)
+        })
+        .await
+        .map_err(AdHocRefusal::BadPolicy)?;
         if let Some(user) = caller
             && !policy.denies_everything()
         {
@@ -456,8 +464,8 @@ impl Lifecycle {
             || lock(&self.agent_configs).iter().any(|a| a.policy == path)
     }
 
-    /// Reloads when the config file or a policy file changed content.
-    pub async fn reload_if_changed(&self) {
+    /// Did the config file or a configured policy file change content since it was loaded?
+    pub fn changed(&self) -> bool {
         let config_changed = match self.config_path.as_deref() {
             Some(p) => {
                 let now = file_sha256(p);
@@ -469,15 +477,15 @@ impl Lifecycle {
             a.origin == Origin::Configured
                 && file_sha256(&a.policy_path).is_some_and(|sha| sha != a.policy().sha256())
         });
-        if config_changed || policy_changed {
-            self.reload("periodic check").await;
-        }
+        config_changed || policy_changed
     }
 
     /// Re-reads the config's agent list and every configured policy. A valid changed policy is
     /// swapped in atomically (requests in flight finish under the old one) and the kernel
     /// allowlist follows; an invalid one is rejected and the previous one stays.
     pub async fn reload(&self, why: &str) -> Vec<ReloadResult> {
+        // One reload at a time (file watcher, SIGHUP and the admin API can all ask).
+        let _one = self.reloading.lock().await;
         let mut results = Vec::new();
         if let Some(path) = self.config_path.clone() {
             match Config::load(&path) {
@@ -492,7 +500,7 @@ impl Lifecycle {
             if agent.origin != Origin::Configured {
                 continue;
             }
-            results.push(self.reload_policy(&agent, why));
+            results.push(self.reload_policy(&agent, why).await);
         }
         results
     }
@@ -512,13 +520,13 @@ impl Lifecycle {
         }
     }
 
-    fn reload_policy(&self, agent: &Arc<Agent>, why: &str) -> ReloadResult {
+    async fn reload_policy(&self, agent: &Arc<Agent>, why: &str) -> ReloadResult {
         let result = |ok, message: String| ReloadResult {
             agent: agent.name.clone(),
             ok,
             message,
         };
-        match Policy::load(&agent.policy_path) {
+        match load_policy(&agent.policy_path).await {
             Err(e) => {
                 let message = e.to_string();
                 // Only report a rejection once per distinct error.
@@ -596,7 +604,7 @@ impl Lifecycle {
             }
             self.registry.remove(&a.name);
         }
-        let outcome = match Policy::load(&a.policy) {
+        let outcome = match load_policy(&a.policy).await {
             Ok(p) => self
                 .add(
                     &a.name,
@@ -665,6 +673,37 @@ impl Lifecycle {
             ok: true,
             message: "removed".into(),
         })
+    }
+}
+
+/// Longest a policy may take to load on a reload or an ad-hoc registration: past it the
+/// policy is refused (the depth scan and size cap keep real ones far below).
+const POLICY_LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Loads a policy file on a blocking thread, within [`POLICY_LOAD_TIMEOUT`]: parsing never runs
+/// on the runtime's threads, where it would hold up DNS, the admin API or the kill switch.
+async fn load_policy(path: &Path) -> Result<Policy, PolicyError> {
+    let owned = path.to_owned();
+    parse_off_runtime(path, move || Policy::load(&owned)).await
+}
+
+async fn parse_off_runtime(
+    path: &Path,
+    parse: impl FnOnce() -> Result<Policy, PolicyError> + Send + 'static,
+) -> Result<Policy, PolicyError> {
+    match tokio::time::timeout(POLICY_LOAD_TIMEOUT, tokio::task::spawn_blocking(parse)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(PolicyError::Document {
+            file: path.display().to_string(),
+            message: format!("loading failed: {e}"),
+        }),
+        Err(_) => Err(PolicyError::Document {
+            file: path.display().to_string(),
+            message: format!(
+                "took longer than {}s to load, refused; simplify the policy",
+                POLICY_LOAD_TIMEOUT.as_secs()
+            ),
+        }),
     }
 }
 

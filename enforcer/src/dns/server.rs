@@ -48,22 +48,6 @@ const MAX_CHAIN: usize = 8;
 /// Longest time a TCP client may take to send a query.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// Answers internal ranges a wildcard-matched name may not resolve to.
-const REBINDING: &[&str] = &[
-    "127.0.0.0/8",
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "169.254.0.0/16",
-    "168.63.129.16/32",
-    "::1/128",
-    "::/128",
-    "fc00::/7",
-    "fe80::/10",
-];
-
 /// What the resolver needs from the kernel: the records of who sent a query (by the
 /// client's address, UDP or TCP) and the allowlist that learned addresses go into. A trait,
 /// so queries can be answered in tests without root.
@@ -113,7 +97,6 @@ pub struct Resolver {
     /// `dns.max_learned_per_agent`.
     pub max_learned: usize,
     pub allow_internal: Vec<IpNet>,
-    rebinding: Vec<IpNet>,
 }
 
 impl Resolver {
@@ -139,10 +122,6 @@ impl Resolver {
             max_ttl: config.max_ttl.max(MIN_TTL),
             max_learned: config.max_learned_per_agent,
             allow_internal: config.allow_internal_answers.clone(),
-            rebinding: REBINDING
-                .iter()
-                .map(|n| n.parse().expect("static CIDR"))
-                .collect(),
         }
     }
 
@@ -300,13 +279,15 @@ impl Resolver {
                 RData::AAAA(a) => IpAddr::V6(a.0),
                 _ => return true,
             };
+            // Every spelling counts: NAT64 and 6to4 forms of an internal IPv4 address are that
+            // address.
             let ip = crate::addr::canonical(ip);
-            let internal = self.rebinding.iter().any(|n| n.contains(&ip));
-            let excepted = self.allow_internal.iter().any(|n| n.contains(&ip));
-            if internal && !excepted {
+            if let Some(why) = crate::addr::internal(ip)
+                && !crate::addr::within(ip, &self.allow_internal)
+            {
                 let reason = format!(
-                    "stripped internal answer {ip} for {name}: the name is allowed only by a \
-                     wildcard (list the CIDR in dns.allow_internal_answers, or name the host exactly)"
+                    "stripped internal answer {ip} ({why}) for {name}: the name is allowed only by \
+                     a wildcard (list the CIDR in dns.allow_internal_answers, or name the host exactly)"
                 );
                 tracing::warn!(agent = %client.agent.name, "{reason}");
                 recorded &= self.audit_dns(client, name, qtype, PolicyResult::Deny, &reason);

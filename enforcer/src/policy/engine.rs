@@ -1,5 +1,6 @@
 //! Compiled rules, the host index, and every question the policy answers.
 
+use crate::policy::pattern::PortSpec;
 use std::{cell::OnceCell, collections::HashMap, net::IpAddr, sync::Arc};
 
 use http::HeaderName;
@@ -530,6 +531,44 @@ pub(crate) fn needs_body(
         }
     });
     needed
+}
+
+pub(crate) fn names_exactly(policy: &Policy, host: &str, port: u16) -> bool {
+    let Ok(host) = canonicalize(host) else {
+        return false;
+    };
+    let covers = |scheme: Option<Scheme>, spec: &PortSpec| match spec {
+        PortSpec::Any => true,
+        PortSpec::Exact(p) => *p == port,
+        PortSpec::Default => match scheme {
+            Some(s) => s.default_port() == port,
+            None => port == 80 || port == 443,
+        },
+    };
+    if let Some(bucket) = policy.index.exact.get(host.as_ref()) {
+        for &id in &bucket.allow {
+            let rule = &policy.rules[id as usize];
+            if let (Action::Allow, Scope::Http(h)) = (&rule.action, &rule.scope)
+                && let Some(urls) = &h.urls
+                && urls.iter().any(|u| {
+                    matches!(&u.host, HostPattern::Exact(h) if *h == *host)
+                        && covers(u.scheme, &u.port)
+                })
+            {
+                return true;
+            }
+        }
+    }
+    policy.index.tcp.iter().any(|&id| {
+        let rule = &policy.rules[id as usize];
+        let (Action::Allow, Scope::Tcp(targets)) = (&rule.action, &rule.scope) else {
+            return false;
+        };
+        targets.iter().any(|t| {
+            matches!(&t.host, TcpHost::Name(HostPattern::Exact(h)) if *h == *host)
+                && t.port.is_none_or(|p| p == port)
+        })
+    })
 }
 
 pub(crate) fn host_match(policy: &Policy, host: &str) -> HostMatch {

@@ -18,7 +18,7 @@ use serde_json::{Number, Value};
 use sha2::{Digest, Sha256};
 
 use super::{
-    MAX_POLICY_BYTES, MAX_RULES, Mode, Policy, PolicyError, YAML_NODE_SLACK,
+    MAX_POLICY_BYTES, MAX_RULES, MAX_YAML_DEPTH, Mode, Policy, PolicyError, YAML_NODE_SLACK,
     body::{Constraint, OPERATORS, Op, REGEX_SIZE_LIMIT},
     engine::{Action, HttpScope, Index, Limit, Per, Rule, Scope},
     jsonpath::JsonPath,
@@ -59,6 +59,18 @@ pub(crate) fn from_yaml(bytes: &[u8], file: &str) -> Result<Policy, PolicyError>
     // is it deserialized for real, so an alias bomb never allocates its expansion. A node
     // takes at least two bytes of text ("a," or "-\n"), so a document without aliases always
     // fits the budget, and a bomb exhausts it after a bounded walk.
+    if let Some(line) = too_deep(text) {
+        return Err(PolicyError::Invalid {
+            file: file.to_owned(),
+            line,
+            column: 1,
+            rule: None,
+            message: format!(
+                "collections nested deeper than {MAX_YAML_DEPTH} levels; no policy needs that \
+                 (flatten the lists)"
+            ),
+        });
+    }
     let budget = Cell::new(bytes.len() / 2 + YAML_NODE_SLACK);
     NodeCounter::root(&budget)
         .deserialize(serde_yaml::Deserializer::from_str(text))
@@ -80,6 +92,74 @@ pub(crate) fn from_yaml(bytes: &[u8], file: &str) -> Result<Policy, PolicyError>
         rules,
         index,
     })
+}
+
+/// The line where flow collections first nest deeper than [`MAX_YAML_DEPTH`], found by one
+/// linear pass that skips quoted scalars and comments. Block nesting is bounded by the node
+/// budget and costs the parser nothing super-linear.
+fn too_deep(text: &str) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut chars = text.chars().peekable();
+    let mut prev_space = true;
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => {
+                line += 1;
+                prev_space = true;
+                continue;
+            }
+            '#' if prev_space => {
+                // A comment runs to the end of the line.
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+                prev_space = true;
+                continue;
+            }
+            '"' => {
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match c {
+                        '\n' => line += 1,
+                        '\\' if !escaped => {
+                            escaped = true;
+                            continue;
+                        }
+                        '"' if !escaped => break,
+                        _ => {}
+                    }
+                    escaped = false;
+                }
+            }
+            '\'' => {
+                while let Some(c) = chars.next() {
+                    if c == '\n' {
+                        line += 1;
+                    }
+                    if c == '\'' {
+                        if chars.peek() == Some(&'\'') {
+                            chars.next();
+                        } else {
+                            break;
+                        }
+                    }
+                }
+            }
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_YAML_DEPTH {
+                    return Some(line);
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev_space = c.is_whitespace();
+    }
+    None
 }
 
 /// Every error of a file whose first error is `first`: when that error is inside a rule, every

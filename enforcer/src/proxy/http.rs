@@ -57,6 +57,7 @@ use super::{
 use crate::{
     agents::Caller,
     audit::{Decisions, EventKind, PolicyResult, path_without_query},
+    config::SafeMethodBodies,
     policy::{BODY_INSPECTION_LIMIT, Decision, DecisionKind, Scheme, canonical_host},
 };
 
@@ -85,6 +86,8 @@ pub const MAX_HEADER_LIST_BYTES: u32 = guard::MAX_HEAD_BYTES as u32;
 /// What every served connection needs from the daemon.
 pub struct L7Env {
     pub decisions: Decisions,
+    /// `http.bodies_on_safe_methods`.
+    pub safe_method_bodies: SafeMethodBodies,
     /// Upstream TLS client configurations; `None` when they could not be built (then
     /// intercepted requests fail with 502).
     pub upstream_tls: Option<Arc<UpstreamTls>>,
@@ -328,6 +331,26 @@ impl Service {
             return resp;
         }
 
+        // A body on a method without body semantics: an upstream that ignores it would read it
+        // as the next request (request smuggling past the policy), so it is refused, or, when
+        // the operator allows it, sent on a connection closed after the response.
+        let safe_method = matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        let safe_method_body = safe_method && !hyper::body::Body::is_end_stream(req.body());
+        if safe_method_body && self.env.safe_method_bodies == SafeMethodBodies::Refuse {
+            return self.malformed(
+                &ask,
+                &format!(
+                    "a {} request with a body is refused: an upstream may read the body as \
+                     another request (set http.bodies_on_safe_methods: forward for APIs that \
+                     search with GET bodies)",
+                    ask.method
+                ),
+            );
+        }
+
         // 2-4. The decision.
         let (mut parts, incoming) = req.into_parts();
         let on_upgrade = parts.extensions.remove::<OnUpgrade>();
@@ -433,6 +456,12 @@ impl Service {
             }
         }
         parts.version = Version::HTTP_11;
+        if safe_method_body {
+            // Never reused: whatever the upstream makes of the body ends with this connection.
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let sent = Arc::new(AtomicU64::new(0));
         let up_body = match body {
             ReqBody::Streamed(b) => UpBody::streamed(b, sent.clone()),

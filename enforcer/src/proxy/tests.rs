@@ -77,6 +77,7 @@ impl Harness {
             tls: Arc::new(tls::TlsContext::new(&TlsConfig::default(), Some(ca.clone())).unwrap()),
             l7: Arc::new(http::L7Env {
                 decisions,
+                safe_method_bodies: crate::config::SafeMethodBodies::Refuse,
                 upstream_tls: None,
             }),
         });

@@ -53,6 +53,16 @@ impl Proxy {
 
     /// As [`start`](Self::start), with clients speaking `proto` (HTTP/2: prior knowledge).
     async fn start_speaking(policy: &str, dst: SocketAddr, proto: Proto) -> Proxy {
+        Self::start_with(policy, dst, proto, SafeMethodBodies::Refuse).await
+    }
+
+    /// As [`start_speaking`](Self::start_speaking), with `http.bodies_on_safe_methods`.
+    async fn start_with(
+        policy: &str,
+        dst: SocketAddr,
+        proto: Proto,
+        safe_method_bodies: SafeMethodBodies,
+    ) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let audit = crate::audit::testing::open(dir.path());
         let policy = Policy::from_yaml(policy.as_bytes(), "test").unwrap();
@@ -70,6 +80,7 @@ impl Proxy {
         agent.learn("elsewhere.test", dst.ip(), u64::MAX, false);
         let env = Arc::new(L7Env {
             decisions: Decisions::new(audit.clone(), crate::config::SecurityMode::Strict),
+            safe_method_bodies,
             upstream_tls: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -757,4 +768,115 @@ async fn http2_rapid_reset_closes_the_connection_with_enhance_your_calm() {
         sent > MAX_PENDING_RESET_STREAMS,
         "only {sent} streams were opened"
     );
+}
+
+/// A raw HTTP/1.1 upstream that counts its connections, records each request head, and keeps
+/// a connection open unless the request said `Connection: close`.
+struct CountingUpstream {
+    addr: SocketAddr,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl CountingUpstream {
+    async fn start() -> CountingUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, h) = (connections.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + 4 + len {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + 4 + len);
+                        let close = head.contains("connection: close");
+                        h.lock().unwrap().push(head);
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CountingUpstream {
+            addr,
+            connections,
+            heads,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_on_get_is_refused_and_when_allowed_never_shares_an_upstream_connection() {
+    // The desync: a GET whose Content-Length body carries a second request. An upstream that
+    // ignores GET bodies would run the DELETE the policy denies.
+    let smuggle = "GET /search HTTP/1.1\r\nHost: up.test\r\nContent-Length: 46\r\n\r\n\
+                   DELETE /admin/wipe HTTP/1.1\r\nHost: up.test\r\n\r\n";
+    assert_eq!(smuggle.split_once("\r\n\r\n").unwrap().1.len(), 46);
+    let up = CountingUpstream::start().await;
+    let p = Proxy::start(POLICY, up.addr).await;
+    let answer = raw(p.addr, smuggle.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("bodies_on_safe_methods"), "{answer}");
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Bodiless GETs share one upstream connection, as before.
+    let mut c = client(p.addr).await;
+    for _ in 0..2 {
+        let (status, _, _) = send(&mut c, get("up.test", "/ok")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Forwarded when the operator allows it (search APIs), each on a connection of its own
+    // that closes after the response.
+    let up = CountingUpstream::start().await;
+    let p = Proxy::start_with(POLICY, up.addr, Proto::Http1, SafeMethodBodies::Forward).await;
+    let mut c = client(p.addr).await;
+    for _ in 0..2 {
+        let req = Request::builder()
+            .method("GET")
+            .uri("/search")
+            .header(header::HOST, "up.test")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"query":{"match_all":{}}}"#,
+            )))
+            .unwrap();
+        let (status, _, _) = send(&mut c, req).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let heads = up.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads.iter().all(|h| h.contains("connection: close")),
+        "{heads:?}"
+    );
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
