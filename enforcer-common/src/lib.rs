@@ -14,7 +14,7 @@
 
 /// Version of the pinned map layout. Bump it whenever a key or value type below changes;
 /// the daemon refuses (or migrates) pinned maps written with another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Highest number of agents the kernel tables hold. Agent id 0 means "no agent".
 pub const MAX_AGENTS: u32 = 1024;
@@ -328,6 +328,10 @@ pub struct AgentCounters {
     pub dropped_packets: u64,
     /// DNS queries redirected to the local resolver.
     pub dns_redirected: u64,
+    /// Refusals whose [`DenyEvent`] found the event ring full: counted in `refused`, never
+    /// reported one by one. The daemon writes their number to the audit log, so the log's
+    /// `kernel_deny` counts add up to `refused`.
+    pub events_lost: u64,
 }
 
 /// Why a [`DenyEvent`] was raised.
@@ -419,7 +423,7 @@ mod tests {
         // addr, port + family, agent/pid/uid/gid/flags, comm, two u64s.
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 + 8);
         assert_eq!(size_of::<DnsClient>(), 8 + 16 + 8 + 16);
-        assert_eq!(size_of::<AgentCounters>(), 32);
+        assert_eq!(size_of::<AgentCounters>(), 40);
         // addr, port + proto, agent/pid/uid/reason/pad, comm.
         assert_eq!(size_of::<DenyEvent>(), 16 + 2 + 2 + 4 * 5 + 16);
     }

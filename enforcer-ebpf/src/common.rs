@@ -117,6 +117,7 @@ pub enum Counter {
     Refused,
     DroppedPacket,
     DnsRedirected,
+    EventLost,
 }
 
 #[inline(always)]
@@ -131,15 +132,18 @@ pub fn count(agent: u32, counter: Counter) {
         Counter::Refused => counters.refused += 1,
         Counter::DroppedPacket => counters.dropped_packets += 1,
         Counter::DnsRedirected => counters.dns_redirected += 1,
+        Counter::EventLost => counters.events_lost += 1,
     }
 }
 
-/// Counts a refusal and pushes a `DenyEvent` for the daemon. A full ring drops the event
-/// (the counter still moves); the refusal itself never depends on the ring.
+/// Counts a refusal and pushes a `DenyEvent` for the daemon. A full ring drops the event and
+/// counts it as lost, so the daemon can account for it; the refusal itself never depends on
+/// the ring.
 #[inline(always)]
 pub fn report_deny(agent: u32, addr: &Addr, port: u16, proto: u16, reason: u32) {
     count(agent, Counter::Refused);
     let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
+        count(agent, Counter::EventLost);
         return;
     };
     let pid_tgid = bpf_get_current_pid_tgid();

@@ -49,7 +49,40 @@ pub fn record_denial(
         tracing::warn!(%agent, pid = d.pid, comm = %d.comm, dest = %d.dest,
             "refused a socket in another network namespace: containers with their own network namespace are not supported yet");
     }
-    audit.kernel_deny(&agent, d.pid, &d.comm, d.dest);
+    audit.kernel_deny(&agent, d.pid, &d.comm, d.dest, d.reason_name());
+}
+
+/// How often the kernel's lost-event counters are read.
+const LOST_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes, once a second, the refusals the kernel counted but could not report (its event
+/// ring was full) as `kernel_deny` records with `action: lost`, so that each agent's records
+/// add up to its `refused` counter. What was lost before this daemon started is its baseline.
+pub async fn account_lost_denials(
+    kernel: Arc<crate::bpf::Kernel>,
+    registry: Arc<Registry>,
+    audit: crate::audit::AuditLog,
+) {
+    let mut seen: HashMap<u32, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(LOST_EVERY);
+    loop {
+        tick.tick().await;
+        // Id 0: refusals of tasks that belong to no agent.
+        let ids = std::iter::once((0, "#0".to_owned()))
+            .chain(registry.all().into_iter().map(|a| (a.id, a.name.clone())));
+        for (id, name) in ids {
+            let lost = kernel.counters(id).events_lost;
+            let before = seen.insert(id, lost);
+            let delta = match before {
+                Some(before) => lost.saturating_sub(before),
+                None => 0,
+            };
+            if delta > 0 {
+                tracing::warn!(agent = %name, lost = delta, "kernel refusals not reported: the event ring was full");
+                audit.kernel_lost(&name, delta);
+            }
+        }
+    }
 }
 
 /// Whether the kill switch holds an agent, asked when the agent is added (so its flags reach

@@ -49,6 +49,7 @@
 //! - `recover`: opening the live file, sealing a torn tail, finding the chain head.
 //! - `writer`: [`AuditLog`] and its writer thread.
 //! - `aggregate`: [`KernelDenyAggregator`].
+//! - `fold`: [`Folder`], folding repeated denials under a per-agent budget.
 //! - `decisions`: [`Decisions`], recording a decision under `security_mode`.
 //! - `verify`: [`verify`], used by `enforcer audit verify`.
 
@@ -58,6 +59,7 @@ mod aggregate;
 mod chain;
 mod decisions;
 mod event;
+mod fold;
 mod key;
 mod recover;
 mod verify;
@@ -70,12 +72,14 @@ pub use event::{
     Action, AuditEvent, EventKind, MAX_FIELD_BYTES, PolicyResult, Scope, TRUNCATED_MARK,
     path_without_query,
 };
+pub use fold::Folder;
 pub use key::{
     generate_key_file, load_public_half, load_signing_key, parse_public_key, public_key_base64,
 };
 pub use recover::{rotated_file_name, rotated_files, torn_file_prefix};
 pub use verify::{
-    Anchor, FailureKind, VerifyFailure, VerifyOptions, VerifySummary, verify, verify_with,
+    Anchor, FailureKind, UnsealedRange, VerifyFailure, VerifyOptions, VerifySummary, verify,
+    verify_with,
 };
 pub use writer::{AuditLog, AuditStats};
 
@@ -93,6 +97,12 @@ pub struct AuditOptions {
     pub checkpoint_records: u64,
     /// Checkpoint at least this often while records are unsealed. Default 1 s.
     pub checkpoint_interval: Duration,
+    /// Keep the rotated files within this many bytes, removing the oldest (config
+    /// `audit_max_bytes`); 0 keeps them all.
+    pub max_bytes: u64,
+    /// Denial records per agent per minute written one by one (config
+    /// `audit_agent_budget`); 0: no budget. See [`Folder`].
+    pub agent_budget: u64,
 }
 
 impl AuditOptions {
@@ -104,6 +114,8 @@ impl AuditOptions {
             rotate_bytes: config.audit_rotate_bytes,
             checkpoint_records: config.audit_checkpoint_records,
             checkpoint_interval: Duration::from_secs(1),
+            max_bytes: config.audit_max_bytes,
+            agent_budget: config.audit_agent_budget,
         }
     }
 }
@@ -156,6 +168,8 @@ pub(crate) mod testing {
             rotate_bytes: 0,
             checkpoint_records: 0,
             checkpoint_interval: Duration::from_secs(3600),
+            max_bytes: 0,
+            agent_budget: 0,
         })
         .unwrap()
     }

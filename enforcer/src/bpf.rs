@@ -635,6 +635,7 @@ impl Kernel {
                 sum.refused += c.refused;
                 sum.dropped_packets += c.dropped_packets;
                 sum.dns_redirected += c.dns_redirected;
+                sum.events_lost += c.events_lost;
             }
         }
         sum

@@ -113,6 +113,9 @@ pub struct DnsConfig {
     /// CIDRs that wildcard-matched names may resolve to despite the rebinding guard.
     /// Default: none.
     pub allow_internal_answers: Vec<ipnet::IpNet>,
+    /// Distinct names one agent may ask a minute under each wildcard (names written exactly
+    /// do not count); past it, NXDOMAIN. 0 lifts the budget. Default: 120.
+    pub wildcard_names_per_minute: usize,
 }
 
 impl Default for DnsConfig {
@@ -123,6 +126,7 @@ impl Default for DnsConfig {
             max_ttl: 300,
             max_learned_per_agent: 4096,
             allow_internal_answers: Vec::new(),
+            wildcard_names_per_minute: 120,
         }
     }
 }
@@ -201,6 +205,13 @@ pub struct Config {
     /// Write a signed checkpoint after this many records (and at least every second).
     /// Default: 1000.
     pub audit_checkpoint_records: u64,
+    /// Keep the rotated audit files within this many bytes in total: past it, the oldest are
+    /// removed (and a record says so). 0 keeps every file. Default: 1073741824 (1 GiB).
+    pub audit_max_bytes: u64,
+    /// Denial records (DNS and HTTP) each agent may write one by one a minute; past it, until
+    /// the minute is over, that agent's denials are folded into one record a second per kind
+    /// with a count, and other agents' records are untouched. 0: no budget. Default: 300.
+    pub audit_agent_budget: u64,
     /// `strict` (default): internal errors deny. `permissive`: they log and pass.
     pub security_mode: SecurityMode,
     /// TLS handling.
@@ -233,6 +244,8 @@ impl Default for Config {
             audit_key: None,
             audit_rotate_bytes: 100 << 20,
             audit_checkpoint_records: 1000,
+            audit_max_bytes: 1 << 30,
+            audit_agent_budget: 300,
             security_mode: SecurityMode::Strict,
             tls: TlsConfig::default(),
             http: HttpConfig::default(),

@@ -210,6 +210,11 @@ pub async fn run(
             agents::record_denial(&registry, &audit, d)
         }));
     }
+    tokio::spawn(agents::account_lost_denials(
+        kernel.clone(),
+        registry.clone(),
+        audit.clone(),
+    ));
     let resolver = Arc::new(Resolver::new(
         kernel.clone(),
         registry.clone(),

@@ -1,5 +1,6 @@
-//! DNS: the resolver enrolled processes are redirected to (`server`), and a client for the
-//! configured upstreams (`client`). The wire format is hickory-proto's; nothing here parses
+//! DNS: the resolver enrolled processes are redirected to (`server`), a client for the
+//! configured upstreams (`client`), and the limits on names chosen under a wildcard
+//! (`exfil`). The wire format is hickory-proto's; nothing here parses
 //! DNS by hand.
 //!
 //! The daemon never uses the system resolver (`getaddrinfo`): every lookup goes to
@@ -7,4 +8,5 @@
 //! from `dns.static`, so a test or an air-gapped host controls exactly what is asked where.
 
 pub mod client;
+pub mod exfil;
 pub mod server;

@@ -50,6 +50,13 @@ struct AgentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhyLabels {
+    agent: String,
+    /// `type`, `label` or `budget`.
+    why: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     agent: String,
     result: String,
@@ -59,6 +66,7 @@ struct ResultLabels {
 pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     dns_denials: Family<AgentLabels, Counter>,
+    dns_wildcard_refused: Family<WhyLabels, Counter>,
     policy_reloads: Family<ResultLabels, Counter>,
     kill_switch_changes: Family<ResultLabels, Counter>,
     evaluation: Histogram,
@@ -71,6 +79,7 @@ pub fn global() -> &'static Metrics {
     METRICS.get_or_init(|| Metrics {
         decisions: Family::default(),
         dns_denials: Family::default(),
+        dns_wildcard_refused: Family::default(),
         policy_reloads: Family::default(),
         kill_switch_changes: Family::default(),
         // 1 µs .. ~0.5 s.
@@ -91,6 +100,17 @@ pub fn timed<T>(evaluate: impl FnOnce() -> T) -> T {
     let out = evaluate();
     observe_evaluation(started.elapsed());
     out
+}
+
+/// Counts a query refused by the limits on wildcard-matched names.
+pub fn dns_wildcard_refused(agent: &str, why: &str) {
+    global()
+        .dns_wildcard_refused
+        .get_or_create(&WhyLabels {
+            agent: agent.to_owned(),
+            why: why.to_owned(),
+        })
+        .inc();
 }
 
 /// Counts a decision or control event as it is audited.
@@ -207,7 +227,7 @@ impl std::fmt::Debug for Live {
 impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let per_agent = self.source.live();
-        let counters: [(&str, &str, CounterOf); 4] = [
+        let counters: [(&str, &str, CounterOf); 5] = [
             (
                 "enforcer_kernel_refused",
                 "connects and sends refused in the kernel (EPERM)",
@@ -227,6 +247,11 @@ impl Collector for Live {
                 "enforcer_dns_redirected",
                 "DNS queries redirected to the resolver",
                 |c| c.dns_redirected,
+            ),
+            (
+                "enforcer_kernel_events_lost",
+                "kernel refusals not reported one by one (event ring full); the audit log counts them",
+                |c| c.events_lost,
             ),
         ];
         for (name, help, get) in counters {
@@ -304,6 +329,11 @@ fn registry(source: Arc<dyn Source>) -> Registry {
         "enforcer_dns_denials",
         "DNS names refused (NXDOMAIN) or that would be in dry-run",
         m.dns_denials.clone(),
+    );
+    r.register(
+        "enforcer_dns_wildcard_refused",
+        "queries refused under a wildcard: a type other than A/AAAA/CNAME, labels that read as data, or past the distinct-name budget",
+        m.dns_wildcard_refused.clone(),
     );
     r.register(
         "enforcer_policy_reloads",

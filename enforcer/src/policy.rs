@@ -238,6 +238,20 @@ pub enum HostMatch {
     Exact,
 }
 
+/// The wildcard a name is allowed through, for the resolver's exfiltration limits. See
+/// [`Policy::wildcard_scope`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WildcardScope {
+    /// The most specific pattern that can allow the name: `*.example.com`, or `*` (url `*`,
+    /// a rule without url, or `default: allow`).
+    pub pattern: String,
+    /// The part of the name the agent chose: the labels left of the pattern's suffix (the
+    /// whole name under `*`).
+    pub chosen: String,
+    /// Some rule that can allow the name says `dns_labels: any`.
+    pub labels_any: bool,
+}
+
 /// What the kernel allowlist needs. See [`Policy::kernel_targets`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelTargets {
@@ -444,6 +458,12 @@ impl Policy {
     /// that enforces on this answer must check [`Policy::mode`] for `dry_run` itself.
     pub fn host_match(&self, host: &str) -> HostMatch {
         engine::host_match(self, host)
+    }
+
+    /// DNS: for a name [`host_match`](Self::host_match) answers `Wildcard` for, the pattern
+    /// it is allowed through and whether labels there are unrestricted.
+    pub fn wildcard_scope(&self, host: &str) -> WildcardScope {
+        engine::wildcard_scope(self, host)
     }
 
     /// Does an allow rule name `host` exactly (not through a wildcard) for `port`: a URL

@@ -79,6 +79,10 @@ pub struct Counters {
     pub refused: u64,
     pub dropped_packets: u64,
     pub dns_redirected: u64,
+    /// Refusals the kernel could not report one by one (its event ring was full); the audit
+    /// log records their number.
+    #[serde(default)]
+    pub events_lost: u64,
 }
 
 /// `/healthz`.
@@ -346,6 +350,7 @@ impl Reporter {
             refused: c.refused,
             dropped_packets: c.dropped_packets,
             dns_redirected: c.dns_redirected,
+            events_lost: c.events_lost,
         }
     }
 }

@@ -68,6 +68,8 @@ fn a_log_that_cannot_grow_refuses_records_and_recovers_when_it_can() {
         rotate_bytes: 0,
         checkpoint_records: 1000,
         checkpoint_interval: Duration::from_secs(3600),
+        max_bytes: 0,
+        agent_budget: 0,
     })
     .unwrap();
     let mut accepted = 0;
@@ -156,6 +158,8 @@ fn a_log_on_dev_full_is_unhealthy_and_refuses_records() {
         rotate_bytes: 0,
         checkpoint_records: 1000,
         checkpoint_interval: Duration::from_secs(3600),
+        max_bytes: 0,
+        agent_budget: 0,
     })
     .unwrap();
     assert!(log.healthy());

@@ -29,6 +29,8 @@ fn setup(dir: &Path) -> (AuditOptions, VerifyingKey) {
         rotate_bytes: 0,
         checkpoint_records: 10,
         checkpoint_interval: Duration::from_secs(3600),
+        max_bytes: 0,
+        agent_budget: 0,
     };
     (opts, public)
 }
@@ -423,9 +425,9 @@ fn a_storm_of_kernel_refusals_becomes_one_record_per_agent_and_destination() {
     let log = AuditLog::open(opts).unwrap();
     let dest: SocketAddr = "198.51.100.7:443".parse().unwrap();
     for _ in 0..5000 {
-        log.kernel_deny("demo", 4242, "python3", dest);
+        log.kernel_deny("demo", 4242, "python3", dest, "not_allowed");
     }
-    log.kernel_deny("other", 1, "nc", dest);
+    log.kernel_deny("other", 1, "nc", dest, "not_allowed");
     log.flush().unwrap();
     log.close();
     let denies: Vec<Value> = lines(&path)
@@ -575,4 +577,131 @@ fn openssl(args: &[&str]) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
+}
+
+#[test]
+fn a_live_file_deleted_or_replaced_under_traffic_is_recreated_with_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (opts, public) = setup(dir.path());
+    let path = opts.path.clone();
+    let log = AuditLog::open(opts).unwrap();
+    for i in 0..5 {
+        log.record(request(i)).unwrap();
+    }
+    log.flush().unwrap();
+
+    // Deleted: records keep coming, the writer notices within a check interval, and the
+    // file at the path holds every record again, then says what happened.
+    std::fs::remove_file(&path).unwrap();
+    for i in 5..8 {
+        log.record(request(i)).unwrap();
+    }
+    wait_for("the deleted live file to be recreated", || path.exists());
+    log.flush().unwrap();
+    let records = lines(&path);
+    assert_eq!(
+        records[0]["seq"], 1,
+        "the recreated file starts at the first record"
+    );
+    let reopened: Vec<_> = records
+        .iter()
+        .filter(|r| r["action"] == "reopened")
+        .collect();
+    assert_eq!(reopened.len(), 1, "{records:?}");
+    assert!(
+        reopened[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("was deleted"),
+        "{:?}",
+        reopened[0]
+    );
+    assert!(log.healthy());
+
+    // Replaced by another file: that file is kept aside as evidence, not adopted.
+    let other = path.with_extension("new");
+    std::fs::write(&other, b"{\"seq\":1}\n").unwrap();
+    std::fs::rename(&other, &path).unwrap();
+    log.record(request(8)).unwrap();
+    wait_for("the replaced live file to be restored", || {
+        lines(&path).iter().any(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|t| t.contains("was replaced"))
+        })
+    });
+    let aside: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_str().unwrap().contains("-replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read(&aside[0]).unwrap(), b"{\"seq\":1}\n");
+
+    // Cannot be recreated (its directory is now a file): writes are refused, so strict mode
+    // denies, until it can be again.
+    let log_dir = path.parent().unwrap().to_owned();
+    std::fs::remove_dir_all(&log_dir).unwrap();
+    std::fs::write(&log_dir, b"not a directory").unwrap();
+    wait_for("the log to fail", || !log.healthy());
+    assert!(log.record(request(9)).is_err());
+    std::fs::remove_file(&log_dir).unwrap();
+    wait_for("the log to recover", || log.healthy());
+    log.record(request(10)).unwrap();
+    log.close();
+    let summary = audit::verify(std::slice::from_ref(&path), &public).unwrap();
+    assert_eq!(summary.unsealed_tail, 0);
+    let requests: Vec<_> = lines(&path)
+        .into_iter()
+        .filter(|r| r["event"] == "request")
+        .map(|r| r["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<_> = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]
+        .iter()
+        .map(|i| format!("req-{i}"))
+        .collect();
+    assert_eq!(requests, expected);
+}
+
+#[test]
+fn rotated_files_stay_within_audit_max_bytes_and_a_record_says_what_was_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut opts, public) = setup(dir.path());
+    opts.rotate_bytes = 4096;
+    opts.max_bytes = 16 * 1024;
+    let path = opts.path.clone();
+    let log = AuditLog::open(opts).unwrap();
+    for i in 0..1000 {
+        log.record(request(i)).unwrap();
+    }
+    log.close();
+    let rotated = audit::rotated_files(&path).unwrap();
+    let total: u64 = rotated
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    // Within the budget (rotation overshoots the size by at most one batch per file).
+    assert!(total <= 16 * 1024 + 4096, "{total} bytes in {rotated:?}");
+    let pruned: Vec<_> = all_files(&path)
+        .iter()
+        .flat_map(|f| lines(f))
+        .filter(|r| r["action"] == "pruned")
+        .collect();
+    assert!(!pruned.is_empty());
+    assert!(
+        pruned[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("audit_max_bytes"),
+        "{:?}",
+        pruned[0]
+    );
+    // What is left is one intact chain, that starts later.
+    let options = VerifyOptions {
+        allow_partial: true,
+        anchor: None,
+    };
+    let summary = audit::verify_with(&all_files(&path), &public, &options).unwrap();
+    assert!(!summary.starts_at_genesis);
+    assert_eq!(summary.last_seq, log.stats().last_seq.into());
 }

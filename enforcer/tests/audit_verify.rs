@@ -433,3 +433,115 @@ mod properties {
         }
     }
 }
+
+/// Appends a record a hostile operator writes while the daemon is stopped: a valid link in
+/// the chain (anyone can hash), but no key to sign it.
+fn forge(f: &Fixture, what: &str) -> u64 {
+    let lines = f.lines();
+    let last = lines.last().unwrap();
+    let seq = serde_json::from_str::<serde_json::Value>(last).unwrap()["seq"]
+        .as_u64()
+        .unwrap()
+        + 1;
+    let forged = serde_json::json!({
+        "seq": seq,
+        "timestamp": "2026-12-03T03:00:00.000Z",
+        "event": "request",
+        "agent_id": "alpha",
+        "policy_result": "allow",
+        "method": "POST",
+        "url_host": "api.example.com",
+        "url_path": what,
+        "prev_hash": audit::line_hash(last.as_bytes()),
+    })
+    .to_string();
+    let mut all = lines;
+    all.push(forged);
+    f.write_lines(&all);
+    seq
+}
+
+fn restart(f: &Fixture) {
+    let log = AuditLog::open(AuditOptions {
+        checkpoint_records: 10,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..AuditOptions::from_config(&f.config)
+    })
+    .unwrap();
+    log.record(AuditEvent::new(EventKind::Daemon).action(audit::Action::Start))
+        .unwrap();
+    log.close();
+}
+
+#[test]
+fn records_forged_while_the_daemon_was_stopped_are_never_attested_by_the_next_start() {
+    let f = fixture();
+    let first = forge(&f, "/v1/refunds/forged-1");
+    let second = forge(&f, "/v1/refunds/forged-2");
+    // Before a restart the chain holds, and the forgery is the unsealed tail.
+    let s = f.verify().unwrap();
+    assert_eq!(s.unsealed_tail, 2);
+
+    restart(&f);
+    let lines = f.lines();
+    let noted: serde_json::Value = serde_json::from_str(&lines[second as usize]).unwrap();
+    assert_eq!(noted["event"], "daemon");
+    assert_eq!(noted["action"], "unsealed");
+    assert_eq!(
+        (noted["first_seq"].as_u64(), noted["last_seq"].as_u64()),
+        (Some(first), Some(second))
+    );
+    // The next start signed the chain through the forgery, but says it does not vouch for it.
+    let s = f.verify().unwrap();
+    assert_eq!(s.unsealed_tail, 0);
+    assert_eq!(
+        s.unsealed,
+        [audit::UnsealedRange {
+            first,
+            last: second,
+            noted_at: second + 1
+        }]
+    );
+    let (code, out, err) = f.cli(&["verify"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains(&format!("records {first}..{second}")), "{err}");
+    assert!(err.contains("--accept-unsealed"), "{err}");
+    assert!(
+        out.contains(&format!("UNSEALED:        seq {first}..{second}")),
+        "{out}"
+    );
+    let (code, out, err) = f.cli(&["verify", "--accept-unsealed"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("UNSEALED"), "{out}");
+
+    // A clean stop leaves nothing unsealed: the next start names no range.
+    restart(&f);
+    assert_eq!(f.verify().unwrap().unsealed.len(), 1);
+}
+
+#[test]
+fn an_unsealed_record_that_names_less_than_the_unattested_records_is_caught() {
+    let f = fixture();
+    let first = forge(&f, "/v1/a");
+    let second = forge(&f, "/v1/b");
+    // The forger also writes the daemon's note, claiming only the second record.
+    let mut lines = f.lines();
+    let note = serde_json::json!({
+        "seq": second + 1,
+        "timestamp": "2026-12-03T03:00:00.000Z",
+        "event": "daemon",
+        "action": "unsealed",
+        "first_seq": second,
+        "last_seq": second,
+        "prev_hash": audit::line_hash(lines.last().unwrap().as_bytes()),
+    })
+    .to_string();
+    lines.push(note);
+    f.write_lines(&lines);
+    let err = f.verify().unwrap_err();
+    assert_eq!(err.kind, FailureKind::Malformed, "{err}");
+    assert!(
+        err.to_string().contains(&format!("{first}..{second}")),
+        "{err}"
+    );
+}

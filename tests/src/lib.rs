@@ -545,6 +545,11 @@ impl TestDaemon {
     /// in batches every 10 ms, so a record of something that just happened (a completion
     /// written as a response ends) may land a little after the client is done. Read until
     /// two reads 50 ms apart agree (at most 5 s, for a daemon that keeps writing).
+    /// The directory of the audit log and its rotated files.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.path().join("audit")
+    }
+
     pub fn audit_log(&self) -> String {
         let path = self.dir.path().join("audit/audit.jsonl");
         let read = || std::fs::read_to_string(&path).unwrap_or_default();
@@ -907,7 +912,7 @@ pub struct DnsUpstream {
     stop: Arc<AtomicBool>,
 }
 
-/// One record: owner, type ("A", "AAAA" or "CNAME"), value, TTL.
+/// One record: owner, type ("A", "AAAA", "CNAME" or "TXT"), value, TTL.
 pub type DnsRecord<'a> = (&'a str, &'a str, &'a str, u32);
 
 impl DnsUpstream {
@@ -928,6 +933,7 @@ impl DnsUpstream {
                     "CNAME" => RData::CNAME(rdata::CNAME(
                         Name::from_ascii(format!("{value}.")).expect("target"),
                     )),
+                    "TXT" => RData::TXT(rdata::TXT::new(vec![(*value).to_owned()])),
                     other => panic!("record type {other}"),
                 };
                 Record::from_rdata(name, *ttl, data)

@@ -256,3 +256,95 @@ fn static_names_are_answered_without_any_upstream_and_https_queries_get_nothing(
         dns.queries()
     );
 }
+
+#[test]
+fn data_in_names_under_a_wildcard_never_reaches_the_upstream_and_exact_names_are_not_limited() {
+    // Scenario: an agent allowed `*.svc.test` tries to carry data out in the labels it
+    // chooses: a TXT query, a 41-character label, a base32 label, and more distinct names a
+    // minute than the budget. Each is refused by the resolver (the upstream is never asked,
+    // and the same query for an exactly named host is forwarded, so the refusal is ours).
+    // Ordinary names under the wildcard still resolve, and a rule with `dns_labels: any`
+    // lets long labels through.
+    let Some(s) = Scenario::new("dns_exfil") else {
+        return;
+    };
+    let dns = DnsUpstream::start(
+        "127.0.0.54",
+        &[
+            ("api.test", "TXT", "v=spf1 -all", 60),
+            ("api.test", "A", "192.0.2.30", 60),
+            ("ok.svc.test", "A", "192.0.2.20", 60),
+            ("n1.svc.test", "A", "192.0.2.21", 60),
+            ("n2.svc.test", "A", "192.0.2.22", 60),
+        ],
+    );
+    let policy = "default: deny\nrules:\n\
+        \x20 - name: api\n    allow: { url: \"api.test\" }\n\
+        \x20 - name: svc\n    allow: { url: \"*.svc.test\" }\n\
+        \x20 - name: cdn\n    allow: { url: \"*.cdn.test\" }\n    dns_labels: any\n";
+    let d = s
+        .daemon()
+        .agent("a", policy)
+        .dns_upstream(dns.addr)
+        .dns_lines("  allow_internal_answers: [192.0.2.0/24]\n  wildcard_names_per_minute: 3")
+        .start();
+    let ask = |name: &str, kind: &str| {
+        let out = d.probe("a", &["dns", "127.0.0.53:53", name, kind]);
+        stdout(&out)
+    };
+    // Control: TXT for a host written exactly is forwarded and answered.
+    assert!(ask("api.test", "TXT").contains("answers 1"));
+    assert!(dns.queries().contains(&("api.test".into(), "TXT".into())));
+
+    // 189 bytes of data, hex in labels of 42 characters, asked as TXT.
+    let data: String = (0..189u32).map(|i| format!("{:02x}", i % 256)).collect();
+    let labels: Vec<&str> = data
+        .as_bytes()
+        .chunks(42)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    let txt = format!("{}.svc.test", labels[..5].join("."));
+    let out = ask(&txt, "TXT");
+    assert!(out.contains("Refused"), "{out}");
+    let long = format!("{}.svc.test", "a".repeat(41));
+    assert!(ask(&long, "A").contains("answers 0"));
+    let encoded = "mfrggzdfmztwq2lknnwg23tpobyxe43u.svc.test";
+    assert!(ask(encoded, "A").contains("answers 0"));
+    for name in [&txt, &long, &encoded.to_owned()] {
+        assert!(
+            !dns.was_asked(name),
+            "{name} reached the upstream: {:?}",
+            dns.queries()
+        );
+    }
+
+    // Ordinary names resolve, up to the budget of distinct names a minute.
+    assert!(ask("ok.svc.test", "A").contains("[192.0.2.20]"));
+    assert!(ask("n1.svc.test", "A").contains("[192.0.2.21]"));
+    assert!(ask("n2.svc.test", "A").contains("[192.0.2.22]"));
+    // A name already asked this minute costs nothing; a fourth distinct one is refused.
+    assert!(ask("ok.svc.test", "A").contains("[192.0.2.20]"));
+    assert!(ask("n3.svc.test", "A").contains("answers 0"));
+    assert!(!dns.was_asked("n3.svc.test"));
+    // Names written exactly are not limited.
+    assert!(ask("api.test", "A").contains("[192.0.2.30]"));
+    // `dns_labels: any`: a long label is asked upstream.
+    let cdn = format!("{}.cdn.test", "b".repeat(41));
+    ask(&cdn, "A");
+    assert!(dns.was_asked(&cdn), "{:?}", dns.queries());
+
+    let audit = d.audit_log();
+    for why in [
+        "TXT queries are not answered",
+        "a label of 41 characters",
+        "reads as encoded data",
+        "more than 3 distinct names a minute",
+    ] {
+        assert!(
+            audit
+                .lines()
+                .any(|l| l.contains("\"event\":\"dns\"") && l.contains(why)),
+            "no dns record saying '{why}':\n{audit}"
+        );
+    }
+}

@@ -165,6 +165,12 @@ pub struct RecordView {
     pub key_id: Option<String>,
     #[serde(default)]
     pub signature: Option<String>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub first_seq: Option<u64>,
+    #[serde(default)]
+    pub last_seq: Option<u64>,
 }
 
 impl RecordView {
@@ -174,6 +180,12 @@ impl RecordView {
 
     pub fn is_checkpoint(&self) -> bool {
         self.event == EventKind::Checkpoint.as_str()
+    }
+
+    /// A `daemon` record saying which records it found unsealed at open.
+    pub fn unsealed_range(&self) -> Option<(Option<u64>, Option<u64>)> {
+        (self.event == EventKind::Daemon.as_str() && self.action.as_deref() == Some("unsealed"))
+            .then_some((self.first_seq, self.last_seq))
     }
 }
 

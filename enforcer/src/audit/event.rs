@@ -100,6 +100,20 @@ pub enum Action {
     Sealed,
     /// `daemon`, written by the audit log: writes succeed again after a failure.
     Resumed,
+    /// `daemon`, written by the audit log: the oldest rotated files were removed to stay
+    /// within `audit_max_bytes`.
+    Pruned,
+    /// `kernel_deny`: refusals the kernel counted but could not report (its event ring was
+    /// full); `count` says how many.
+    Lost,
+    /// `daemon`, written by the audit log: the live file was deleted or replaced under it; it
+    /// was recreated at its path with every record restored from the open file.
+    Reopened,
+    /// `daemon`, written by the audit log at open: records `first_seq..=last_seq` followed the
+    /// last checkpoint, so no signature vouches for them (a crash, or records added while the
+    /// daemon was stopped). The checkpoint after this record does not attest them either;
+    /// `audit verify` reports them apart.
+    Unsealed,
 }
 
 /// The `scope` field of `kill_switch` records.
@@ -166,6 +180,12 @@ pub struct AuditEvent {
     /// How many occurrences one record stands for (`kernel_deny`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// First `seq` of the range a `daemon` record speaks of (`unsealed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+    /// Last `seq` of that range.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<Action>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -212,7 +232,8 @@ impl AuditEvent {
         strings: request_id, agent_id, comm, matched_rule, reason, url_host, method, url_path,
             dns_name, dns_type, dest, policy_sha256, detail;
         values: pid: u32, policy_result: PolicyResult, status_code: u16, latency_ms: u64,
-            bytes_up: u64, bytes_down: u64, count: u64, action: Action, scope: Scope,
+            bytes_up: u64, bytes_down: u64, count: u64, first_seq: u64, last_seq: u64, action: Action,
+            scope: Scope,
     }
 
     /// Removes what must never reach the log and bounds every string. Called by

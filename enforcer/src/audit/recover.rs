@@ -21,6 +21,9 @@ const TAIL_SCAN_BYTES: u64 = 4 << 20;
 /// Digits in a rotated file's suffix: enough for any `u64`, so names sort in `seq` order.
 const ROTATED_DIGITS: usize = 20;
 
+/// `(first_seq, last_seq)`, inclusive.
+type SeqRange = (u64, u64);
+
 /// The live file, opened and recovered.
 pub(super) struct Live {
     pub file: File,
@@ -34,6 +37,8 @@ pub(super) struct Live {
     pub head: String,
     /// What was sealed off, if anything.
     pub sealed: Option<Sealed>,
+    /// Records after the last checkpoint, found at open: `(first_seq, last_seq)`.
+    pub unsealed: Option<SeqRange>,
 }
 
 /// A torn tail moved out of the live file.
@@ -170,14 +175,15 @@ pub(super) fn open_live(path: &Path) -> Result<Live, AuditError> {
             moved_to,
         });
     }
-    let (next_seq, head, first_seq) = match &tail.last {
+    let (next_seq, head, first_seq, unsealed) = match &tail.last {
         Some((view, hash)) => {
             let first = first_seq(&file, tail.good_len).map_err(io_err)?;
-            (view.seq.saturating_add(1), hash.clone(), first)
+            let unsealed = unsealed_after(&file, tail.good_len, view, first).map_err(io_err)?;
+            (view.seq.saturating_add(1), hash.clone(), first, unsealed)
         }
         None => {
-            let (next, head) = head_from_rotated(path).map_err(io_err)?;
-            (next, head, None)
+            let (next, head, unsealed) = head_from_rotated(path).map_err(io_err)?;
+            (next, head, None, unsealed)
         }
     };
     Ok(Live {
@@ -187,6 +193,7 @@ pub(super) fn open_live(path: &Path) -> Result<Live, AuditError> {
         next_seq,
         head,
         sealed,
+        unsealed,
     })
 }
 
@@ -282,16 +289,69 @@ fn first_seq(file: &File, len: u64) -> std::io::Result<Option<u64>> {
 }
 
 /// The chain head when the live file holds no record: the last record of the newest rotated
-/// file, or the start of a new chain.
-fn head_from_rotated(path: &Path) -> std::io::Result<(u64, String)> {
+/// file, or the start of a new chain; and what follows that file's last checkpoint.
+fn head_from_rotated(path: &Path) -> std::io::Result<(u64, String, Option<SeqRange>)> {
     if let Some(newest) = rotated_files(path)?.pop() {
         let file = File::open(&newest)?;
         let len = file.metadata()?.len();
         if let Some((view, hash)) = scan_tail(&file, len)?.last {
-            return Ok((view.seq.saturating_add(1), hash));
+            let first = first_seq(&file, len)?;
+            let unsealed = unsealed_after(&file, len, &view, first)?;
+            return Ok((view.seq.saturating_add(1), hash, unsealed));
         }
     }
-    Ok((FIRST_SEQ, GENESIS_HASH.to_owned()))
+    Ok((FIRST_SEQ, GENESIS_HASH.to_owned(), None))
+}
+
+/// The records after the last checkpoint of a file whose last record is `last`, as
+/// `(first_seq, last_seq)`; `None` when `last` is a checkpoint. Without a checkpoint in the
+/// file the range starts at the file's first record: rotation checkpoints before it renames,
+/// so an older file cannot hold part of the range (and `audit verify` checks that it does
+/// not).
+fn unsealed_after(
+    file: &File,
+    len: u64,
+    last: &RecordView,
+    file_first: Option<u64>,
+) -> std::io::Result<Option<SeqRange>> {
+    if last.is_checkpoint() {
+        return Ok(None);
+    }
+    let from = match last_checkpoint_seq(file, len)? {
+        Some(seq) => seq + 1,
+        None => file_first.unwrap_or(last.seq),
+    };
+    Ok(Some((from, last.seq)))
+}
+
+/// `seq` of the last checkpoint in `[0, len)`, reading backwards in chunks so that the usual
+/// case (a checkpoint within the last thousand records) reads little.
+fn last_checkpoint_seq(file: &File, len: u64) -> std::io::Result<Option<u64>> {
+    const CHUNK: u64 = 1 << 20;
+    const MARK: &[u8] = b"\"event\":\"checkpoint\"";
+    let mut end = len;
+    // The start of a line cut by the previous (later) chunk's beginning.
+    let mut carry: Vec<u8> = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let mut buf = vec![0; usize::try_from(end - start).expect("bounded by CHUNK")];
+        file.read_exact_at(&mut buf, start)?;
+        buf.extend_from_slice(&carry);
+        let mut pieces: Vec<&[u8]> = buf.rsplit(|&b| b == b'\n').collect();
+        // The front piece may be the end of a line that began in an earlier chunk.
+        let front = if start > 0 { pieces.pop() } else { None };
+        for line in pieces {
+            if line.windows(MARK.len()).any(|w| w == MARK)
+                && let Ok(view) = RecordView::parse(line)
+                && view.is_checkpoint()
+            {
+                return Ok(Some(view.seq));
+            }
+        }
+        carry = front.map(<[u8]>::to_vec).unwrap_or_default();
+        end = start;
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -10,6 +10,12 @@
 //!   [`VerifyOptions::allow_partial`] says older files were removed on purpose.
 //! - A missing or truncated file between two given files (the link across them breaks).
 //!
+//! # Records found unsealed
+//! Records that followed the last checkpoint when a daemon started (after a crash, or added
+//! while it was stopped) are named by that daemon in an `unsealed` record, and the checkpoint
+//! after it signs the chain through them without vouching for their content. They are
+//! reported in [`VerifySummary::unsealed`]; the CLI fails on them unless told to accept them.
+//!
 //! # What cannot, without an external anchor
 //! Whole records removed from the end of the last file, or edits to the records after the
 //! last checkpoint, leave a chain that is valid as far as it goes: nothing later vouches for
@@ -94,6 +100,16 @@ pub struct VerifySummary {
     pub key_id: String,
     /// Whether an anchor was given and matched.
     pub anchor_matched: bool,
+    /// Ranges a daemon found after the last checkpoint at start: no signature attests them.
+    pub unsealed: Vec<UnsealedRange>,
+}
+
+/// Records `first..=last`, named unsealed by the daemon record `noted_at`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnsealedRange {
+    pub first: u64,
+    pub last: u64,
+    pub noted_at: u64,
 }
 
 /// What broke.
@@ -162,6 +178,7 @@ pub fn verify_with(
             starts_at_genesis: false,
             key_id: key_id(key),
             anchor_matched: false,
+            unsealed: Vec::new(),
         },
     };
     for file in files {
@@ -309,6 +326,10 @@ impl State<'_> {
                 self.summary.first_seq = Some(view.seq);
             }
         }
+        if let Some(range) = view.unsealed_range() {
+            self.unsealed(view.seq, range)
+                .map_err(|what| here(seq, FailureKind::Malformed, what))?;
+        }
         if view.is_checkpoint() {
             self.checkpoint(&view)
                 .map_err(|(kind, what)| here(seq, kind, what))?;
@@ -342,6 +363,37 @@ impl State<'_> {
             line: line_no,
             seq: view.seq,
             hash,
+        });
+        Ok(())
+    }
+
+    /// An `unsealed` record must name exactly the records between the last checkpoint (or
+    /// the start of what was given) and itself: a range that claims less would hide records.
+    fn unsealed(&mut self, seq: u64, range: (Option<u64>, Option<u64>)) -> Result<(), String> {
+        let (Some(first), Some(last)) = range else {
+            return Err("an `unsealed` record without `first_seq` and `last_seq`".into());
+        };
+        let expected_first = match self.summary.last_sealed_seq {
+            Some(sealed) => sealed + 1,
+            None => self.summary.first_seq.unwrap_or(seq),
+        };
+        let expected_last = seq.saturating_sub(1);
+        let claims_everything = last == expected_last
+            && (first == expected_first
+                // Verifying a partial chain, the range may begin before the first given record.
+                || (self.summary.last_sealed_seq.is_none()
+                    && !self.summary.starts_at_genesis
+                    && first < expected_first));
+        if !claims_everything {
+            return Err(format!(
+                "an `unsealed` record names seq {first}..{last}, but the records since the last \
+                 checkpoint are {expected_first}..{expected_last}: it was altered"
+            ));
+        }
+        self.summary.unsealed.push(UnsealedRange {
+            first,
+            last,
+            noted_at: seq,
         });
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use std::{
     collections::VecDeque,
+    fmt::Write as _,
     fs::File,
     io::Write as _,
     net::SocketAddr,
@@ -22,6 +23,7 @@ use super::{
     aggregate::KernelDenyAggregator,
     chain::{Clock, key_id, line_hash, render_checkpoint, render_event_into},
     event::{Action, AuditEvent, EventKind},
+    fold::{Folder, Offer},
     key::{fsync_parent, load_signing_key},
     recover::{self, open_live, rotated_file_name},
 };
@@ -40,6 +42,8 @@ const ROTATE_RETRY: Duration = Duration::from_secs(10);
 /// busy proxy hands it records without waking it for each (a futex wake and a context switch
 /// on the request path) and a batch costs one `write`. Records reach the file this much later.
 const COALESCE: Duration = Duration::from_millis(10);
+/// How often the writer checks that its open file is still the one at the path (two `stat`s).
+const LIVE_CHECK: Duration = Duration::from_millis(500);
 
 /// What the writer has done, for `enforcer status` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -90,6 +94,7 @@ struct Shared {
     stats: Mutex<AuditStats>,
     last_error: Mutex<String>,
     denies: KernelDenyAggregator,
+    folder: Folder,
 }
 
 impl Shared {
@@ -123,6 +128,7 @@ impl AuditLog {
             }),
             last_error: Mutex::new(String::new()),
             denies: KernelDenyAggregator::new(),
+            folder: Folder::new(opts.agent_budget),
         });
         let now = Instant::now();
         let mut writer = Writer {
@@ -146,9 +152,28 @@ impl AuditLog {
             next_retry: now,
             next_deny_drain: now + DENY_WINDOW,
             rotate_not_before: now,
+            next_live_check: now + LIVE_CHECK,
+            needs_restore: None,
             shared: Arc::clone(&shared),
             opts,
         };
+        // Before anything else: records no signature covers are named, so that the next
+        // checkpoint (which signs the chain through them) is not read as vouching for them.
+        let mut opened_with = false;
+        if let Some((first, last)) = live.unsealed {
+            let reason = format!(
+                "records {first}..{last} follow the last checkpoint: the daemon did not stop \
+                 cleanly, or they were added while it was stopped; they are not attested"
+            );
+            tracing::warn!(path = %writer.opts.path.display(), "audit log: {reason}");
+            let event = AuditEvent::new(EventKind::Daemon)
+                .action(Action::Unsealed)
+                .first_seq(first)
+                .last_seq(last)
+                .reason(reason);
+            writer.write_event(event, false);
+            opened_with = true;
+        }
         if let Some(sealed) = &live.sealed {
             let reason = sealed.describe();
             tracing::warn!(path = %writer.opts.path.display(), "audit log: {reason}");
@@ -156,9 +181,12 @@ impl AuditLog {
                 .action(Action::Sealed)
                 .reason(reason);
             writer.write_event(event, false);
+            opened_with = true;
+        }
+        if opened_with {
             writer.checkpoint().map_err(|e| AuditError::Recover {
                 path: writer.opts.path.clone(),
-                message: format!("cannot record the sealed torn record: {e}"),
+                message: format!("cannot record what was found at open: {e}"),
             })?;
         }
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
@@ -208,7 +236,17 @@ impl AuditLog {
             });
         }
         event.scrub();
-        match self.inner.tx.try_send(Msg::Record(Box::new(event))) {
+        // Repeated denials, and an agent's denials past its budget, wait in the folder for
+        // the end of the second: they never take a place in the queue from other records.
+        let event = if Folder::folds(&event) {
+            match shared.folder.offer(event) {
+                Offer::Write(event) => event,
+                Offer::Folded => return Ok(()),
+            }
+        } else {
+            Box::new(event)
+        };
+        match self.inner.tx.try_send(Msg::Record(event)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 shared.refused.fetch_add(1, Ordering::Relaxed);
@@ -220,10 +258,26 @@ impl AuditLog {
         }
     }
 
-    /// Notes one kernel connect refusal; the writer turns each second's refusals into one
-    /// `kernel_deny` record per agent and destination, with `count`.
-    pub fn kernel_deny(&self, agent_id: &str, pid: u32, comm: &str, dest: SocketAddr) {
-        self.inner.shared.denies.note(agent_id, pid, comm, dest);
+    /// Notes one kernel refusal; the writer turns each second's refusals into one
+    /// `kernel_deny` record per agent, destination and reason, with `count`.
+    pub fn kernel_deny(
+        &self,
+        agent_id: &str,
+        pid: u32,
+        comm: &str,
+        dest: SocketAddr,
+        reason: &'static str,
+    ) {
+        self.inner
+            .shared
+            .denies
+            .note(agent_id, pid, comm, dest, reason);
+    }
+
+    /// Notes `count` kernel refusals of one agent that were never reported (the event ring
+    /// was full); written within a second as one `kernel_deny` record with `action: lost`.
+    pub fn kernel_lost(&self, agent_id: &str, count: u64) {
+        self.inner.shared.denies.lost(agent_id, count);
     }
 
     /// Whether records are being written: not failing, not closed.
@@ -332,7 +386,17 @@ struct Writer {
     next_retry: Instant,
     next_deny_drain: Instant,
     rotate_not_before: Instant,
+    next_live_check: Instant,
+    /// The live file was found deleted or replaced and is not restored yet.
+    needs_restore: Option<Gone>,
     shared: Arc<Shared>,
+}
+
+/// What happened to the live file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    Deleted,
+    Replaced,
 }
 
 /// Records rendered but not yet written: the writer makes one `write` per batch.
@@ -419,6 +483,7 @@ impl Writer {
                 true
             }
             Msg::Flush(ack) => {
+                self.check_live();
                 self.drain_denies();
                 if self.failing() {
                     self.retry_now();
@@ -442,7 +507,7 @@ impl Writer {
     }
 
     fn next_wakeup(&self) -> Instant {
-        let mut at = self.next_deny_drain;
+        let mut at = self.next_deny_drain.min(self.next_live_check);
         if self.failing() {
             // The checkpoint waits for the retry.
             at = at.min(self.next_retry);
@@ -453,6 +518,10 @@ impl Writer {
     }
 
     fn tick(&mut self, now: Instant) {
+        if now >= self.next_live_check {
+            self.next_live_check = now + LIVE_CHECK;
+            self.check_live();
+        }
         if now >= self.next_deny_drain {
             self.next_deny_drain = now + DENY_WINDOW;
             self.drain_denies();
@@ -474,6 +543,9 @@ impl Writer {
 
     fn drain_denies(&mut self) {
         for event in self.shared.denies.drain() {
+            self.append(event);
+        }
+        for event in self.shared.folder.drain() {
             self.append(event);
         }
     }
@@ -632,6 +704,12 @@ impl Writer {
     }
 
     fn write_batch(&mut self) -> std::io::Result<()> {
+        if let Some(gone) = self.needs_restore {
+            return Err(std::io::Error::other(format!(
+                "the live file was {} and could not be recreated",
+                gone.as_str()
+            )));
+        }
         if self.needs_reopen {
             return Err(std::io::Error::other(
                 "the live file could not be reopened after rotation",
@@ -685,7 +763,71 @@ impl Writer {
                 "cannot create a new audit log after rotating to {}: {e}",
                 target.display()
             )));
+            return;
         }
+        self.prune();
+    }
+
+    /// Removes the oldest rotated files while they hold more than `max_bytes`, never the
+    /// newest (the chain's link to the live file), and records what went.
+    fn prune(&mut self) {
+        if self.opts.max_bytes == 0 {
+            return;
+        }
+        let files = match recover::rotated_files(&self.opts.path) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(path = %self.opts.path.display(), "cannot list rotated audit files: {e}");
+                return;
+            }
+        };
+        let sized: Vec<(std::path::PathBuf, u64)> = files
+            .into_iter()
+            .map(|f| {
+                let len = std::fs::metadata(&f).map_or(0, |m| m.len());
+                (f, len)
+            })
+            .collect();
+        let mut total: u64 = sized.iter().map(|(_, len)| len).sum();
+        let keep_last = sized.len().saturating_sub(1);
+        let mut removed = Vec::new();
+        let mut freed = 0u64;
+        for (file, len) in sized.into_iter().take(keep_last) {
+            if total <= self.opts.max_bytes {
+                break;
+            }
+            match std::fs::remove_file(&file) {
+                Ok(()) => {
+                    total -= len;
+                    freed += len;
+                    removed.push(file);
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), "cannot remove an old audit file: {e}");
+                    break;
+                }
+            }
+        }
+        if removed.is_empty() {
+            return;
+        }
+        let _ = fsync_parent(&self.opts.path);
+        let names: Vec<String> = removed.iter().map(|f| f.display().to_string()).collect();
+        let reason = format!(
+            "removed {} rotated file(s), {freed} bytes, to keep the rotated files within \
+             audit_max_bytes ({} bytes): {}; the log now starts later, so verify it with \
+             --partial",
+            removed.len(),
+            self.opts.max_bytes,
+            names.join(", ")
+        );
+        tracing::warn!("audit log: {reason}");
+        self.write_event(
+            AuditEvent::new(EventKind::Daemon)
+                .action(Action::Pruned)
+                .reason(reason),
+            false,
+        );
     }
 
     fn reopen(&mut self) -> Result<(), AuditError> {
@@ -701,6 +843,113 @@ impl Writer {
         self.needs_reopen = false;
         self.needs_sync = false;
         Ok(())
+    }
+
+    /// Whether the open file is still the one at the path. A deleted live file (link count 0,
+    /// or nothing at the path) or one replaced by another file would otherwise take records
+    /// that nobody can read: writes stop (strict mode denies) until the file is recreated.
+    fn check_live(&mut self) {
+        if self.needs_restore.is_some() || self.needs_reopen {
+            return;
+        }
+        let Some(gone) = self.gone() else { return };
+        tracing::error!(
+            path = %self.opts.path.display(),
+            "audit log: the live file was {}; recreating it from the open file",
+            gone.as_str()
+        );
+        // Everything rendered so far goes into the old file first, so the copy holds it.
+        if let Err(e) = self.commit() {
+            self.fail(&e);
+        }
+        self.needs_restore = Some(gone);
+        if let Err(e) = self.restore(gone) {
+            self.fail(&e);
+        }
+    }
+
+    fn gone(&self) -> Option<Gone> {
+        use std::{io::ErrorKind, os::unix::fs::MetadataExt as _};
+        let ours = self.file.metadata().ok()?;
+        if !ours.is_file() {
+            return None; // a test's /dev/full, a FIFO: nothing to restore
+        }
+        match std::fs::symlink_metadata(&self.opts.path) {
+            // Unlinked, or moved away (renamed out of the path, or its directory was).
+            Err(_) if ours.nlink() == 0 => Some(Gone::Deleted),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                Some(Gone::Deleted)
+            }
+            // Cannot look (a permission change on the directory): the next write will tell.
+            Err(_) => None,
+            Ok(at_path) if (at_path.dev(), at_path.ino()) != (ours.dev(), ours.ino()) => {
+                Some(Gone::Replaced)
+            }
+            Ok(_) if ours.nlink() == 0 => Some(Gone::Deleted),
+            Ok(_) => None,
+        }
+    }
+
+    /// Recreates the live file at its path with the open file's records, moving a
+    /// replacement aside as evidence, then records what happened and checkpoints.
+    fn restore(&mut self, gone: Gone) -> std::io::Result<()> {
+        let mut moved = None;
+        // Whatever is at the path now (a replacement, or a file created since the deletion
+        // was seen) is not ours: it is kept aside, never adopted.
+        if std::fs::symlink_metadata(&self.opts.path).is_ok() {
+            let mut name = self.opts.path.as_os_str().to_owned();
+            name.push(format!(
+                "-replaced-{}",
+                jiff::Timestamp::now().as_millisecond()
+            ));
+            let aside = std::path::PathBuf::from(name);
+            std::fs::rename(&self.opts.path, &aside)?;
+            moved = Some(aside);
+        }
+        let new = recover::open_locked(&self.opts.path).map_err(std::io::Error::other)?;
+        if new.metadata()?.len() > 0 {
+            return Err(std::io::Error::other(
+                "a new file appeared at the path while the old one was restored",
+            ));
+        }
+        let mut copied = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut out = &new;
+        while copied < self.file_len {
+            let want = usize::try_from((self.file_len - copied).min(buf.len() as u64))
+                .expect("bounded by the buffer");
+            use std::os::unix::fs::FileExt as _;
+            self.file.read_exact_at(&mut buf[..want], copied)?;
+            out.write_all(&buf[..want])?;
+            copied += want as u64;
+        }
+        new.sync_all()?;
+        fsync_parent(&self.opts.path)?;
+        self.file = new;
+        self.needs_truncate = false;
+        self.needs_sync = false;
+        self.needs_restore = None;
+        let mut reason = format!(
+            "the live file {} was {} while the daemon was writing it; it was recreated with the \
+             {copied} bytes of records the daemon still had open",
+            self.opts.path.display(),
+            gone.as_str()
+        );
+        if let Some(aside) = moved {
+            let _ = write!(
+                reason,
+                "; the file found at the path was moved to {}",
+                aside.display()
+            );
+        }
+        tracing::warn!("audit log: {reason}");
+        self.write_event(
+            AuditEvent::new(EventKind::Daemon)
+                .action(Action::Reopened)
+                .reason(reason),
+            false,
+        );
+        self.checkpoint()
     }
 
     fn failing(&self) -> bool {
@@ -745,6 +994,9 @@ impl Writer {
             return;
         };
         let result = (|| -> std::io::Result<()> {
+            if let Some(gone) = self.needs_restore {
+                self.restore(gone)?;
+            }
             if self.needs_reopen {
                 self.reopen().map_err(std::io::Error::other)?;
             }
@@ -788,6 +1040,15 @@ impl Writer {
                     .unwrap_or_else(PoisonError::into_inner) =
                     format!("{}: {e}", self.opts.path.display());
             }
+        }
+    }
+}
+
+impl Gone {
+    fn as_str(self) -> &'static str {
+        match self {
+            Gone::Deleted => "deleted",
+            Gone::Replaced => "replaced",
         }
     }
 }

@@ -35,8 +35,9 @@ pub enum AuditCommand {
     /// Check the hash chain and checkpoint signatures of audit log files.
     ///
     /// Exit 0: intact; 1: a record was edited, deleted, inserted or reordered, a signature is
-    /// bad, or a file is truncated mid-record; 2: the log could not be checked. Records cut
-    /// from the end of the last file cannot be detected without --anchor.
+    /// bad, a file is truncated mid-record, or a daemon found records it could not attest
+    /// (see --accept-unsealed); 2: the log could not be checked. Records cut from the end of
+    /// the last file cannot be detected without --anchor.
     Verify(VerifyArgs),
     /// Print audit records, one human-readable line each.
     Tail(TailArgs),
@@ -58,6 +59,11 @@ pub struct VerifyArgs {
     /// catches records cut from the end.
     #[arg(long, value_name = "SEQ:HASH")]
     pub anchor: Option<Anchor>,
+    /// Exit 0 even when a daemon found records after the last checkpoint at start (a crash,
+    /// or records added while it was stopped). They are still listed: no signature attests
+    /// them, so read them as claims, not evidence.
+    #[arg(long)]
+    pub accept_unsealed: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -198,7 +204,24 @@ fn verify_cmd(args: VerifyArgs, config: &Config, out: &mut dyn Write, err: &mut 
                 describe_summary(&summary, &options)
             };
             let _ = out.write_all(text.as_bytes());
-            0
+            if summary.unsealed.is_empty() || args.accept_unsealed {
+                0
+            } else {
+                let ranges: Vec<String> = summary
+                    .unsealed
+                    .iter()
+                    .map(|r| format!("{}..{}", r.first, r.last))
+                    .collect();
+                let _ = writeln!(
+                    err,
+                    "audit log NOT attested in full: records {} were found unsealed by a \
+                     starting daemon (it crashed, or they were added while it was stopped), and \
+                     no signature vouches for them. Check them against another copy, then pass \
+                     --accept-unsealed to accept the rest of the log",
+                    ranges.join(", ")
+                );
+                1
+            }
         }
         Err(failure) if failure.kind == FailureKind::Io => {
             let _ = writeln!(
@@ -286,6 +309,13 @@ pub fn describe_summary(s: &VerifySummary, options: &VerifyOptions) -> String {
             "note: the last {} record(s) (up to seq {last}) follow the last checkpoint; no \
              signature covers them yet (the daemon is running, or did not stop cleanly)",
             s.unsealed_tail
+        );
+    }
+    for range in &s.unsealed {
+        let _ = writeln!(
+            text,
+            "UNSEALED:        seq {}..{} not attested (named by the daemon record at seq {})",
+            range.first, range.last, range.noted_at
         );
     }
     if !s.starts_at_genesis && s.records > 0 {

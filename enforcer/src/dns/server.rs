@@ -7,11 +7,16 @@
 //!    `dns` audit record is written (`would_deny` and a real answer in dry-run);
 //! 3. HTTPS and SVCB queries get an empty answer: ECH would defeat SNI checks and address
 //!    hints would escape learning;
-//! 4. an allowed name is answered from `dns.static`, or forwarded to `dns.upstream`, with CNAME
+//! 4. a name allowed only through a wildcard, whose labels the agent chose, is answered only
+//!    for A, AAAA and CNAME (others get REFUSED), only if its labels look like a name (else
+//!    NXDOMAIN, unless the rule says `dns_labels: any`), and only within the agent's budget of
+//!    distinct names a minute under that wildcard (else NXDOMAIN): see `exfil`. Nothing of a
+//!    refused name is sent upstream;
+//! 5. an allowed name is answered from `dns.static`, or forwarded to `dns.upstream`, with CNAME
 //!    chains followed;
-//! 5. for a name allowed only through a wildcard, internal answers (loopback, private,
+//! 6. for a name allowed only through a wildcard, internal answers (loopback, private,
 //!    link-local, metadata) are stripped unless `dns.allow_internal_answers` covers them;
-//! 6. the addresses are learned into the agent's kernel allowlist, with the name, for the TTL
+//! 7. the addresses are learned into the agent's kernel allowlist, with the name, for the TTL
 //!    (floor 5 s, cap `dns.max_ttl`), *before* the answer is sent.
 
 use std::{
@@ -35,7 +40,7 @@ use crate::{
     agents::{Caller, Registry},
     audit::{Decisions, EventKind, PolicyResult},
     bpf::{BpfError, Kernel},
-    dns::client,
+    dns::{client, exfil},
     policy::{HostMatch, Mode, canonical_host},
 };
 
@@ -97,6 +102,8 @@ pub struct Resolver {
     /// `dns.max_learned_per_agent`.
     pub max_learned: usize,
     pub allow_internal: Vec<IpNet>,
+    /// `dns.wildcard_names_per_minute`.
+    pub names: exfil::NameBudget,
 }
 
 impl Resolver {
@@ -122,6 +129,7 @@ impl Resolver {
             max_ttl: config.max_ttl.max(MIN_TTL),
             max_learned: config.max_learned_per_agent,
             allow_internal: config.allow_internal_answers.clone(),
+            names: exfil::NameBudget::new(config.wildcard_names_per_minute),
         }
     }
 
@@ -194,6 +202,25 @@ impl Resolver {
         if matches!(qtype, RecordType::HTTPS | RecordType::SVCB) {
             return encode(reply(ResponseCode::NoError, Vec::new()), &request, udp);
         }
+        if matched == HostMatch::Wildcard
+            && let Some(refused) = self.wildcard_refusal(client, &policy, &name, qtype)
+        {
+            let (why, reason) = refused;
+            if !self.audit_deny(client, &name, qtype, &reason, dry_run) {
+                return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
+            }
+            if !dry_run {
+                let refused = match why {
+                    exfil::Refusal::Type(_) => blocked(
+                        reply(ResponseCode::Refused, Vec::new()),
+                        &request,
+                        &client.agent.name,
+                    ),
+                    _ => denied(),
+                };
+                return encode(refused, &request, udp);
+            }
+        }
 
         let (code, mut answers) = match self.resolve(&name, query).await {
             Ok(r) => r,
@@ -220,6 +247,39 @@ impl Resolver {
             return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
         }
         encode(reply(code, answers), &request, udp)
+    }
+
+    /// The limits on a name allowed only through a wildcard (see `exfil`): the refusal and
+    /// its audit reason, counted in `enforcer_dns_wildcard_refused_total`.
+    fn wildcard_refusal(
+        &self,
+        client: &Caller,
+        policy: &crate::policy::Policy,
+        name: &str,
+        qtype: RecordType,
+    ) -> Option<(exfil::Refusal, String)> {
+        let scope = policy.wildcard_scope(name);
+        let refusal = if exfil::type_allowed(qtype) {
+            None
+        } else {
+            Some(exfil::Refusal::Type(qtype))
+        }
+        .or_else(|| {
+            (!scope.labels_any)
+                .then(|| exfil::label_refusal(&scope.chosen))
+                .flatten()
+        })
+        .or_else(|| {
+            self.names.spend(
+                client.agent.id,
+                &scope.pattern,
+                name,
+                std::time::Instant::now(),
+            )
+        })?;
+        crate::metrics::dns_wildcard_refused(&client.agent.name, refusal.kind());
+        let reason = refusal.describe(&scope.pattern);
+        Some((refusal, reason))
     }
 
     /// The answer records for an allowed name: `dns.static` first, then the upstreams.

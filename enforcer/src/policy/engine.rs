@@ -23,6 +23,9 @@ pub(crate) struct Rule {
     pub(crate) name: Arc<str>,
     pub(crate) action: Action,
     pub(crate) scope: Scope,
+    /// `dns_labels: any`: names this rule allows through a wildcard may have long or
+    /// encoded-looking labels.
+    pub(crate) dns_labels_any: bool,
 }
 
 #[derive(Debug)]
@@ -613,6 +616,64 @@ pub(crate) fn host_match(policy: &Policy, host: &str) -> HostMatch {
         HostMatch::Wildcard
     } else {
         HostMatch::None
+    }
+}
+
+pub(crate) fn wildcard_scope(policy: &Policy, host: &str) -> super::WildcardScope {
+    let host = canonicalize(host).map_or_else(|_| host.to_owned(), |h| h.into_owned());
+    let any_label = |ids: &[u32]| {
+        ids.iter()
+            .any(|&id| policy.rules[id as usize].dns_labels_any)
+    };
+    let mut labels_any = any_label(&policy.index.any.allow);
+    // The longest suffix that an allow rule names is the scope.
+    let mut scope: Option<String> = None;
+    let mut rest = host.as_str();
+    while let Some((_, tail)) = rest.split_once('.') {
+        if let Some(bucket) = policy.index.suffix.get(tail)
+            && !bucket.allow.is_empty()
+        {
+            labels_any |= any_label(&bucket.allow);
+            scope.get_or_insert_with(|| tail.to_owned());
+        }
+        rest = tail;
+    }
+    for &id in &policy.index.tcp {
+        let rule = &policy.rules[id as usize];
+        let (Action::Allow, Scope::Tcp(targets)) = (&rule.action, &rule.scope) else {
+            continue;
+        };
+        for t in targets {
+            let TcpHost::Name(pattern) = &t.host else {
+                continue;
+            };
+            match pattern {
+                HostPattern::Suffix(tail) if pattern.matches(&host) => {
+                    labels_any |= rule.dns_labels_any;
+                    if scope.as_ref().is_none_or(|s| s.len() < tail.len()) {
+                        scope = Some(tail.clone());
+                    }
+                }
+                HostPattern::Any => labels_any |= rule.dns_labels_any,
+                _ => {}
+            }
+        }
+    }
+    match scope {
+        Some(tail) => super::WildcardScope {
+            pattern: format!("*.{tail}"),
+            chosen: host
+                .strip_suffix(tail.as_str())
+                .and_then(|h| h.strip_suffix('.'))
+                .unwrap_or(&host)
+                .to_owned(),
+            labels_any,
+        },
+        None => super::WildcardScope {
+            pattern: "*".to_owned(),
+            chosen: host.clone(),
+            labels_any,
+        },
     }
 }
 

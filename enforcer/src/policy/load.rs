@@ -812,6 +812,18 @@ struct RawRule {
     deny: Option<Compiled<MatchSpec>>,
     limit: Option<Compiled<LimitSpec>>,
     body: Option<OneOrList<Constraint>>,
+    dns_labels: Option<DnsLabels>,
+}
+
+/// `dns_labels:` of a rule.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum DnsLabels {
+    /// Labels of names allowed through a wildcard must look like names: at most 40
+    /// characters, not encoded data (the default).
+    Plain,
+    /// No limit on those labels: for CDNs and clouds whose host names carry ids.
+    Any,
 }
 
 fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, String> {
@@ -845,10 +857,15 @@ fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, Strin
             );
         }
     };
+    let dns_labels_any = raw.dns_labels == Some(DnsLabels::Any);
+    if raw.dns_labels.is_some() && !matches!(action, Action::Allow) {
+        return Err("dns_labels goes with allow rules (it widens what they allow)".to_owned());
+    }
     Ok(Rule {
         name: Arc::from(name),
         action,
         scope,
+        dns_labels_any,
     })
 }
 

@@ -29,6 +29,12 @@
 //! probe streams N ADDR HOST  open N keep-alive streams (a GET answered on each), print
 //!                            "ready", then wait until all have ended and a new connect
 //!                            fails; print "closed T_LAST refused T_REFUSED" (CLOCK_MONOTONIC ns)
+//! probe dns-flood SERVER N SUFFIX  N A queries for distinct names `q<i>.SUFFIX` on one UDP
+//!                            socket, each waiting for its reply (1 s); print
+//!                            "replies R of N"
+//! probe storm IPV4:PORT N THREADS  N connects (one socket per thread, connect again after
+//!                            each refusal), as fast as THREADS threads go; print
+//!                            "refused R other O"
 
 use std::{
     io::{Read as _, Write as _},
@@ -46,6 +52,12 @@ fn run(args: &[String]) -> i32 {
         Some("tcp") => tcp(&args[1], args.get(2).map(String::as_str)),
         Some("tcp-hold") => tcp_hold(&args[1], args[2].parse().unwrap_or(5)),
         Some("udp") => udp(&args[1]),
+        Some("dns-flood") => dns_flood(&args[1], args[2].parse().unwrap_or(1), &args[3]),
+        Some("storm") => storm(
+            &args[1],
+            args[2].parse().unwrap_or(1),
+            args[3].parse().unwrap_or(1),
+        ),
         Some("bind") => bind(&args[1], args.get(2).map_or("tcp", String::as_str)),
         Some("raw-icmp") => icmp(&args[1], libc::SOCK_RAW),
         Some("ping") => icmp(&args[1], libc::SOCK_DGRAM),
@@ -189,6 +201,83 @@ fn udp(addr: &str) -> i32 {
             1
         }
     }
+}
+
+fn dns_flood(server: &str, n: u32, suffix: &str) -> i32 {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RecordType},
+    };
+    let server: SocketAddr = server.parse().expect("server address");
+    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(1))).ok();
+    sock.connect(server).expect("connect");
+    let mut buf = vec![0u8; 4096];
+    let mut replies = 0;
+    for i in 0..n {
+        let mut msg = Message::new((i & 0xffff) as u16, MessageType::Query, OpCode::Query);
+        msg.metadata.recursion_desired = true;
+        msg.add_query(Query::query(
+            Name::from_ascii(format!("q{i}.{suffix}.")).expect("name"),
+            RecordType::A,
+        ));
+        if sock.send(&msg.to_vec().expect("encode")).is_err() {
+            continue;
+        }
+        if sock.recv(&mut buf).is_ok() {
+            replies += 1;
+        }
+    }
+    println!("replies {replies} of {n}");
+    0
+}
+
+fn storm(addr: &str, n: u64, threads: u64) -> i32 {
+    let SocketAddr::V4(addr) = addr.parse().expect("IPv4 address") else {
+        panic!("storm takes an IPv4 address");
+    };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                // SAFETY: plain socket(2) and connect(2) with a valid sockaddr_in.
+                unsafe {
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                    assert!(fd >= 0, "socket");
+                    let (mut refused, mut other) = (0u64, 0u64);
+                    for _ in 0..n / threads {
+                        let rc = libc::connect(
+                            fd,
+                            (&raw const sin).cast(),
+                            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                        );
+                        if rc < 0 && *libc::__errno_location() == libc::EPERM {
+                            refused += 1;
+                        } else {
+                            other += 1;
+                        }
+                    }
+                    libc::close(fd);
+                    (refused, other)
+                }
+            })
+        })
+        .collect();
+    let (mut refused, mut other) = (0, 0);
+    for w in workers {
+        let (r, o) = w.join().expect("storm thread");
+        refused += r;
+        other += o;
+    }
+    println!("refused {refused} other {other}");
+    0
 }
 
 fn bind(addr: &str, proto: &str) -> i32 {

@@ -1,0 +1,208 @@
+//! Abuse: what a hostile agent does to the daemon's resources and records (floods, storms,
+//! deleting the log), each checked against what the kernel counted or a legitimate agent
+//! saw. Needs root (see the harness docs).
+
+use enforcer_tests::{Counter, Scenario, eventually, stdout};
+
+/// `kernel_deny` counts of `agent` in the audit log: (records, sum of `count`, of which lost).
+fn kernel_deny_counts(audit: &str, agent: &str) -> (u64, u64, u64) {
+    let (mut records, mut total, mut lost) = (0, 0, 0);
+    for line in audit.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("audit record");
+        if v["event"] == "kernel_deny" && v["agent_id"] == agent {
+            let count = v["count"].as_u64().unwrap_or(1);
+            records += 1;
+            total += count;
+            if v["action"] == "lost" {
+                lost += count;
+            }
+        }
+    }
+    (records, total, lost)
+}
+
+#[test]
+fn a_refusal_storm_is_recorded_in_full_even_when_the_kernel_ring_overflows() {
+    // Scenario: a deny-all agent connects 400,000 times, from two threads, to a listener on
+    // loopback, far faster than the daemon drains the kernel's event ring. Every refusal is
+    // EPERM and none reaches the listener; the audit log's kernel_deny counts for the agent
+    // add up to the kernel's `refused` counter, the refusals the ring could not hold coming
+    // as `lost` records.
+    let Some(s) = Scenario::new("refusal_storm") else {
+        return;
+    };
+    let d = s.daemon().agent("a", "default: deny\nrules: []\n").start();
+    let target = Counter::new("127.0.0.30");
+    let name = d.agent("a").to_owned();
+    let at_start = d.agent_status("a")["counters"].clone();
+    let before = at_start["refused"].as_u64().unwrap();
+    let lost_before = at_start["events_lost"].as_u64().unwrap();
+
+    let out = d.probe("a", &["storm", &target.addr.to_string(), "400000", "2"]);
+    assert_eq!(stdout(&out).trim(), "refused 400000 other 0", "{out:?}");
+    assert_eq!(
+        target.accepted(),
+        0,
+        "a refused connect reached the listener"
+    );
+    // Control: the listener is there for a process outside enforcer.
+    assert!(std::net::TcpStream::connect(target.addr).is_ok());
+
+    let counters = d.agent_status("a")["counters"].clone();
+    let refused = counters["refused"].as_u64().unwrap() - before;
+    assert_eq!(refused, 400_000, "{counters}");
+    let mut seen = (0, 0, 0);
+    let adds_up = eventually(15, || {
+        seen = kernel_deny_counts(&d.audit_log(), &name);
+        seen.1 == refused
+    });
+    let (records, total, lost) = seen;
+    assert!(
+        adds_up,
+        "the audit log counts {total} refusals in {records} records ({lost} lost), the \
+         kernel {refused}"
+    );
+    // Aggregated: one destination and reason per second, not one record per refusal.
+    assert!(records < 100, "{records} records for one destination");
+    eprintln!(
+        "storm: {refused} refusals, {records} kernel_deny records, {lost} lost at the ring \
+         (status events_lost {})",
+        counters["events_lost"]
+    );
+    assert_eq!(
+        lost,
+        counters["events_lost"].as_u64().unwrap() - lost_before,
+        "lost records match the kernel's lost counter"
+    );
+}
+
+/// Bytes of the audit log's files: (live file, rotated files).
+fn audit_bytes(dir: &std::path::Path) -> (u64, u64) {
+    let (mut live, mut rotated) = (0, 0);
+    for entry in std::fs::read_dir(dir).expect("audit dir") {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let len = entry.metadata().unwrap().len();
+        if name == "audit.jsonl" {
+            live = len;
+        } else if name.starts_with("audit.jsonl.") {
+            rotated += len;
+        }
+    }
+    (live, rotated)
+}
+
+#[test]
+fn a_dns_flood_stays_within_the_disk_budget_and_another_agent_is_recorded_in_full() {
+    // Scenario: a deny-all agent asks 30,000 distinct denied names as fast as its resolver
+    // answers, while a second agent makes allowed requests. The flooding agent's denials are
+    // folded (its first 100 a second one by one, the rest counted, all 30,000 accounted for),
+    // so the whole log stays within a disk budget of 1 MiB that one record per denial
+    // (about 10 MB) would overrun many times, and every request of the other agent succeeds
+    // and is recorded by itself.
+    let Some(s) = Scenario::new("dns_flood") else {
+        return;
+    };
+    let up = enforcer_tests::Upstream::http("127.0.0.5", "calm");
+    let d = s
+        .daemon()
+        .agent("flood", "default: deny\nrules: []\n")
+        .agent(
+            "calm",
+            &format!(
+                "default: deny\nrules:\n  - name: up\n    allow: {{ url: \"http://127.0.0.5:{}/*\" }}\n",
+                up.addr.port()
+            ),
+        )
+        .config("audit_rotate_bytes: 65536\naudit_max_bytes: 1048576")
+        .start();
+    let mut flood = d
+        .exec_cmd(
+            "flood",
+            &[
+                enforcer_tests::probe_bin().to_str().unwrap(),
+                "dns-flood",
+                "127.0.0.53:53",
+                "30000",
+                "exfil.test",
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.5:{}/calm", up.addr.port());
+    let mut calm_ok = 0;
+    while flood.try_wait().unwrap().is_none() {
+        let started = std::time::Instant::now();
+        let out = d.curl("calm", &["-sS", "--max-time", "5", &url]);
+        assert!(
+            stdout(&out).contains("hello from calm"),
+            "the other agent's request failed during the flood: {out:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        calm_ok += 1;
+    }
+    let flood_out = flood.wait_with_output().unwrap();
+    let flooded = stdout(&flood_out);
+    assert!(flooded.contains("replies 30000 of 30000"), "{flooded}");
+    assert!(calm_ok > 0);
+
+    let audit_dir = d.audit_dir();
+    let flood_name = d.agent("flood").to_owned();
+    let calm_name = d.agent("calm").to_owned();
+    // (records of the flooding agent, the denials they count, records of the other agent).
+    let tally = || {
+        let (mut records, mut counted, mut calm) = (0u64, 0u64, 0u64);
+        for f in std::fs::read_dir(&audit_dir).unwrap() {
+            let path = f.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("audit.jsonl") || name.contains("-torn-") {
+                continue;
+            }
+            for line in std::fs::read_to_string(&path).unwrap().lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue; // a line being written
+                };
+                if v["event"] == "dns" && v["agent_id"] == flood_name.as_str() {
+                    records += 1;
+                    counted += v["count"].as_u64().unwrap_or(1);
+                }
+                if v["event"] == "request" && v["agent_id"] == calm_name.as_str() {
+                    calm += 1;
+                }
+            }
+        }
+        (records, counted, calm)
+    };
+    // The last second's folded records are written when that second ends.
+    let mut seen = (0, 0, 0);
+    eventually(10, || {
+        seen = tally();
+        seen.1 >= 30_000
+    });
+    let (records, counted, calm_records) = seen;
+    let (live, rotated) = audit_bytes(&audit_dir);
+    assert!(
+        live + rotated < 1_048_576,
+        "the log holds {} bytes, over the 1 MiB budget",
+        live + rotated
+    );
+    assert!(
+        !d.audit_log().contains("\"action\":\"pruned\""),
+        "the flood pushed old records out"
+    );
+    eprintln!(
+        "dns flood: 30000 denials, {records} records counting {counted} in what is left; live \
+         {live} bytes, rotated {rotated} bytes; the other agent made {calm_ok} requests, \
+         {calm_records} recorded"
+    );
+    assert!(
+        records < 3_000,
+        "{records} records for 30000 denials: not folded"
+    );
+    assert_eq!(counted, 30_000, "the records account for every denial");
+    assert!(
+        calm_records >= calm_ok,
+        "{calm_records} of {calm_ok} requests recorded"
+    );
+}
