@@ -192,6 +192,13 @@ pub struct Config {
     /// Proxy threads, each running its own connections. Default: one per CPU the daemon may
     /// run on.
     pub proxy_threads: Option<usize>,
+    /// Proxied connections one agent may hold open; past it its new connections are reset
+    /// and recorded, while other agents are unaffected. 0: no cap. Default: 4096.
+    pub max_connections_per_agent: usize,
+    /// Connections of one agent that may be in their opening at once (first bytes, TLS
+    /// handshake, first request head); past it its new connections are reset. 0: no cap.
+    /// Default: 256.
+    pub max_pending_per_agent: usize,
     /// Prometheus metrics and health. Default: `127.0.0.1:15090`.
     pub metrics_listen: SocketAddr,
     /// Global kill-switch file. Default: `<state_dir>/killswitch`.
@@ -238,6 +245,8 @@ impl Default for Config {
             dns_port: 1002,
             allow_unprivileged_ports: false,
             proxy_threads: None,
+            max_connections_per_agent: 4096,
+            max_pending_per_agent: 256,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 15090)),
             kill_switch: None,
             audit_log: PathBuf::from("/var/log/enforcer/audit.jsonl"),

@@ -160,6 +160,11 @@ pub async fn run(
             safe_method_bodies: config.http.bodies_on_safe_methods,
             upstream_tls,
         }),
+        limits: proxy::limits::Limits {
+            per_agent_open: config.max_connections_per_agent,
+            per_agent_pending: config.max_pending_per_agent,
+            fds: proxy::limits::FdBudget::from_rlimit(),
+        },
     });
     let threads = config.proxy_threads();
     let workers = proxy::Workers::start(threads, proxy_ctx)

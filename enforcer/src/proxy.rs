@@ -23,6 +23,7 @@
 //! - [`tls`]: TLS modes, interception and upstream TLS configuration.
 //! - [`deny`]: the JSON denials.
 //! - [`deputy`]: internal destinations.
+//! - [`limits`]: connections per agent and the file-descriptor budget.
 //! - [`scope`], [`rewind`]: what a served connection owns; replaying peeked bytes.
 
 use std::{
@@ -38,7 +39,10 @@ use tokio::{
 };
 
 use crate::{
-    agents::{Caller, Registry, conns::ConnGuard},
+    agents::{
+        Caller, Registry,
+        conns::{ConnGuard, Pending},
+    },
     audit::{AuditEvent, Decisions, EventKind, PolicyResult},
     bpf::{Kernel, ip_of},
     config::SecurityMode,
@@ -88,6 +92,7 @@ macro_rules! forward_async_write {
 pub mod deny;
 pub mod deputy;
 pub mod http;
+pub mod limits;
 pub mod peek;
 pub mod rewind;
 pub mod scope;
@@ -128,6 +133,8 @@ pub struct ProxyContext {
     pub tls: Arc<tls::TlsContext>,
     /// What served (L7) connections need.
     pub l7: Arc<http::L7Env>,
+    /// Connections per agent, and the file-descriptor budget.
+    pub limits: limits::Limits,
 }
 
 /// The proxy threads: each runs the connections handed to it on a single-threaded runtime
@@ -269,16 +276,49 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr) {
         .ok()
         .and_then(|local| crate::sys::sockdiag::SocketRef::new(&client, local, peer));
     let agent = caller.agent.clone();
-    let guard = agent.conns.register(our_socket);
+    let dst = SocketAddr::new(ip_of(&orig.addr), orig.port);
+    let admitted = match ctx.limits.fds.take() {
+        None => Err(format!(
+            "the proxy holds {} connections, all the file descriptors it may use (the rest are \
+             kept for the admin socket, the audit log and the resolver); raise LimitNOFILE",
+            ctx.limits.fds.max()
+        )),
+        Some(slot) => agent
+            .conns
+            .admit(
+                our_socket,
+                ctx.limits.per_agent_open,
+                ctx.limits.per_agent_pending,
+            )
+            .map(|(guard, opening)| (slot, guard, opening))
+            .map_err(|full| full.describe(&agent.name)),
+    };
+    let (_slot, guard, opening) = match admitted {
+        Ok(admitted) => admitted,
+        Err(reason) => {
+            // Reset at once: the agent's flood must not hold descriptors while it waits.
+            crate::sys::reset_on_close(&client);
+            drop(client);
+            tracing::debug!(agent = %agent.name, %dst, "connection refused: {reason}");
+            let _ = ctx.decisions.record(
+                caller
+                    .event(EventKind::Connection)
+                    .dest(dst.to_string())
+                    .policy_result(PolicyResult::Deny)
+                    .reason(reason),
+            );
+            return;
+        }
+    };
     let conn = Connection {
         policy: agent.policy(),
-        dst: SocketAddr::new(ip_of(&orig.addr), orig.port),
+        dst,
         caller,
         request_id: uuid::Uuid::now_v7().to_string(),
         started: Instant::now(),
         ctx,
     };
-    conn.run(client, guard).await;
+    conn.run(client, guard, opening).await;
 }
 
 /// One redirected connection: who made it, where it was going, and the policy it is judged
@@ -294,7 +334,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, mut client: TcpStream, guard: ConnGuard<'_>) {
+    async fn run(self, mut client: TcpStream, guard: ConnGuard<'_>, opening: Pending) {
         self.caller.agent.touch_eval();
         let route = self.route(&mut client).await;
         // Step 6, once for every route that reaches the destination: no confused deputy.
@@ -329,6 +369,7 @@ impl Connection {
         }
         match route {
             Route::Decided { verdict, prefix } if verdict.decision.forward() => {
+                drop(opening);
                 self.splice(client, verdict, prefix, guard).await;
             }
             Route::Decided { verdict, .. } => {
@@ -339,8 +380,10 @@ impl Connection {
                 );
                 self.refuse(client, &verdict).await;
             }
-            Route::Serve { prefix } => self.serve_plain(client, prefix, guard).await,
-            Route::Intercept { prefix, sni } => self.intercept(client, prefix, sni, guard).await,
+            Route::Serve { prefix } => self.serve_plain(client, prefix, guard, opening).await,
+            Route::Intercept { prefix, sni } => {
+                self.intercept(client, prefix, sni, guard, opening).await;
+            }
         }
     }
 
@@ -514,7 +557,13 @@ impl Connection {
     }
 
     /// Plain HTTP: served by [`http`], one decision per request.
-    async fn serve_plain(&self, client: TcpStream, prefix: Vec<u8>, guard: ConnGuard<'_>) {
+    async fn serve_plain(
+        &self,
+        client: TcpStream,
+        prefix: Vec<u8>,
+        guard: ConnGuard<'_>,
+        opening: Pending,
+    ) {
         let _ = client.set_nodelay(true);
         let scope = scope::Scope::new();
         let io = rewind::Rewind::new(prefix, scope::Tracked::new(client, scope.clone()));
@@ -523,6 +572,7 @@ impl Connection {
             dst: self.dst,
             scheme: Scheme::Http,
             sni: None,
+            opening: std::sync::Mutex::new(Some(opening)),
         };
         let killed = guard.killed.clone();
         http::serve(
@@ -545,6 +595,7 @@ impl Connection {
         prefix: Vec<u8>,
         sni: Option<String>,
         mut guard: ConnGuard<'_>,
+        opening: Pending,
     ) {
         let agent = &self.caller.agent;
         let host = sni.clone().unwrap_or_else(|| self.dst.ip().to_string());
@@ -597,6 +648,7 @@ impl Connection {
             dst: self.dst,
             scheme: Scheme::Https,
             sni,
+            opening: std::sync::Mutex::new(Some(opening)),
         };
         let killed = guard.killed.clone();
         http::serve(self.ctx.l7.clone(), served, stream, proto, scope, killed).await;

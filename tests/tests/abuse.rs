@@ -206,3 +206,134 @@ fn a_dns_flood_stays_within_the_disk_budget_and_another_agent_is_recorded_in_ful
         "{calm_records} of {calm_ok} requests recorded"
     );
 }
+
+/// Opens `n` connections to `host:port` one after the other; on each sends a keep-alive GET
+/// and reads its answer (or, `silent`, sends nothing and looks at all of them a second
+/// later), and holds them. Prints "ok A reset R other O", then waits for stdin to close.
+const HOLDER: &str = r#"
+import socket, sys, time
+host, port, n, silent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "silent"
+socks, ok, reset, other = [], 0, 0, 0
+for i in range(n):
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+    except ConnectionResetError:
+        reset += 1  # reset before connect() returned
+        continue
+    socks.append(s)
+    if silent:
+        continue
+    # One at a time: each connection has had its answer before the next opens.
+    try:
+        s.sendall(b"GET /hold HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (host.encode(), port))
+        data = s.recv(65536)
+        if data.startswith(b"HTTP/1.1 200"):
+            ok += 1
+        elif not data:
+            reset += 1  # closed before an answer
+        else:
+            other += 1
+    except (ConnectionResetError, BrokenPipeError):
+        reset += 1
+if silent:
+    time.sleep(1.0)
+    for s in socks:
+        try:
+            # Short: the proxy closes an opening that sends nothing for 10 s.
+            s.settimeout(0.05)
+            s.recv(65536)
+            other += 1  # data or a close: not a connection still waiting
+        except ConnectionResetError:
+            reset += 1
+        except socket.timeout:
+            ok += 1  # still open, waiting for its first request
+print("ok", ok, "reset", reset, "other", other, flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn one_agents_connection_flood_is_capped_and_another_agent_is_served_meanwhile() {
+    // Scenario: with max_connections_per_agent 100 and max_pending_per_agent 20, agent
+    // "flood" opens 150 keep-alive connections to an allowed upstream, then (from another
+    // process) 40 connections that never send a byte. Past each cap its new connections are
+    // reset and recorded; the connections within the caps work; agent "calm" is served all
+    // along; and once flood lets go, it is served again.
+    let Some(s) = Scenario::new("conn_caps") else {
+        return;
+    };
+    let up = enforcer_tests::Upstream::http("127.0.0.5", "up");
+    let policy = format!(
+        "default: deny\nrules:\n  - name: up\n    allow: {{ url: \"http://127.0.0.5:{}/*\" }}\n",
+        up.addr.port()
+    );
+    let d = s
+        .daemon()
+        .agent("flood", &policy)
+        .agent("calm", &policy)
+        .config("max_connections_per_agent: 100\nmax_pending_per_agent: 20")
+        .start();
+    let port = up.addr.port().to_string();
+    let url = format!("http://127.0.0.5:{port}/calm");
+    let hold = |n: &str, mode: &str| {
+        let mut child = d
+            .exec_cmd(
+                "flood",
+                &[
+                    "/usr/bin/python3",
+                    "-c",
+                    HOLDER,
+                    "127.0.0.5",
+                    &port,
+                    n,
+                    mode,
+                ],
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        (child, line)
+    };
+    let (mut open, line) = hold("150", "get");
+    assert_eq!(line.trim(), "ok 100 reset 50 other 0", "{}", d.log());
+    let calm = d.curl("calm", &["-sS", "--max-time", "5", &url]);
+    assert!(stdout(&calm).contains("hello from up"), "{calm:?}");
+
+    // Openings: the flooding agent is at its open cap already, so first let those go.
+    drop(open.stdin.take());
+    let _ = open.wait();
+    let (mut silent, line) = hold("40", "silent");
+    assert_eq!(
+        line.trim(),
+        "ok 20 reset 20 other 0",
+        "{}",
+        d.log()
+            .lines()
+            .filter(|l| !l.contains("DEBUG enforcer::audit"))
+            .filter(|l| l.contains("clos") || l.contains("refused") || l.contains("timed out"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let calm = d.curl("calm", &["-sS", "--max-time", "5", &url]);
+    assert!(stdout(&calm).contains("hello from up"), "{calm:?}");
+    drop(silent.stdin.take());
+    let _ = silent.wait();
+    let flood = d.curl("flood", &["-sS", "--max-time", "5", &url]);
+    assert!(stdout(&flood).contains("hello from up"), "{flood:?}");
+
+    let audit = d.audit_log();
+    for why in ["max_connections_per_agent", "max_pending_per_agent"] {
+        assert!(
+            audit.lines().any(|l| l.contains("\"event\":\"connection\"")
+                && l.contains("\"policy_result\":\"deny\"")
+                && l.contains(why)),
+            "no refusal naming {why}:\n{audit}"
+        );
+    }
+}

@@ -1,10 +1,12 @@
-//! Open proxied connections of one agent, so the kill switch can cut them mid-stream.
+//! Open proxied connections of one agent, so the kill switch can cut them mid-stream, and
+//! the agent's share of the proxy: how many it may hold open, and how many may be in their
+//! opening (first bytes, TLS handshake, first request head) at once.
 
 use std::{
     collections::HashMap,
     sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -17,6 +19,46 @@ use crate::sys::sockdiag::SocketRef;
 pub struct ConnTracker {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Open>>,
+    /// Connections in their opening (shared with their [`Pending`]s, which may outlive a
+    /// borrow of the tracker).
+    opening: Arc<AtomicUsize>,
+}
+
+/// A connection in its opening. Dropping it (at the first request, at a splice, or when
+/// the connection ends) ends the opening.
+pub struct Pending {
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why [`ConnTracker::admit`] refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// `max_connections_per_agent` connections are open.
+    Open(usize),
+    /// `max_pending_per_agent` connections are in their opening.
+    Pending(usize),
+}
+
+impl Full {
+    /// The audit reason.
+    pub fn describe(self, agent: &str) -> String {
+        match self {
+            Full::Open(cap) => format!(
+                "agent '{agent}' has {cap} proxied connections open (max_connections_per_agent); \
+                 close idle connections, or raise the cap"
+            ),
+            Full::Pending(cap) => format!(
+                "agent '{agent}' has {cap} connections that have not sent a first request yet \
+                 (max_pending_per_agent: TLS handshakes and request heads in progress)"
+            ),
+        }
+    }
 }
 
 struct Open {
@@ -47,6 +89,48 @@ impl ConnTracker {
             id,
             killed: rx,
         }
+    }
+
+    /// Registers a connection in its opening, unless the agent already holds `max_open`
+    /// connections or `max_opening` openings (0: no cap).
+    pub fn admit(
+        &self,
+        socket: Option<SocketRef>,
+        max_open: usize,
+        max_opening: usize,
+    ) -> Result<(ConnGuard<'_>, Pending), Full> {
+        if max_opening > 0 && self.opening.fetch_add(1, Ordering::AcqRel) >= max_opening {
+            self.opening.fetch_sub(1, Ordering::AcqRel);
+            return Err(Full::Pending(max_opening));
+        }
+        if max_opening == 0 {
+            self.opening.fetch_add(1, Ordering::AcqRel);
+        }
+        let opening = Pending {
+            count: Arc::clone(&self.opening),
+        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (kill, rx) = watch::channel(false);
+        {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            if max_open > 0 && open.len() >= max_open {
+                return Err(Full::Open(max_open));
+            }
+            open.insert(id, Open { kill, socket });
+        }
+        Ok((
+            ConnGuard {
+                tracker: self,
+                id,
+                killed: rx,
+            },
+            opening,
+        ))
+    }
+
+    /// Connections in their opening.
+    pub fn opening(&self) -> usize {
+        self.opening.load(Ordering::Acquire)
     }
 
     /// Our socket facing the agent, of every open connection.
@@ -101,5 +185,21 @@ mod tests {
         assert!(*a.killed.borrow());
         drop(a);
         assert_eq!(t.count(), 0);
+    }
+
+    #[test]
+    fn an_agent_past_its_caps_is_refused_until_it_frees_a_place() {
+        let t = ConnTracker::default();
+        let (a, opening_a) = t.admit(None, 2, 1).unwrap();
+        // One opening at a time.
+        assert_eq!(t.admit(None, 2, 1).err(), Some(Full::Pending(1)));
+        drop(opening_a);
+        let (_b, opening_b) = t.admit(None, 2, 1).unwrap();
+        drop(opening_b);
+        // Two open at most.
+        assert_eq!(t.admit(None, 2, 1).err(), Some(Full::Open(2)));
+        assert_eq!(t.opening(), 0, "a refusal holds no opening");
+        drop(a);
+        assert!(t.admit(None, 2, 1).is_ok());
     }
 }

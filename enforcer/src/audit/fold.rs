@@ -1,4 +1,4 @@
-//! Folding repeated denials, so that a flooding agent writes a bounded number of records and
+//! Folding repeated denials (DNS names, HTTP requests, connections), so that a flooding agent writes a bounded number of records and
 //! never displaces another agent's.
 //!
 //! Within each second, the first denial of a kind (agent, event, result, reason and what was
@@ -128,12 +128,13 @@ impl Folder {
 
     /// Whether `event` is a denial this folds.
     pub fn folds(event: &AuditEvent) -> bool {
-        matches!(event.event, EventKind::Dns | EventKind::Request)
-            && matches!(
-                event.policy_result,
-                Some(PolicyResult::Deny | PolicyResult::WouldDeny | PolicyResult::RateLimited)
-            )
-            && event.agent_id.is_some()
+        matches!(
+            event.event,
+            EventKind::Dns | EventKind::Request | EventKind::Connection
+        ) && matches!(
+            event.policy_result,
+            Some(PolicyResult::Deny | PolicyResult::WouldDeny | PolicyResult::RateLimited)
+        ) && event.agent_id.is_some()
     }
 
     /// Takes a denial (see [`Folder::folds`]); says whether to write it now.
@@ -249,6 +250,7 @@ impl Folder {
 fn key_of(event: &AuditEvent) -> Key {
     let what = match event.event {
         EventKind::Dns => [event.dns_name.clone(), event.dns_type.clone(), None],
+        EventKind::Connection => [event.url_host.clone(), event.dest.clone(), None],
         _ => [
             event.method.clone(),
             event.url_host.clone(),
@@ -268,6 +270,11 @@ fn key_of(event: &AuditEvent) -> Key {
 fn what_of(event: &AuditEvent) -> String {
     match event.event {
         EventKind::Dns => event.dns_name.clone().unwrap_or_default(),
+        EventKind::Connection => event
+            .url_host
+            .clone()
+            .or_else(|| event.dest.clone())
+            .unwrap_or_default(),
         _ => format!(
             "{} {}{}",
             event.method.as_deref().unwrap_or("-"),
@@ -342,7 +349,7 @@ mod tests {
         ));
         assert_eq!(out[0].dns_name, None);
         let detail = out[0].detail.as_deref().unwrap();
-        assert!(detail.contains("(4990 distinct)"), "{detail}");
+        assert!(detail.contains("(4990 distinct;"), "{detail}");
         assert!(detail.contains("n10.example"), "{detail}");
     }
 

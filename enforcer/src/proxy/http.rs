@@ -102,6 +102,8 @@ pub struct ClientConn {
     pub scheme: Scheme,
     /// The canonical SNI of an intercepted connection.
     pub sni: Option<String>,
+    /// The connection's place among the agent's openings, given back at its first request.
+    pub opening: std::sync::Mutex<Option<crate::agents::conns::Pending>>,
 }
 
 /// The protocol spoken on the connection.
@@ -289,6 +291,14 @@ enum ReqBody {
 
 impl Service {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<DownBody> {
+        // A whole request head arrived: the connection's opening is over.
+        drop(
+            self.conn
+                .opening
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
         let is_connect = req.method() == Method::CONNECT;
         let upgrade = Upgrade::of(&req);
         let mut ask = Ask {

@@ -98,6 +98,7 @@ impl Proxy {
                         dst,
                         scheme: Scheme::Http,
                         sni: None,
+                        opening: std::sync::Mutex::new(None),
                     };
                     serve(env, conn, io, proto, scope, guard.killed.clone()).await;
                 });
@@ -594,6 +595,7 @@ async fn http2_through_interception_judges_each_stream_and_refuses_fronting() {
         // to Https only, so it is exercised below with its own connection.
         scheme: Scheme::Http,
         sni: None,
+        opening: std::sync::Mutex::new(None),
     };
     let addr = serve_tls_once(&p, server, Proto::Http2, conn).await;
     let stream = TcpStream::connect(addr).await.unwrap();
@@ -638,6 +640,7 @@ async fn over_tls_a_host_other_than_the_sni_is_misdirected() {
         dst: up.addr,
         scheme: Scheme::Https,
         sni: Some("up.test".into()),
+        opening: std::sync::Mutex::new(None),
     };
     let addr = serve_tls_once(&p, server, Proto::Http1, conn).await;
     let stream = TcpStream::connect(addr).await.unwrap();
