@@ -80,10 +80,10 @@ impl Harness {
                 safe_method_bodies: crate::config::SafeMethodBodies::Refuse,
                 upstream_tls: None,
             }),
-            limits: super::limits::Limits {
+            limits: limits::Limits {
                 per_agent_open: 4096,
                 per_agent_pending: 256,
-                fds: super::limits::FdBudget::new(1 << 16),
+                fds: limits::FdBudget::new(1 << 16),
             },
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
