@@ -10,6 +10,7 @@ use super::{
     Decision, DecisionKind, HostMatch, KernelTargets, Mode, Policy, RateLimiter, Request, Scheme,
     body::{self, Constraint, Doc},
     host::{HostPattern, canonicalize},
+    json,
     jsonpath::JsonPath,
     limit::{Rate, cut_key},
     path::normalize_target,
@@ -53,6 +54,10 @@ pub(crate) struct HttpScope {
     pub(crate) headers: Vec<HeaderMatch>,
     pub(crate) window: Option<TimeWindow>,
     pub(crate) body: Vec<Constraint>,
+    /// `query:` constraints, on the parameters of the query string.
+    pub(crate) query: Vec<Constraint>,
+    /// `query: none`: the request has no query string.
+    pub(crate) query_none: bool,
 }
 
 /// A rate limit rule.
@@ -102,6 +107,8 @@ impl HttpScope {
         self.methods.is_none()
             && self.headers.is_empty()
             && self.body.is_empty()
+            && self.query.is_empty()
+            && !self.query_none
             && self.urls.as_ref().is_none_or(|urls| {
                 urls.iter()
                     .any(|u| u.path.is_none() && u.matches_host(scheme, host, port))
@@ -223,9 +230,27 @@ struct Ctx<'r, 'a> {
     host: &'r str,
     path: &'r str,
     body: OnceCell<Result<Doc<'a>, String>>,
+    /// The raw query string (after `?`), empty without one.
+    query: &'a str,
+    query_doc: OnceCell<Result<Doc<'static>, String>>,
 }
 
 impl<'a> Ctx<'_, 'a> {
+    /// The query string as a form: parameters in order, a repeated one as several values.
+    fn query_doc(&self) -> &Result<Doc<'static>, String> {
+        self.query_doc.get_or_init(|| {
+            json::parse_form(self.query.as_bytes())
+                .map(Doc::Form)
+                .map_err(|e| e.replace("form body", "query string"))
+        })
+    }
+
+    /// Whether the query string holds parameter `name`.
+    fn query_has(&self, name: &str) -> bool {
+        !self.query.is_empty()
+            && matches!(self.query_doc(), Ok(Doc::Form(pairs)) if pairs.iter().any(|(k, _)| k == name))
+    }
+
     fn doc(&self) -> &Result<Doc<'a>, String> {
         self.body.get_or_init(|| {
             body::parse(
@@ -267,16 +292,44 @@ fn deny_fires(scope: &HttpScope, ctx: &Ctx<'_, '_>) -> Option<String> {
     {
         return None;
     }
+    let mut details = Vec::new();
+    if scope.query_none {
+        if !ctx.query.is_empty() {
+            return None;
+        }
+        details.push("no query string".to_owned());
+    }
+    if !scope.query.is_empty() {
+        match ctx.query_doc() {
+            // Fail closed, as for bodies.
+            Err(reason) => return Some(format!("query could not be inspected: {reason}")),
+            Ok(q) => {
+                for c in &scope.query {
+                    details.push(format!("query {}, {}", c.describe(), c.check_deny(q)?));
+                }
+            }
+        }
+    }
     if scope.body.is_empty() {
-        return Some(String::new());
+        return Some(details.join("; "));
     }
     match ctx.doc() {
         // Fail closed: a deny rule whose body cannot be checked counts as matched.
         Err(reason) => Some(format!("body could not be inspected: {reason}")),
         Ok(doc) => {
-            let mut details = Vec::with_capacity(scope.body.len());
             for c in &scope.body {
-                details.push(format!("{}, {}", c.describe(), c.check_deny(doc)?));
+                // A query parameter named like the field is judged as that field: it fires
+                // the rule as the field would.
+                let fired = c.check_deny(doc).or_else(|| {
+                    let name = c.path.top_level_name()?;
+                    if !ctx.query_has(name) {
+                        return None;
+                    }
+                    let Ok(q) = ctx.query_doc() else { return None };
+                    c.check_deny(q)
+                        .map(|got| format!("{got} in the query string"))
+                });
+                details.push(format!("{}, {}", c.describe(), fired?));
             }
             Some(details.join("; "))
         }
@@ -297,9 +350,51 @@ fn allow_matches(scope: &HttpScope, ctx: &Ctx<'_, '_>) -> AllowOutcome {
     {
         return AllowOutcome::NoMatch;
     }
+    if scope.query_none && !ctx.query.is_empty() {
+        return AllowOutcome::BodyFailed("requires no query string, got one".to_owned());
+    }
+    if !scope.query.is_empty() {
+        match ctx.query_doc() {
+            Err(reason) => {
+                return AllowOutcome::BodyFailed(format!(
+                    "requires query {}, but the query string could not be inspected: {reason}",
+                    scope.query[0].describe()
+                ));
+            }
+            Ok(q) => {
+                for c in &scope.query {
+                    if let Err(got) = c.check_allow(q) {
+                        return AllowOutcome::BodyFailed(format!(
+                            "requires query {}, {got}",
+                            c.describe()
+                        ));
+                    }
+                }
+            }
+        }
+    }
     let Some(first) = scope.body.first() else {
         return AllowOutcome::Match;
     };
+    // A query parameter named like a constrained field is judged as that field: an upstream
+    // that reads either must not be handed a value the rule would refuse.
+    for c in &scope.body {
+        let Some(name) = c.path.top_level_name() else {
+            continue;
+        };
+        if !ctx.query_has(name) {
+            continue;
+        }
+        if let Ok(q) = ctx.query_doc()
+            && let Err(got) = c.check_allow(q)
+        {
+            return AllowOutcome::BodyFailed(format!(
+                "requires {}, {got} in the query string (a query parameter named like the field \
+                 is judged as that field)",
+                c.describe()
+            ));
+        }
+    }
     match ctx.doc() {
         // Fail closed: an allow rule whose body cannot be checked does not match.
         Err(reason) => AllowOutcome::BodyFailed(format!(
@@ -343,6 +438,8 @@ pub(crate) fn evaluate(policy: &Policy, req: &Request<'_>, limiter: &RateLimiter
         host: &host,
         path: &path,
         body: OnceCell::new(),
+        query: req.path_and_query.split_once('?').map_or("", |(_, q)| q),
+        query_doc: OnceCell::new(),
     };
     let rules = &policy.rules;
 

@@ -32,6 +32,24 @@ impl JsonPath {
         &self.segments
     }
 
+    /// The path of one top-level member, `name` as written in a query string or form body:
+    /// what a `query:` constraint on parameter `name` selects in the parsed query.
+    pub(crate) fn member(name: &str) -> JsonPath {
+        JsonPath {
+            text: name.to_owned(),
+            segments: vec![Segment::Name(name.to_owned())],
+        }
+    }
+
+    /// The member name of a path that is exactly one top-level member (`$.amount`,
+    /// `$['amount']`): the query parameter of the same name is judged as that field.
+    pub(crate) fn top_level_name(&self) -> Option<&str> {
+        match self.segments.as_slice() {
+            [Segment::Name(n)] => Some(n),
+            _ => None,
+        }
+    }
+
     pub(crate) fn parse(text: &str) -> Result<JsonPath, String> {
         let err = |at: usize, what: &str| format!("JSONPath '{text}' at offset {at}: {what}");
         if text.len() > MAX_LEN {

@@ -812,6 +812,7 @@ struct RawRule {
     deny: Option<Compiled<MatchSpec>>,
     limit: Option<Compiled<LimitSpec>>,
     body: Option<OneOrList<Constraint>>,
+    query: Option<QuerySpec>,
     dns_labels: Option<DnsLabels>,
 }
 
@@ -834,10 +835,14 @@ fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, Strin
         ));
     }
     let body = raw.body.map(|b| b.0).unwrap_or_default();
+    let query = raw.query;
     let (action, scope) = match (raw.allow, raw.deny, raw.limit) {
-        (Some(m), None, None) => (Action::Allow, m.0.with_body(body)?),
-        (None, Some(m), None) => (Action::Deny, m.0.with_body(body)?),
+        (Some(m), None, None) => (Action::Allow, m.0.with_body(body, query)?),
+        (None, Some(m), None) => (Action::Deny, m.0.with_body(body, query)?),
         (None, None, Some(l)) => {
+            if query.is_some() {
+                return Err("query constraints go with allow or deny, not limit".to_owned());
+            }
             if !body.is_empty() {
                 return Err(
                     "body constraints go with allow or deny, not limit (use field with per: body_field)"
@@ -873,14 +878,22 @@ fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, Strin
 struct MatchSpec(Scope);
 
 impl MatchSpec {
-    fn with_body(self, body: Vec<Constraint>) -> Result<Scope, String> {
+    fn with_body(self, body: Vec<Constraint>, query: Option<QuerySpec>) -> Result<Scope, String> {
         match self.0 {
             Scope::Http(mut http) => {
                 http.body = body;
+                match query {
+                    None => {}
+                    Some(QuerySpec::None) => http.query_none = true,
+                    Some(QuerySpec::Constraints(list)) => http.query = list,
+                }
                 Ok(Scope::Http(http))
             }
             Scope::Tcp(_) if !body.is_empty() => {
                 Err("a tcp rule cannot have body constraints".to_owned())
+            }
+            Scope::Tcp(_) if query.is_some() => {
+                Err("a tcp rule cannot have query constraints".to_owned())
             }
             tcp @ Scope::Tcp(_) => Ok(tcp),
         }
@@ -958,7 +971,7 @@ impl Compile for MatchSpec {
             urls: urls(raw.url),
             headers: raw.headers.map(|h| h.0).unwrap_or_default(),
             window,
-            body: Vec::new(),
+            ..HttpScope::default()
         })))
     }
 }
@@ -1093,14 +1106,18 @@ impl Compile for LimitSpec {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum ConstraintKey {
     Jsonpath,
+    Param,
     Op(usize),
 }
 
 impl FromScalar for ConstraintKey {
-    const EXPECTING: &'static str = "jsonpath or an operator";
+    const EXPECTING: &'static str = "jsonpath, param or an operator";
     fn from_scalar(s: &str) -> Result<Self, String> {
         if s == "jsonpath" {
             return Ok(ConstraintKey::Jsonpath);
+        }
+        if s == "param" {
+            return Ok(ConstraintKey::Param);
         }
         OPERATORS
             .iter()
@@ -1118,69 +1135,152 @@ impl FromScalar for ConstraintKey {
 
 impl<'de> Deserialize<'de> for Constraint {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ConstraintVisitor { query: false })
+    }
+}
+
+/// A `query:` constraint: `param` (a query parameter's name) and the body operators.
+struct QueryConstraint(Constraint);
+
+impl<'de> Deserialize<'de> for QueryConstraint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ConstraintVisitor { query: true })
+            .map(QueryConstraint)
+    }
+}
+
+/// `query:` of a rule: `none`, or one constraint or a list.
+enum QuerySpec {
+    None,
+    Constraints(Vec<Constraint>),
+}
+
+impl<'de> Deserialize<'de> for QuerySpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Constraint;
+            type Value = QuerySpec;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a body constraint (jsonpath and an operator)")
+                f.write_str("none, or a query constraint (param and an operator) or a list")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Constraint, A::Error> {
-                let mut path = None;
-                let mut ops = Vec::new();
-                let mut seen = HashSet::new();
-                while let Some(Scalar(key)) = map.next_key::<Scalar<ConstraintKey>>()? {
-                    if !seen.insert(key) {
-                        return Err(de::Error::custom("a key appears twice in one constraint"));
-                    }
-                    let name = match key {
-                        ConstraintKey::Jsonpath => {
-                            path = Some(map.next_value::<Scalar<JsonPath>>()?.0);
-                            continue;
-                        }
-                        ConstraintKey::Op(i) => OPERATORS[i],
-                    };
-                    let op = match name {
-                        "max" => Op::Max(map.next_value::<JsonNumber>()?.0),
-                        "min" => Op::Min(map.next_value::<JsonNumber>()?.0),
-                        "eq" => Op::Eq(map.next_value::<JsonScalar>()?.0),
-                        "in" | "not_in" => {
-                            let set: Vec<Value> = map
-                                .next_value::<OneOrList<JsonScalar>>()?
-                                .0
-                                .into_iter()
-                                .map(|v| v.0)
-                                .collect();
-                            if name == "in" {
-                                Op::In(set)
-                            } else {
-                                Op::NotIn(set)
-                            }
-                        }
-                        "prefix" => Op::Prefix(map.next_value()?),
-                        "suffix" => Op::Suffix(map.next_value()?),
-                        "contains" => Op::Contains(map.next_value()?),
-                        "regex" => Op::Regex(map.next_value::<Scalar<regex::Regex>>()?.0),
-                        _ => Op::Exists(map.next_value()?),
-                    };
-                    ops.push(op);
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<QuerySpec, E> {
+                if v == "none" {
+                    Ok(QuerySpec::None)
+                } else {
+                    Err(E::custom(format!(
+                        "query: '{}' is not none or a constraint (e.g. {{ param: amount, max: 100 }})",
+                        v.escape_debug()
+                    )))
                 }
-                let path = path.ok_or_else(|| {
-                    de::Error::custom("a body constraint needs jsonpath (e.g. \"$.amount\")")
-                })?;
-                if ops.is_empty() {
-                    return Err(de::Error::custom(format!(
-                        "constraint on {path} needs an operator (one of {})",
-                        OPERATORS.join(", ")
-                    )));
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<QuerySpec, A::Error> {
+                let c = QueryConstraint::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(QuerySpec::Constraints(vec![c.0]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<QuerySpec, A::Error> {
+                let mut list = Vec::new();
+                while let Some(c) = seq.next_element::<QueryConstraint>()? {
+                    list.push(c.0);
                 }
-                if ops.len() > 1 && ops.iter().any(|op| matches!(op, Op::Exists(_))) {
-                    return Err(de::Error::custom(
-                        "exists cannot be combined with other operators; write two constraints",
-                    ));
-                }
-                Ok(Constraint { path, ops })
+                Ok(QuerySpec::Constraints(list))
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_any(V)
+    }
+}
+
+/// Reads a constraint: `jsonpath` for a body, `param` for a query string.
+struct ConstraintVisitor {
+    query: bool,
+}
+
+impl<'de> Visitor<'de> for ConstraintVisitor {
+    type Value = Constraint;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.query {
+            "a query constraint (param and an operator)"
+        } else {
+            "a body constraint (jsonpath and an operator)"
+        })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Constraint, A::Error> {
+        let mut path = None;
+        let mut ops = Vec::new();
+        let mut seen = HashSet::new();
+        while let Some(Scalar(key)) = map.next_key::<Scalar<ConstraintKey>>()? {
+            if !seen.insert(key) {
+                return Err(de::Error::custom("a key appears twice in one constraint"));
+            }
+            let name = match key {
+                ConstraintKey::Jsonpath if !self.query => {
+                    path = Some(map.next_value::<Scalar<JsonPath>>()?.0);
+                    continue;
+                }
+                ConstraintKey::Param if self.query => {
+                    let name: String = map.next_value()?;
+                    if name.is_empty() || name.len() > 256 {
+                        return Err(de::Error::custom(
+                            "param must name a query parameter (1-256 characters)",
+                        ));
+                    }
+                    path = Some(JsonPath::member(&name));
+                    continue;
+                }
+                ConstraintKey::Jsonpath => {
+                    return Err(de::Error::custom(
+                        "a query constraint names its parameter with param, not jsonpath",
+                    ));
+                }
+                ConstraintKey::Param => {
+                    return Err(de::Error::custom(
+                        "a body constraint takes jsonpath; param goes in query:",
+                    ));
+                }
+                ConstraintKey::Op(i) => OPERATORS[i],
+            };
+            let op = match name {
+                "max" => Op::Max(map.next_value::<JsonNumber>()?.0),
+                "min" => Op::Min(map.next_value::<JsonNumber>()?.0),
+                "eq" => Op::Eq(map.next_value::<JsonScalar>()?.0),
+                "in" | "not_in" => {
+                    let set: Vec<Value> = map
+                        .next_value::<OneOrList<JsonScalar>>()?
+                        .0
+                        .into_iter()
+                        .map(|v| v.0)
+                        .collect();
+                    if name == "in" {
+                        Op::In(set)
+                    } else {
+                        Op::NotIn(set)
+                    }
+                }
+                "prefix" => Op::Prefix(map.next_value()?),
+                "suffix" => Op::Suffix(map.next_value()?),
+                "contains" => Op::Contains(map.next_value()?),
+                "regex" => Op::Regex(map.next_value::<Scalar<regex::Regex>>()?.0),
+                _ => Op::Exists(map.next_value()?),
+            };
+            ops.push(op);
+        }
+        let path = path.ok_or_else(|| {
+            de::Error::custom(if self.query {
+                "a query constraint needs param (e.g. amount)"
+            } else {
+                "a body constraint needs jsonpath (e.g. \"$.amount\")"
+            })
+        })?;
+        if ops.is_empty() {
+            return Err(de::Error::custom(format!(
+                "constraint on {path} needs an operator (one of {})",
+                OPERATORS.join(", ")
+            )));
+        }
+        if ops.len() > 1 && ops.iter().any(|op| matches!(op, Op::Exists(_))) {
+            return Err(de::Error::custom(
+                "exists cannot be combined with other operators; write two constraints",
+            ));
+        }
+        Ok(Constraint { path, ops })
     }
 }
