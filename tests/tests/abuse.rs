@@ -337,3 +337,259 @@ fn one_agents_connection_flood_is_capped_and_another_agent_is_served_meanwhile()
         );
     }
 }
+
+#[test]
+fn the_live_audit_log_deleted_under_traffic_is_recreated_and_still_verifies() {
+    // Scenario: an agent makes requests while the live audit file is deleted. Within a
+    // second the daemon recreates it with every record it still had open, says so in a
+    // `daemon` record, stays healthy, and `enforcer audit verify` passes on the result.
+    let Some(s) = Scenario::new("audit_deleted") else {
+        return;
+    };
+    let up = enforcer_tests::Upstream::http("127.0.0.5", "up");
+    let mut d = s
+        .daemon()
+        .agent(
+            "a",
+            &format!(
+                "default: deny\nrules:\n  - name: up\n    allow: {{ url: \"http://127.0.0.5:{}/*\" }}\n",
+                up.addr.port()
+            ),
+        )
+        .start();
+    let url = format!("http://127.0.0.5:{}/n", up.addr.port());
+    let get = |i: usize| {
+        let out = d.curl("a", &["-sS", "--max-time", "5", &format!("{url}{i}")]);
+        assert!(stdout(&out).contains("hello from up"), "{out:?}");
+    };
+    for i in 0..3 {
+        get(i);
+    }
+    let live = d.audit_dir().join("audit.jsonl");
+    std::fs::remove_file(&live).unwrap();
+    for i in 3..6 {
+        get(i);
+    }
+    assert!(
+        eventually(5, || live.exists()
+            && d.audit_log().contains("\"action\":\"reopened\"")),
+        "the live file was not recreated:\n{}",
+        d.log()
+    );
+    get(6);
+    let audit = d.audit_log();
+    for i in 0..7 {
+        assert!(
+            audit.contains(&format!("\"url_path\":\"/n{i}\"")),
+            "request {i} missing:\n{audit}"
+        );
+    }
+    let status = d.status();
+    assert_eq!(status["audit"]["healthy"], true, "{status}");
+    d.stop();
+    let out = d.cli(&["audit", "verify"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        enforcer_tests::stderr(&out)
+    );
+}
+
+#[test]
+fn a_record_forged_while_the_daemon_is_stopped_is_reported_unattested_after_the_restart() {
+    // Scenario: with the daemon stopped cleanly, someone appends a well-linked record (an
+    // allowed refund that never happened). The next start names it unsealed before anything
+    // else, and `audit verify` exits 1 naming its seq, unless --accept-unsealed.
+    let Some(s) = Scenario::new("audit_forged") else {
+        return;
+    };
+    let mut d = s.daemon().agent("a", "default: deny\nrules: []\n").start();
+    d.stop();
+    let live = d.audit_dir().join("audit.jsonl");
+    let text = std::fs::read_to_string(&live).unwrap();
+    let last = text.lines().last().unwrap();
+    let last_v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(
+        last_v["event"], "checkpoint",
+        "a clean stop ends with a checkpoint"
+    );
+    let seq = last_v["seq"].as_u64().unwrap() + 1;
+    let forged = serde_json::json!({
+        "seq": seq,
+        "timestamp": "2026-12-03T03:00:00.000Z",
+        "event": "request",
+        "agent_id": "a",
+        "policy_result": "allow",
+        "method": "POST",
+        "url_host": "api.stripe.com",
+        "url_path": "/v1/refunds",
+        "prev_hash": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(last.as_bytes())),
+    });
+    std::fs::write(&live, format!("{text}{forged}\n")).unwrap();
+    // Before the restart the chain holds; the forgery is the unsealed tail.
+    let out = d.cli(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("unsealed tail:   1 record"),
+        "{}",
+        stdout(&out)
+    );
+
+    d.spawn();
+    let audit = d.audit_log();
+    let noted = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["seq"] == seq + 1)
+        .expect("a record after the forgery");
+    assert_eq!(noted["action"], "unsealed", "{noted}");
+    assert_eq!(
+        (noted["first_seq"].as_u64(), noted["last_seq"].as_u64()),
+        (Some(seq), Some(seq))
+    );
+    d.stop();
+    let out = d.cli(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = enforcer_tests::stderr(&out);
+    assert!(err.contains(&format!("records {seq}..{seq}")), "{err}");
+    let out = d.cli(&["audit", "verify", "--accept-unsealed"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        enforcer_tests::stderr(&out)
+    );
+}
+
+#[test]
+fn a_name_written_exactly_for_one_port_makes_only_that_port_of_its_internal_address_explicit() {
+    // Scenario: `tcp: "db.internal:P1"` beside `url: "*"`, db.internal at 127.0.0.40, where
+    // services listen on P1 and P2. P1 is reached; P2 is not (its address is internal and
+    // only P1 was written), though an unenrolled process reaches both.
+    let Some(s) = Scenario::new("exact_port") else {
+        return;
+    };
+    let db = Counter::new("127.0.0.40");
+    let other = enforcer_tests::Upstream::http("127.0.0.40", "other");
+    let policy = format!(
+        "default: deny\nrules:\n\
+         \x20 - name: db\n    allow: {{ tcp: \"db.internal:{}\" }}\n\
+         \x20 - name: web\n    allow: {{ url: \"*\" }}\n",
+        db.addr.port()
+    );
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("db.internal", "127.0.0.40")
+        .start();
+    let out = d.probe("a", &["tcp", &format!("db.internal:{}", db.addr.port())]);
+    assert!(
+        eventually(5, || db.accepted() == 1),
+        "P1 not reached: {}",
+        stdout(&out)
+    );
+    let url = format!("http://db.internal:{}/", other.addr.port());
+    let out = d.curl("a", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]);
+    assert!(
+        !stdout(&out).contains("200"),
+        "P2 of an internal address was reached: {}",
+        stdout(&out)
+    );
+    assert_eq!(other.hits().len(), 0, "P2 saw a request");
+    // Control: P2 answers a process outside enforcer.
+    let direct = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--noproxy",
+            "*",
+            &format!("http://127.0.0.40:{}/", other.addr.port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(stdout(&direct).contains("hello from other"));
+}
+
+/// An address added to the host for the test (on `lo`: this kernel has no dummy links);
+/// removed on drop, even on a failed assertion.
+struct Gained(&'static str);
+
+impl Gained {
+    fn add(cidr: &'static str) -> Gained {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", cidr, "dev", "lo"])
+            .output();
+        let out = std::process::Command::new("ip")
+            .args(["addr", "add", cidr, "dev", "lo"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip addr add: {}",
+            enforcer_tests::stderr(&out)
+        );
+        Gained(cidr)
+    }
+}
+
+impl Drop for Gained {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", self.0, "dev", "lo"])
+            .output();
+    }
+}
+
+#[test]
+fn an_address_the_host_gains_after_start_is_refused_like_its_others() {
+    // Scenario: after the daemon started, the host gains an address (as DHCP or SLAAC would
+    // give it): 45.33.77.7, on the loopback interface so nothing leaves the host. A
+    // service listens there. An agent allowed `url: "*"` cannot reach it through the proxy
+    // (it is the host's own address), while a process outside enforcer can. (On `lo`: the
+    // kernel announces it over rtnetlink like any other.)
+    let Some(s) = Scenario::new("own_address") else {
+        return;
+    };
+    let d = s
+        .daemon()
+        .agent(
+            "a",
+            "default: deny\nrules:\n  - name: web\n    allow: { url: \"*\" }\n",
+        )
+        .resolve("gained.test", "45.33.77.7")
+        .start();
+    let _gained = Gained::add("45.33.77.7/32");
+    let up = enforcer_tests::Upstream::http("45.33.77.7", "gained");
+    let url = format!("http://gained.test:{}/", up.addr.port());
+    let direct = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--noproxy",
+            "*",
+            &format!("http://45.33.77.7:{}/", up.addr.port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&direct).contains("hello from gained"),
+        "control: {direct:?}"
+    );
+    let control_hits = up.hits().len();
+    let mut body = String::new();
+    let refused = eventually(5, || {
+        let out = d.curl("a", &["-s", &url]);
+        body = stdout(&out);
+        body.contains("one of this host's own addresses")
+    });
+    assert!(
+        refused,
+        "the host's new address was reachable: {body}\n{}",
+        d.log()
+    );
+    assert_eq!(
+        up.hits().len(),
+        control_hits,
+        "the service saw the agent's request"
+    );
+}

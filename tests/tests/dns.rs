@@ -348,3 +348,42 @@ fn data_in_names_under_a_wildcard_never_reaches_the_upstream_and_exact_names_are
         );
     }
 }
+
+#[test]
+fn an_internal_answer_let_through_is_reachable_on_the_ports_the_policy_allows_only() {
+    // Scenario: `dns.allow_internal_answers: [127.0.0.60/32]` lets r.svc.test resolve to
+    // 127.0.0.60 through `*.svc.test:P1`. The answer is kept and P1 is reached through the
+    // proxy (the guard agrees with the filter); P2 on the same address is not, while an
+    // unenrolled process reaches both.
+    let Some(s) = Scenario::new("dns_internal_ports") else {
+        return;
+    };
+    let p1 = Upstream::http("127.0.0.60", "p1");
+    let p2 = Upstream::http("127.0.0.60", "p2");
+    let dns = DnsUpstream::start("127.0.0.54", &[("r.svc.test", "A", "127.0.0.60", 60)]);
+    let d = s
+        .daemon()
+        .agent("a", &policy(p1.addr.port()))
+        .dns_upstream(dns.addr)
+        .dns_lines("  allow_internal_answers: [127.0.0.60/32]")
+        .start();
+    let get = |port: u16| {
+        let out = d.curl("a", &["-s", &format!("http://r.svc.test:{port}/")]);
+        stdout(&out)
+    };
+    let body = get(p1.addr.port());
+    assert!(body.contains("hello from p1"), "{body}\n{}", d.log());
+    let body = get(p2.addr.port());
+    assert!(!body.contains("hello from p2"), "P2 was reached: {body}");
+    assert_eq!(p2.hits().len(), 0);
+    let direct = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--noproxy",
+            "*",
+            &format!("http://127.0.0.60:{}/", p2.addr.port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(stdout(&direct).contains("hello from p2"));
+}

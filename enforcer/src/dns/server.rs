@@ -377,9 +377,15 @@ impl Resolver {
             let ttl = a.ttl.clamp(MIN_TTL, self.max_ttl);
             let expires = now + u64::from(ttl) * 1_000_000_000;
             let ip = crate::addr::canonical(a.ip);
+            // An internal answer the operator let through (`dns.allow_internal_answers`) is
+            // reachable like a name written exactly: the kernel's loopback rule asks for an
+            // explicit entry, and the proxy judges the port by the policy as for any name.
+            let explicit = exact
+                || (crate::addr::internal(ip).is_some()
+                    && crate::addr::within(ip, &self.allow_internal));
             match self
                 .kernel
-                .learn_allow(client.agent.id, ip, expires, exact, self.max_learned)
+                .learn_allow(client.agent.id, ip, expires, explicit, self.max_learned)
             {
                 Ok(()) => client.agent.learn(name, ip, expires, exact),
                 Err(e @ BpfError::Quota { .. }) => {
