@@ -167,7 +167,7 @@ fn family_total(scrape: &str, family: &str) -> Option<f64> {
 #[test]
 fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
     // Scenario: one of each event the families count (an allowed and a refused connect, a
-    // refused DNS name, a raw packet, a held connection, a policy reload, the agent's and
+    // refused DNS name, a TXT query under a wildcard, a raw packet, a held connection, a policy reload, the agent's and
     // the global kill switch); every family the README lists must change, but for those it
     // marks event-only, which must at least be exported.
     let Some(s) = Scenario::new("metrics_families") else {
@@ -176,7 +176,11 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
     let families = readme_metric_families();
     assert!(families.len() >= 10, "{families:?}");
     let up = Upstream::http("127.0.0.6", "ok");
-    let d = s.daemon().agent("a", &policy()).start();
+    let policy = format!(
+        "{}  - name: wild\n    allow: {{ url: \"*.wild.test\" }}\n",
+        policy()
+    );
+    let d = s.daemon().agent("a", &policy).start();
     let (code, before) = http_get(d.metrics_port, "/metrics");
     assert_eq!(code, 200);
     let addr = up.addr.to_string();
@@ -193,6 +197,9 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
         "{}",
         stdout(&out)
     );
+    // A TXT query under a wildcard: refused by the exfiltration limits.
+    let out = d.probe("a", &["dns", "127.0.0.53:53", "x.wild.test", "TXT"]);
+    assert!(stdout(&out).contains("Refused"), "{}", stdout(&out));
     let raw = d
         .exec_as(
             "a",
@@ -217,6 +224,11 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
     std::fs::write(d.agent_kill_path("a"), b"").unwrap();
     std::fs::write(d.global_kill_path(), b"").unwrap();
     assert!(eventually(10, || d.status()["kill_switch"]["global"] == true));
+    // The switch is counted when its record is written, just after the state changes.
+    assert!(eventually(5, || {
+        let (_, now) = http_get(d.metrics_port, "/metrics");
+        family_total(&now, "enforcer_kill_switch_changes_total").unwrap_or(0.0) >= 2.0
+    }));
     let (_, after) = http_get(d.metrics_port, "/metrics");
     reap(held);
     for (family, event_only) in families {
@@ -224,8 +236,10 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
         let a = family_total(&after, &family).unwrap_or(0.0);
         let open = family_total(&while_open, &family).unwrap_or(0.0);
         if event_only {
+            // A counter's TYPE line names it without `_total` (OpenMetrics).
+            let base = family.strip_suffix("_total").unwrap_or(&family);
             assert!(
-                after.contains(&format!("# TYPE {family}")) || after.contains(&family),
+                after.contains(&format!("# TYPE {base} ")) || after.contains(&family),
                 "{family} is not exported:\n{after}"
             );
         } else {

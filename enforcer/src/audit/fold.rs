@@ -2,8 +2,10 @@
 //! never displaces another agent's.
 //!
 //! Within each second, the first denial of a kind (agent, event, result, reason and what was
-//! asked: the DNS name and type, or the method, host and path) is written at once; repeats
-//! are counted and written at the end of the second as one record with `count`. Each agent
+//! asked: the DNS name and type, or the host and destination of a connection) is written at
+//! once; repeats are counted and written at the end of the second as one record with
+//! `count`. A denied HTTP request always gets its own record while the budget lasts: the
+//! agent was given its `request_id`. Each agent
 //! may write `budget` denial records a minute one by one; past it, until its minute is over,
 //! its denials are folded harder: into one record a second per event kind and result (with
 //! the first one's reason) with `count`, the number of distinct names or paths, and a few of them as a sample.
@@ -151,6 +153,11 @@ impl Folder {
             return Offer::Folded;
         }
         if self.spend(&key.agent, now) {
+            // A denied request keeps its own record within the budget: the agent was handed
+            // its request_id, and an operator looks it up.
+            if key.event == EventKind::Request {
+                return Offer::Write(Box::new(event));
+            }
             let order = window.next_order;
             window.next_order += 1;
             window.seen.insert(
@@ -351,6 +358,26 @@ mod tests {
         let detail = out[0].detail.as_deref().unwrap();
         assert!(detail.contains("(4990 distinct;"), "{detail}");
         assert!(detail.contains("n10.example"), "{detail}");
+    }
+
+    #[test]
+    fn a_denied_request_keeps_its_own_record_within_the_budget() {
+        let f = Folder::new(3);
+        let deny = || {
+            AuditEvent::new(EventKind::Request)
+                .agent_id("a")
+                .method("PUT")
+                .url_path("/v1/items/1")
+                .policy_result(PolicyResult::Deny)
+                .reason("default deny")
+        };
+        for _ in 0..3 {
+            assert!(matches!(f.offer(deny()), Offer::Write(_)));
+        }
+        assert_eq!(f.offer(deny()), Offer::Folded);
+        let out = f.drain();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].count, Some(1));
     }
 
     #[test]
