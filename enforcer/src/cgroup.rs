@@ -99,12 +99,31 @@ impl Hierarchy {
     }
 
     /// Creates the cgroup (and its parents) if missing.
+    ///
+    /// Directories it creates get mode 0755 whatever the umask (the unit runs with
+    /// `UMask=0077`): `enforcer exec` run by a non-root member of the admin group must stat
+    /// an agent's cgroup to learn its id, and a cgroup directory holds no secret; what
+    /// matters, writing its control files, stays root's.
     pub fn ensure(&self, path: &Path) -> Result<PathBuf, CgroupError> {
+        use std::os::unix::fs::PermissionsExt as _;
         let path = self.resolve(path)?;
+        let missing: Vec<PathBuf> = path
+            .ancestors()
+            .take_while(|a| a.starts_with(&self.mount) && *a != self.mount && !a.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(&path).map_err(|source| CgroupError::Create {
             path: path.clone(),
             source,
         })?;
+        for dir in missing.iter().rev() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(
+                |source| CgroupError::Create {
+                    path: dir.clone(),
+                    source,
+                },
+            )?;
+        }
         Ok(path)
     }
 

@@ -1069,6 +1069,29 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     )
 }
 
+/// A cgroup a test makes or causes, removed (its processes killed) when the guard drops,
+/// so a failed test leaves none behind.
+pub struct CgroupDir(pub PathBuf);
+
+impl CgroupDir {
+    /// Guards `path` without creating it (for a cgroup the daemon will create).
+    pub fn later(path: PathBuf) -> Self {
+        Self(path)
+    }
+
+    /// Creates `path` (and its parents) and guards it.
+    pub fn create(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).expect("create cgroup");
+        Self(path)
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        remove_cgroup(&self.0);
+    }
+}
+
 /// Kills every process in a cgroup and removes it.
 pub fn remove_cgroup(path: &Path) {
     if !path.exists() {

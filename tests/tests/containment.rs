@@ -428,8 +428,12 @@ fn an_admin_group_member_cannot_take_a_removed_agents_name_or_widen_an_ad_hoc_po
     let victim = d.agent("victim").to_owned();
     let victim_id = d.agent_status("victim")["id"].as_u64().unwrap();
     let mount = enforcer_tests::cgroup2_mount().unwrap();
-    let service = mount.join("enforcer.slice").join(format!("{victim}-svc"));
-    std::fs::create_dir_all(&service).unwrap();
+    let service_dir = enforcer_tests::CgroupDir::create(
+        mount.join("enforcer.slice").join(format!("{victim}-svc")),
+    );
+    let service = service_dir.0.clone();
+    let _adhoc_cgroup =
+        enforcer_tests::CgroupDir::later(mount.join("enforcer.slice").join("user-nobody-task"));
     let out = d.cli(&[
         "enrol",
         "--agent",
@@ -528,9 +532,7 @@ fn an_admin_group_member_cannot_take_a_removed_agents_name_or_widen_an_ad_hoc_po
     assert_eq!(up.hits().len(), 0);
     d.stop();
     let _ = d.cli(&["unenrol", "--cgroup", service.to_str().unwrap()]);
-    enforcer_tests::remove_cgroup(&service);
     let _ = std::fs::remove_file(d.dir.path().join("state/agents/user-nobody-task.yaml"));
-    enforcer_tests::remove_cgroup(&mount.join("enforcer.slice").join("user-nobody-task"));
 }
 
 #[test]
