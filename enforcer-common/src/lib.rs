@@ -14,7 +14,7 @@
 
 /// Version of the pinned map layout. Bump it whenever a key or value type below changes;
 /// the daemon refuses (or migrates) pinned maps written with another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Highest number of agents the kernel tables hold. Agent id 0 means "no agent".
 pub const MAX_AGENTS: u32 = 1024;
@@ -183,6 +183,64 @@ pub struct GlobalConfig {
     /// `bpf_get_netns_cookie` of the daemon's network namespace. Sockets in any other
     /// namespace are refused.
     pub netns_cookie: u64,
+    /// Where the connect hooks find the caller's executable in kernel memory.
+    pub task_offsets: TaskOffsets,
+}
+
+/// Byte offsets of the kernel fields on the path `task_struct->mm->exe_file->f_inode->
+/// {i_ino, i_sb->s_dev}`, which the connect hooks follow to name the executable of the task
+/// that called `connect()` ([`ExeId`]).
+///
+/// aya's Rust eBPF has no CO-RE field relocations, so user space computes these from the
+/// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and writes them here. `known` is 1 only
+/// when every offset was found; otherwise (all zero) the hooks read nothing and record an
+/// unknown executable.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `task_struct.mm` (`struct mm_struct *`).
+    pub task_mm: u32,
+    /// `mm_struct.exe_file` (`struct file *`).
+    pub mm_exe_file: u32,
+    /// `file.f_inode` (`struct inode *`).
+    pub file_inode: u32,
+    /// `inode.i_ino` (8 bytes).
+    pub inode_ino: u32,
+    /// `inode.i_sb` (`struct super_block *`).
+    pub inode_sb: u32,
+    /// `super_block.s_dev` (4-byte kernel `dev_t`).
+    pub sb_dev: u32,
+    /// 1 when every offset above is known; 0 means "unknown, do not read".
+    pub known: u32,
+    pub _pad0: u32,
+}
+
+/// The identity of an executable file as the kernel holds it: its inode number and the
+/// `s_dev` of its filesystem, in the kernel's internal `dev_t` encoding
+/// (`major << 20 | minor`, not the `st_dev` encoding of `stat(2)`). All zero means unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExeId {
+    pub ino: u64,
+    pub dev: u32,
+    pub _pad: u32,
+}
+
+impl ExeId {
+    /// Bits of the kernel `dev_t` that hold the minor number.
+    pub const MINOR_BITS: u32 = 20;
+
+    pub const fn is_unknown(&self) -> bool {
+        self.ino == 0 && self.dev == 0
+    }
+
+    pub const fn major(&self) -> u32 {
+        self.dev >> Self::MINOR_BITS
+    }
+
+    pub const fn minor(&self) -> u32 {
+        self.dev & ((1 << Self::MINOR_BITS) - 1)
+    }
 }
 
 /// Bits of [`GlobalConfig::flags`].
@@ -287,6 +345,9 @@ pub struct OrigDst {
     /// `bpf_ktime_get_boot_ns` at connect.
     pub created_boot_ns: u64,
     pub cookie: u64,
+    /// The executable of the task that called `connect()`, read in the kernel at that
+    /// moment (zero when unknown: no offsets, a kernel thread, a failed read).
+    pub exe: ExeId,
 }
 
 /// Bits of [`OrigDst::flags`].
@@ -395,6 +456,8 @@ mod pod {
     pod!(
         Addr,
         GlobalConfig,
+        TaskOffsets,
+        ExeId,
         AgentState,
         AllowKey,
         AllowValue,
@@ -415,13 +478,16 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Addr>(), 16);
-        assert_eq!(size_of::<GlobalConfig>(), 24);
+        assert_eq!(size_of::<TaskOffsets>(), 4 * 8);
+        assert_eq!(size_of::<ExeId>(), 16);
+        // version, flags, ports, pad, netns cookie, task offsets.
+        assert_eq!(size_of::<GlobalConfig>(), 4 + 4 + 2 + 2 + 4 + 8 + 32);
         assert_eq!(size_of::<AgentState>(), 8);
         assert_eq!(size_of::<AllowKey>(), 24);
         assert_eq!(size_of::<AllowValue>(), 16);
         assert_eq!(size_of::<SockKey>(), 20);
-        // addr, port + family, agent/pid/uid/gid/flags, comm, two u64s.
-        assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 + 8);
+        // addr, port + family, agent/pid/uid/gid/flags, comm, two u64s, exe.
+        assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 + 8 + 16);
         assert_eq!(size_of::<DnsClient>(), 8 + 16 + 8 + 16);
         assert_eq!(size_of::<AgentCounters>(), 40);
         // addr, port + proto, agent/pid/uid/reason/pad, comm.

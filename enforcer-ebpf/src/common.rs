@@ -4,13 +4,16 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_boot_ns},
+        bpf_probe_read_kernel,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_ktime_get_boot_ns,
+        },
     },
     maps::lpm_trie::Key,
 };
 use enforcer_common::{
-    Addr, AgentCounters, AgentState, AllowKey, AllowValue, DenyEvent, GlobalConfig,
-    MAX_CGROUP_DEPTH, agent_flags, global_flags,
+    Addr, AgentCounters, AgentState, AllowKey, AllowValue, DenyEvent, ExeId, GlobalConfig,
+    MAX_CGROUP_DEPTH, TaskOffsets, agent_flags, global_flags,
 };
 
 use crate::maps::{AGENTS, ALLOW, CGROUP_AGENT, CONFIG, COUNTERS, EVENTS};
@@ -173,6 +176,53 @@ pub fn caller() -> (u32, u32, u32, [u8; 16]) {
         (uid_gid >> 32) as u32,
         bpf_get_current_comm().unwrap_or_default(),
     )
+}
+
+/// The executable of the calling task: `current->mm->exe_file->f_inode`'s inode number and
+/// its superblock's `s_dev`, read at the moment of the call, so neither a later `exec` nor a
+/// reused pid can change the answer.
+///
+/// aya's Rust eBPF has no CO-RE field relocations, so the offsets come from user space, which
+/// computes them from the running kernel's BTF (`GlobalConfig::task_offsets`). Every pointer
+/// is read with `bpf_probe_read_kernel`, which fails cleanly on a bad address; any failed
+/// read, a null pointer (a kernel thread has no `mm`, an `mm` may have no `exe_file`), or
+/// unknown offsets give [`ExeId::default`] (unknown).
+///
+/// Used only in syscall context (connect, sendmsg), where the current task is the caller.
+#[inline(always)]
+pub fn caller_exe(offsets: &TaskOffsets) -> ExeId {
+    if offsets.known == 0 {
+        return ExeId::default();
+    }
+    read_exe(offsets).unwrap_or_default()
+}
+
+#[inline(always)]
+fn read_exe(o: &TaskOffsets) -> Option<ExeId> {
+    // SAFETY: plain helper call; the result is only ever used as an address for
+    // bpf_probe_read_kernel, never dereferenced directly.
+    let task = unsafe { bpf_get_current_task() };
+    let mm = read_kernel_ptr(task, o.task_mm)?;
+    let file = read_kernel_ptr(mm, o.mm_exe_file)?;
+    let inode = read_kernel_ptr(file, o.file_inode)?;
+    let sb = read_kernel_ptr(inode, o.inode_sb)?;
+    // SAFETY: bpf_probe_read_kernel copies from any kernel address and fails on a bad one.
+    let ino =
+        unsafe { bpf_probe_read_kernel((inode + u64::from(o.inode_ino)) as *const u64) }.ok()?;
+    // SAFETY: as above.
+    let dev = unsafe { bpf_probe_read_kernel((sb + u64::from(o.sb_dev)) as *const u32) }.ok()?;
+    Some(ExeId { ino, dev, _pad: 0 })
+}
+
+/// The pointer stored at `base + offset` in kernel memory; `None` for a failed read or null.
+#[inline(always)]
+fn read_kernel_ptr(base: u64, offset: u32) -> Option<u64> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copies from any kernel address and fails on a bad one.
+    let ptr = unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const u64) }.ok()?;
+    (ptr != 0).then_some(ptr)
 }
 
 /// Boot-clock nanoseconds.

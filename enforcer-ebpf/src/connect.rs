@@ -19,8 +19,8 @@ use enforcer_common::{
 use crate::{
     common::{
         AF_INET, AF_INET6, ALLOW_CALL, Counter, DENY_CALL, IPPROTO_TCP, IPPROTO_UDP, SOCK_DGRAM,
-        SOCK_STREAM, agent_state, allowlisted, caller, config, count, current_agent, killed,
-        now_boot_ns, report_deny,
+        SOCK_STREAM, agent_state, allowlisted, caller, caller_exe, config, count, current_agent,
+        killed, now_boot_ns, report_deny,
     },
     maps::ORIG_BY_COOKIE,
 };
@@ -212,7 +212,7 @@ fn connect_stream<const V6: bool>(
             } else {
                 orig_flags::DIRECT
             };
-            record::<V6>(ctx, agent, dst, port, flags);
+            record::<V6>(ctx, cfg, agent, dst, port, flags);
             return Ok(ALLOW_CALL);
         }
         // Other local services only when the policy names them explicitly.
@@ -229,7 +229,7 @@ fn connect_stream<const V6: bool>(
     } else {
         0
     };
-    if !record::<V6>(ctx, agent, dst, port, flags) {
+    if !record::<V6>(ctx, cfg, agent, dst, port, flags) {
         // Without the record the proxy cannot know where to go: fail the connect now.
         return deny(deny_reason::NOT_READY);
     }
@@ -256,7 +256,14 @@ pub fn udp_verdict<const V6: bool>(
         return redirect_dns::<V6>(ctx, cfg, agent, dst, port, IPPROTO_UDP as u16);
     }
     if dst.is_daemon_listener() && port == cfg.dns_port {
-        if !record::<V6>(ctx, agent, dst, port, orig_flags::DNS | orig_flags::DIRECT) {
+        if !record::<V6>(
+            ctx,
+            cfg,
+            agent,
+            dst,
+            port,
+            orig_flags::DNS | orig_flags::DIRECT,
+        ) {
             refuse(
                 ctx,
                 agent,
@@ -290,7 +297,7 @@ fn redirect_dns<const V6: bool>(
         refuse(ctx, agent, dst, port, proto, deny_reason::NOT_READY);
         return DENY_CALL;
     }
-    if !record::<V6>(ctx, agent, dst, port, orig_flags::DNS) {
+    if !record::<V6>(ctx, cfg, agent, dst, port, orig_flags::DNS) {
         refuse(ctx, agent, dst, port, proto, deny_reason::NOT_READY);
         return DENY_CALL;
     }
@@ -299,10 +306,12 @@ fn redirect_dns<const V6: bool>(
     ALLOW_CALL
 }
 
-/// Stores the original destination under the socket cookie. False if the map refused it.
+/// Stores the original destination, with the caller and its executable, under the socket
+/// cookie. False if the map refused it.
 #[inline(always)]
 fn record<const V6: bool>(
     ctx: &SockAddrContext,
+    cfg: &GlobalConfig,
     agent: u32,
     dst: &Addr,
     port: u16,
@@ -323,6 +332,7 @@ fn record<const V6: bool>(
         comm,
         created_boot_ns: now_boot_ns(),
         cookie,
+        exe: caller_exe(&cfg.task_offsets),
     };
     ORIG_BY_COOKIE.insert(cookie, orig, 0).is_ok()
 }

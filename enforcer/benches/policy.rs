@@ -91,6 +91,7 @@ fn bench(c: &mut Criterion) {
         body: None,
         body_truncated: false,
         now,
+        exe: None,
     };
     assert_eq!(policy.evaluate(&get, &limiter).kind, DecisionKind::Allow);
     c.bench_function("evaluate/host_method_path", |b| {
@@ -110,6 +111,7 @@ fn bench(c: &mut Criterion) {
         body: Some(&body),
         body_truncated: false,
         now,
+        exe: None,
     };
     assert_eq!(policy.evaluate(&post, &limiter).kind, DecisionKind::Allow);
     c.bench_function("evaluate/json_body_1k", |b| {

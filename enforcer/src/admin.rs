@@ -130,6 +130,7 @@ pub trait Handler: Send + Sync + 'static {
         req: api::UnenrolRequest,
     ) -> Result<api::UnenrolResponse, Refusal>;
     fn reload(&self) -> impl Future<Output = Result<api::ReloadResponse, Refusal>> + Send;
+    fn credentials(&self) -> api::CredentialsReport;
 }
 
 /// Binds the admin socket: mode 0660, group `admin_group` when given.
@@ -251,6 +252,7 @@ async fn route<H: Handler>(
     };
     match (&parts.method, parts.uri.path()) {
         (&Method::GET, "/v1/status") => json(StatusCode::OK, &handler.status()),
+        (&Method::GET, "/v1/credentials") => json(StatusCode::OK, &handler.credentials()),
         (&Method::POST, "/v1/enrol") => match serde_json::from_slice::<api::EnrolRequest>(&body) {
             Ok(r) => {
                 if !peer.is_root() && r.target != Target::SelfProcess {

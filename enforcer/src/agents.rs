@@ -27,6 +27,7 @@ use crate::{
 pub mod allowlist;
 pub mod caller;
 pub mod conns;
+pub mod exe;
 pub mod lifecycle;
 pub mod sweeper;
 

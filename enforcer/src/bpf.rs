@@ -32,6 +32,7 @@ use enforcer_common::{
     MAX_AGENTS, OrigDst, SockKey, allow_flags, global_flags, maps, programs,
 };
 
+pub mod btf;
 pub mod events;
 pub mod layout;
 pub mod sys;
@@ -379,6 +380,9 @@ impl Kernel {
             dns_port,
             _pad0: 0,
             netns_cookie,
+            // Where the connect hooks find the caller's executable; all zero (unknown, and a
+            // warning) when the kernel's BTF lacks a member.
+            task_offsets: btf::running_kernel(),
         })
     }
 

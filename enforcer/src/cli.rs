@@ -53,4 +53,7 @@ pub enum Command {
     /// The local CA that signs intercepted TLS.
     #[command(subcommand)]
     Ca(cmd::ca::CaCommand),
+    /// Secrets the proxy injects for agents: list them, print an agent's placeholders.
+    #[command(subcommand)]
+    Credentials(cmd::credentials::CredentialsCommand),
 }

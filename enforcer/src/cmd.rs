@@ -7,6 +7,7 @@ use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 
 pub mod audit;
 pub mod ca;
+pub mod credentials;
 pub mod daemon;
 pub mod detach;
 pub mod enrol;

@@ -147,6 +147,39 @@ pub struct AgentConfig {
     /// `enforcer.slice/<name>` under the cgroup2 mount.
     #[serde(default)]
     pub exec_cgroup: Option<PathBuf>,
+    /// Secrets the proxy injects for this agent (`credentials:`). Default: none.
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
+}
+
+/// One `credentials:` entry of an agent: a secret the agent never holds. It gets a
+/// placeholder; the proxy swaps the real value in only toward `hosts`, only for this agent's
+/// connections (and, with `binaries`, only those the kernel saw made by these executables).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// `[A-Za-z0-9_-]`, 1 to 64 characters, unique within the agent. Required.
+    pub name: String,
+    /// A root-owned file, not readable by group or others, not a symlink, holding the secret
+    /// (one trailing newline is dropped). This or `systemd_credential`.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// A systemd credential (`LoadCredential=`), read from `$CREDENTIALS_DIRECTORY/<name>`.
+    #[serde(default)]
+    pub systemd_credential: Option<String>,
+    /// The variable `enforcer exec` sets to the placeholder. Required.
+    pub env: String,
+    /// Where the real value may go: exact names, `*.example.com` (subdomains), IP literals.
+    /// Required, at least one.
+    pub hosts: Vec<String>,
+    /// Only connections made by these executables (resolved to device and inode). Default:
+    /// any executable of the agent.
+    #[serde(default)]
+    pub binaries: Vec<PathBuf>,
+    /// Put before the random part, for clients that check a key's shape (`sk-`).
+    /// `[A-Za-z0-9_-]`, at most 32 characters. Default: none.
+    #[serde(default)]
+    pub placeholder_prefix: String,
 }
 
 impl AgentConfig {
@@ -373,6 +406,11 @@ impl Config {
         }
         for agent in &mut self.agents {
             abs(&mut agent.policy);
+            for c in &mut agent.credentials {
+                if let Some(p) = c.secret_file.as_mut() {
+                    abs(p);
+                }
+            }
         }
     }
 
@@ -411,6 +449,112 @@ impl Config {
         }
         for upstream in &self.dns.upstream {
             parse_dns_upstream(upstream).map_err(|m| invalid(format!("dns.upstream: {m}")))?;
+        }
+        for agent in &self.agents {
+            self.validate_credentials(agent)
+                .map_err(|m| invalid(format!("agents: '{}': credentials: {m}", agent.name)))?;
+        }
+        Ok(())
+    }
+
+    fn validate_credentials(&self, agent: &AgentConfig) -> Result<(), String> {
+        let token = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        let mut names = std::collections::BTreeSet::new();
+        let mut envs = std::collections::BTreeSet::new();
+        for c in &agent.credentials {
+            if c.name.is_empty() || c.name.len() > 64 || !token(&c.name) {
+                return Err(format!(
+                    "'{}' is not a credential name; use 1 to 64 of [A-Za-z0-9_-]",
+                    c.name
+                ));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(format!(
+                    "'{}' is listed twice; names must be unique",
+                    c.name
+                ));
+            }
+            match (&c.secret_file, &c.systemd_credential) {
+                (Some(_), None) => {}
+                (None, Some(n)) if !n.is_empty() && token(n) => {}
+                (None, Some(n)) => {
+                    return Err(format!(
+                        "'{}': systemd_credential '{n}' is not a credential name",
+                        c.name
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "'{}': give exactly one of secret_file and systemd_credential",
+                        c.name
+                    ));
+                }
+            }
+            let env_ok = c
+                .env
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && c.env
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !env_ok {
+                return Err(format!(
+                    "'{}': env '{}' is not a variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                    c.name, c.env
+                ));
+            }
+            if !envs.insert(c.env.as_str()) {
+                return Err(format!(
+                    "'{}': env {} is set by another credential of this agent",
+                    c.name, c.env
+                ));
+            }
+            if c.placeholder_prefix.len() > 32 || !token(&c.placeholder_prefix) {
+                return Err(format!(
+                    "'{}': placeholder_prefix '{}' must be at most 32 of [A-Za-z0-9_-]",
+                    c.name, c.placeholder_prefix
+                ));
+            }
+            if c.hosts.is_empty() {
+                return Err(format!(
+                    "'{}': hosts is empty; name where the secret may be sent",
+                    c.name
+                ));
+            }
+            for b in &c.binaries {
+                if !b.is_absolute() {
+                    return Err(format!(
+                        "'{}': binaries: '{}' is not an absolute path",
+                        c.name,
+                        b.display()
+                    ));
+                }
+            }
+            for h in &c.hosts {
+                let bound = crate::credentials::HostPattern::parse(h)
+                    .map_err(|e| format!("'{}': hosts: {e}", c.name))?;
+                if self.tls.mode == TlsMode::Sni {
+                    return Err(format!(
+                        "'{}': tls.mode is sni, so the proxy never sees a request to swap the \
+                         secret into; use tls.mode auto or intercept",
+                        c.name
+                    ));
+                }
+                for p in &self.tls.passthrough_hosts {
+                    if crate::credentials::HostPattern::parse(p).is_ok_and(|p| p.overlaps(&bound)) {
+                        return Err(format!(
+                            "'{}': host '{h}' is also covered by tls.passthrough_hosts '{p}'; \
+                             a bound host must be intercepted to swap the secret in, so take \
+                             it out of one of them",
+                            c.name
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }

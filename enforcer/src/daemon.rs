@@ -116,6 +116,13 @@ pub async fn run(
         enroller.clone(),
         audit.clone(),
     ));
+    let credentials = Arc::new(crate::credentials::Vault::new(&config)?);
+    for c in credentials.all() {
+        metrics::credential_known(&c.agent, &c.name);
+        if let Some(why) = c.unavailable() {
+            tracing::warn!(agent = %c.agent, credential = %c.name, "credential unavailable, requests that need it are refused: {why}");
+        }
+    }
     let lifecycle = Arc::new(Lifecycle::new(
         &config,
         config_path,
@@ -125,6 +132,7 @@ pub async fn run(
             enroller: enroller.clone(),
             audit: audit.clone(),
             kill_flags: kill_switch.clone(),
+            credentials: credentials.clone(),
         },
     )?);
 
@@ -159,6 +167,7 @@ pub async fn run(
             decisions: decisions.clone(),
             safe_method_bodies: config.http.bodies_on_safe_methods,
             upstream_tls,
+            credentials: credentials.clone(),
         }),
         limits: proxy::limits::Limits {
             per_agent_open: config.max_connections_per_agent,
@@ -192,6 +201,7 @@ pub async fn run(
         kernel: kernel.clone(),
         enroller: enroller.clone(),
         audit: audit.clone(),
+        credentials: credentials.clone(),
     });
     let admin_path = config.admin_socket_path();
     let admin_listener = admin::bind(&admin_path, config.admin_group.as_deref())?;
@@ -203,6 +213,7 @@ pub async fn run(
             registry: registry.clone(),
             reporter: reporter.clone(),
             ca_bundle,
+            credentials: credentials.clone(),
         }),
     ));
 
@@ -220,13 +231,16 @@ pub async fn run(
         registry.clone(),
         audit.clone(),
     ));
-    let resolver = Arc::new(Resolver::new(
-        kernel.clone(),
-        registry.clone(),
-        decisions,
-        &config.dns,
-        config.dns_upstreams(),
-    ));
+    let resolver = Arc::new(
+        Resolver::new(
+            kernel.clone(),
+            registry.clone(),
+            decisions,
+            &config.dns,
+            config.dns_upstreams(),
+        )
+        .with_credentials(credentials.clone()),
+    );
     tokio::spawn(dns::server::serve_udp(
         listeners.dns_udp_v4,
         resolver.clone(),
@@ -252,6 +266,7 @@ pub async fn run(
         enroller: enroller.clone(),
     }));
     tokio::spawn(metrics::serve(metrics_listener, reporter));
+    tokio::spawn(crate::credentials::watch(credentials.clone()));
 
     kernel.update_config(|c| c.flags |= global_flags::READY)?;
     let _ = audit.record(

@@ -37,6 +37,7 @@ pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod control;
+pub mod credentials;
 pub mod daemon;
 pub mod dns;
 pub mod enrol;

@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         Command::Audit(c) => cmd::audit::run(c, &config),
         Command::Keygen(args) => cmd::audit::keygen(args, &config),
         Command::Ca(c) => cmd::ca::run(c, &config),
+        Command::Credentials(c) => cmd::credentials::run(c, &config),
         Command::Policy(_) => unreachable!("handled above"),
     }
 }

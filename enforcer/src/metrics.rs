@@ -57,6 +57,13 @@ struct WhyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialLabels {
+    agent: String,
+    /// The credential's name (never its value).
+    credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     agent: String,
     result: String,
@@ -67,6 +74,7 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     dns_denials: Family<AgentLabels, Counter>,
     dns_wildcard_refused: Family<WhyLabels, Counter>,
+    credential_leaks: Family<CredentialLabels, Counter>,
     policy_reloads: Family<ResultLabels, Counter>,
     kill_switch_changes: Family<ResultLabels, Counter>,
     evaluation: Histogram,
@@ -80,6 +88,7 @@ pub fn global() -> &'static Metrics {
         decisions: Family::default(),
         dns_denials: Family::default(),
         dns_wildcard_refused: Family::default(),
+        credential_leaks: Family::default(),
         policy_reloads: Family::default(),
         kill_switch_changes: Family::default(),
         // 1 µs .. ~0.5 s.
@@ -113,6 +122,14 @@ pub fn dns_wildcard_refused(agent: &str, why: &str) {
         .inc();
 }
 
+/// Exports a credential's leak counter at 0, so the series exists before any leak.
+pub fn credential_known(agent: &str, credential: &str) {
+    let _ = global().credential_leaks.get_or_create(&CredentialLabels {
+        agent: agent.to_owned(),
+        credential: credential.to_owned(),
+    });
+}
+
 /// Counts a decision or control event as it is audited.
 pub fn observe(event: &AuditEvent) {
     let m = global();
@@ -141,6 +158,19 @@ pub fn observe(event: &AuditEvent) {
             ) =>
         {
             m.dns_denials.get_or_create(&AgentLabels { agent }).inc();
+        }
+        EventKind::CredentialLeak => {
+            m.credential_leaks
+                .get_or_create(&CredentialLabels {
+                    agent,
+                    credential: event
+                        .matched_rule
+                        .as_deref()
+                        .and_then(|r| r.strip_prefix("credential:"))
+                        .unwrap_or_default()
+                        .to_owned(),
+                })
+                .inc();
         }
         EventKind::Policy => {
             let result = match event.action {
@@ -329,6 +359,11 @@ fn registry(source: Arc<dyn Source>) -> Registry {
         "enforcer_dns_denials",
         "DNS names refused (NXDOMAIN) or that would be in dry-run",
         m.dns_denials.clone(),
+    );
+    r.register(
+        "enforcer_credential_leaks",
+        "Requests and DNS queries refused for carrying a credential's placeholder where it may not go",
+        m.credential_leaks.clone(),
     );
     r.register(
         "enforcer_dns_wildcard_refused",

@@ -111,6 +111,7 @@
 //! budget means [`DecisionKind::RateLimited`] with a retry-after. Otherwise the request is
 //! [`DecisionKind::DefaultDeny`].
 
+pub mod binaries;
 mod body;
 mod engine;
 mod host;
@@ -283,6 +284,9 @@ pub struct Request<'a> {
     /// True when the body exceeded [`BODY_INSPECTION_LIMIT`] and was cut.
     pub body_truncated: bool,
     pub now: jiff::Timestamp,
+    /// The executable that made the connection, as the kernel recorded it (`None`: unknown),
+    /// for rules with `binaries:`.
+    pub exe: Option<crate::sys::FileId>,
 }
 
 /// The kind of a decision.
@@ -489,21 +493,32 @@ impl Policy {
         host: &str,
         port: u16,
         now: jiff::Timestamp,
+        exe: Option<crate::sys::FileId>,
     ) -> Decision {
-        engine::host_decision(self, scheme, host, port, now)
+        engine::host_decision(self, scheme, host, port, now, exe)
     }
 
     /// `tcp:` rules: is this destination (host name or IP literal, port) allowed? Returns the
     /// allowing rule's name. A `tcp:` deny rule wins; `default` does not apply (a stream the
     /// proxy cannot parse is allowed only by an explicit `tcp:` rule).
-    pub fn tcp_allowed(&self, host: &str, port: u16) -> Option<&str> {
-        engine::tcp_allowed(self, host, port)
+    pub fn tcp_allowed(
+        &self,
+        host: &str,
+        port: u16,
+        exe: Option<crate::sys::FileId>,
+    ) -> Option<&str> {
+        engine::tcp_allowed(self, host, port, exe)
     }
 
     /// `tcp:` rules as a decision: allowed by the first rule that allows one of `hosts` (the
     /// names the destination address was resolved for, and the address itself) on `port`.
-    pub fn tcp_decision(&self, hosts: &[String], port: u16) -> Option<Decision> {
-        let rule: Arc<str> = Arc::from(hosts.iter().find_map(|h| self.tcp_allowed(h, port))?);
+    pub fn tcp_decision(
+        &self,
+        hosts: &[String],
+        port: u16,
+        exe: Option<crate::sys::FileId>,
+    ) -> Option<Decision> {
+        let rule: Arc<str> = Arc::from(hosts.iter().find_map(|h| self.tcp_allowed(h, port, exe))?);
         let reason = format!("allowed by rule '{rule}'");
         Some(self.decision(DecisionKind::Allow, Some(&rule), reason, None))
     }

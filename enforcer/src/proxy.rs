@@ -260,7 +260,7 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr) {
         tracing::debug!(%peer, "closing a direct connection to the proxy port");
         return;
     }
-    let Some(caller) = Caller::from_record(&ctx.registry, orig.agent, orig.pid, &orig.comm) else {
+    let Some(caller) = Caller::from_orig(&ctx.registry, &orig) else {
         tracing::warn!(agent_id = orig.agent, %peer, "redirected connection of an unknown agent; closing");
         return;
     };
@@ -375,7 +375,7 @@ impl Connection {
             Route::Decided { verdict, .. } => {
                 tracing::info!(
                     agent = %self.caller.agent.name, pid = self.caller.pid, comm = %self.caller.comm,
-                    dst = %self.dst, host = %verdict.host,
+                    exe = %self.caller.exe_display(), dst = %self.dst, host = %verdict.host,
                     "connection denied: {}", verdict.decision.reason
                 );
                 self.refuse(client, &verdict).await;
@@ -396,7 +396,8 @@ impl Connection {
         // Step 2: tcp: rules, judged on the destination alone, before any byte is read.
         let mut names = self.caller.agent.names_for(dst_ip);
         names.push(ip_text.clone());
-        let tcp = crate::metrics::timed(|| self.policy.tcp_decision(&names, self.dst.port()));
+        let exe = self.caller.exe.as_ref().map(|e| e.id);
+        let tcp = crate::metrics::timed(|| self.policy.tcp_decision(&names, self.dst.port(), exe));
         if let Some(decision) = tcp {
             let host = names.first().cloned().unwrap_or(ip_text);
             return Route::Decided {
@@ -456,6 +457,7 @@ impl Connection {
                     canonical,
                     self.dst.port(),
                     jiff::Timestamp::now(),
+                    self.caller.exe.as_ref().map(|e| e.id),
                 )
             });
             // Without SNI the host is the address; say so when that fails.
@@ -467,11 +469,15 @@ impl Connection {
             }
             d
         };
-        let decision = match self
-            .ctx
-            .tls
-            .route(&self.policy, &canonical, self.dst.port())
-        {
+        let decision = match self.ctx.tls.route(
+            &self.policy,
+            &canonical,
+            self.dst.port(),
+            self.ctx
+                .l7
+                .credentials
+                .inspect(&self.caller.agent.name, &canonical),
+        ) {
             tls::Route::Intercept => {
                 let sni = sni.as_ref().map(|_| canonical);
                 return Route::Intercept { prefix, sni };

@@ -162,6 +162,7 @@ pub struct Reporter {
     pub kernel: Arc<Kernel>,
     pub enroller: Arc<Enroller>,
     pub audit: AuditLog,
+    pub credentials: Arc<crate::credentials::Vault>,
 }
 
 impl Reporter {
@@ -265,6 +266,16 @@ impl Reporter {
             problems.push("audit log cannot be written".into());
         }
         problems.extend(self.kernel.missing_protections());
+        // Never the secret: only which credential and why it cannot be had.
+        for c in self.credentials.all() {
+            if let Some(why) = c.unavailable() {
+                problems.push(format!(
+                    "credential '{}' of agent '{}' is unavailable (requests that need it are \
+                     refused): {why}",
+                    c.name, c.agent
+                ));
+            }
+        }
         let status = if !problems.is_empty() {
             HealthState::Degraded
         } else if agents.is_empty() {

@@ -14,9 +14,12 @@ use std::{
     time::Duration,
 };
 
+pub mod fileid;
 pub mod listeners;
 pub mod sched;
 pub mod sockdiag;
+
+pub use fileid::FileId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysError {

@@ -413,8 +413,24 @@ fn github_readonly_policy() {
             (
                 "POST",
                 "https://github.com/rust-lang/rust.git/git-upload-pack",
-                &[],
+                &["--exe", "/usr/lib/git-core/git-remote-https"],
                 "allow",
+                "git-fetch",
+            ),
+            // The same POST from anything but git's transport (or from an executable not
+            // named): refused.
+            (
+                "POST",
+                "https://github.com/rust-lang/rust.git/git-upload-pack",
+                &["--exe", "/usr/bin/curl"],
+                "deny",
+                "git-fetch",
+            ),
+            (
+                "POST",
+                "https://github.com/rust-lang/rust.git/git-upload-pack",
+                &[],
+                "deny",
                 "git-fetch",
             ),
             (

@@ -172,6 +172,7 @@ proptest! {
             body: body.as_deref(),
             body_truncated: truncated,
             now,
+            exe: None,
         };
         for _ in 0..3 {
             let d = POLICY.evaluate(&req, &limiter);
@@ -183,9 +184,9 @@ proptest! {
         let _ = POLICY.needs_body(scheme, &host, port, &method, &target);
         let _ = POLICY.host_match(&host);
         let _ = POLICY.host_needs_l7(scheme, &host, port);
-        let d = POLICY.host_decision(scheme, &host, port, now);
+        let d = POLICY.host_decision(scheme, &host, port, now, None);
         prop_assert_eq!(d.allowed, d.kind == DecisionKind::Allow);
-        let _ = POLICY.tcp_allowed(&host, port);
+        let _ = POLICY.tcp_allowed(&host, port, None);
     }
 
     #[test]

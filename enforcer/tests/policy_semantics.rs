@@ -839,7 +839,7 @@ rules:
     assert!(!now("2025-07-07T16:00:00Z").allowed);
     let t = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
     let hd = |s: &str| {
-        p.host_decision(Scheme::Https, "intranet.x.com", 443, t(s))
+        p.host_decision(Scheme::Https, "intranet.x.com", 443, t(s), None)
             .kind
     };
     assert_eq!(hd("2025-01-06T10:00:00Z"), DecisionKind::Allow);
@@ -919,7 +919,7 @@ rules:
 
     let now: jiff::Timestamp = MONDAY_10.parse().unwrap();
     let hd = |host: &str, port: u16| {
-        let d = p.host_decision(Scheme::Https, host, port, now);
+        let d = p.host_decision(Scheme::Https, host, port, now, None);
         (d.kind, d.rule.as_deref().map(str::to_owned))
     };
     assert_eq!(
@@ -944,19 +944,19 @@ rules:
         (DecisionKind::Deny, Some("no-uploads".into()))
     );
     assert_eq!(hd("0x7f.1", 443).0, DecisionKind::Deny);
-    let d = p.host_decision(Scheme::Https, "example.com", 443, now);
+    let d = p.host_decision(Scheme::Https, "example.com", 443, now, None);
     assert_eq!(
         d.reason,
         "no rule allows connections to example.com:443 (default deny)"
     );
 
-    assert_eq!(p.tcp_allowed("db.internal", 5432), Some("db"));
-    assert_eq!(p.tcp_allowed("DB.internal.", 5432), Some("db"));
-    assert_eq!(p.tcp_allowed("db.internal", 5433), None);
-    assert_eq!(p.tcp_allowed("10.1.9.9", 22), Some("db"));
-    assert_eq!(p.tcp_allowed("10.1.2.3", 5432), None);
-    assert_eq!(p.tcp_allowed("10.2.0.1", 22), None);
-    assert_eq!(p.tcp_allowed("github.com", 443), None);
+    assert_eq!(p.tcp_allowed("db.internal", 5432, None), Some("db"));
+    assert_eq!(p.tcp_allowed("DB.internal.", 5432, None), Some("db"));
+    assert_eq!(p.tcp_allowed("db.internal", 5433, None), None);
+    assert_eq!(p.tcp_allowed("10.1.9.9", 22, None), Some("db"));
+    assert_eq!(p.tcp_allowed("10.1.2.3", 5432, None), None);
+    assert_eq!(p.tcp_allowed("10.2.0.1", 22, None), None);
+    assert_eq!(p.tcp_allowed("github.com", 443, None), None);
 
     let k = p.kernel_targets();
     assert!(k.redirect_all_tcp, "*.openai.com cannot be listed");

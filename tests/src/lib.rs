@@ -321,6 +321,8 @@ pub struct DaemonBuilder {
     dns_upstream: Option<SocketAddr>,
     dns_extra: String,
     extra: String,
+    /// More lines under an agent's entry (logical name → lines indented four spaces).
+    agent_extra: Vec<(String, String)>,
     _tmp: Option<Arc<tempfile::TempDir>>,
 }
 
@@ -328,6 +330,14 @@ impl DaemonBuilder {
     /// An agent under `logical` (the real name is made unique) with this policy.
     pub fn agent(mut self, logical: &str, policy: &str) -> Self {
         self.agents.push((logical.to_owned(), policy.to_owned()));
+        self
+    }
+
+    /// More lines under agent `logical`'s entry in the config, indented four spaces (e.g.
+    /// `credentials:`).
+    pub fn agent_lines(mut self, logical: &str, lines: &str) -> Self {
+        self.agent_extra
+            .push((logical.to_owned(), lines.to_owned()));
         self
     }
 
@@ -387,12 +397,18 @@ impl DaemonBuilder {
             .iter()
             .map(|(n, ip)| (n.as_str(), ip.as_str()))
             .collect();
+        let agent_extra: Vec<(&str, &str)> = self
+            .agent_extra
+            .iter()
+            .map(|(a, l)| (a.as_str(), l.as_str()))
+            .collect();
         let mut d = TestDaemon::with_dns(
             &agents,
             &statics,
             self.dns_upstream,
             &self.dns_extra,
             &self.extra,
+            &agent_extra,
         );
         d.keep = self._tmp;
         d
@@ -437,6 +453,7 @@ impl TestDaemon {
         upstream: Option<SocketAddr>,
         dns_extra: &str,
         extra: &str,
+        agent_extra: &[(&str, &str)],
     ) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("enforcer-e2e-")
@@ -477,6 +494,12 @@ impl TestDaemon {
             let file = dir.path().join(format!("{logical}.yaml"));
             std::fs::write(&file, policy).expect("write policy");
             config.push_str(&format!("  - name: {name}\n    policy: {logical}.yaml\n"));
+            for (_, lines) in agent_extra.iter().filter(|(a, _)| a == logical) {
+                config.push_str(lines);
+                if !lines.ends_with('\n') {
+                    config.push('\n');
+                }
+            }
             names.push((logical.to_string(), name));
         }
         // What enrolled commands see as /etc/resolv.conf (bind-mounted in a private mount

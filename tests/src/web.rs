@@ -43,6 +43,18 @@ pub struct WebHit {
     /// `HTTP/1.1` or `HTTP/2.0`.
     pub version: String,
     pub body: String,
+    /// Every header, name lowercase.
+    pub headers: Vec<(String, String)>,
+}
+
+impl WebHit {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// A hyper upstream on a loopback address.
@@ -193,6 +205,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         .unwrap_or_default();
     let method = req.method().to_string();
     let version = format!("{:?}", req.version());
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
     let route = req.uri().path().to_owned();
     if route.ends_with("/ws") {
         shared.hits.lock().unwrap().push(WebHit {
@@ -201,6 +223,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             host,
             version,
             body: String::new(),
+            headers,
         });
         let on = hyper::upgrade::on(req);
         tokio::spawn(async move {
@@ -233,7 +256,30 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         host,
         version,
         body,
+        headers: headers.clone(),
     });
+    if route.ends_with("/echo") {
+        // What a careless API does: the credential it got, back in a header and in a chunked
+        // body, split across two chunks.
+        let auth = headers
+            .iter()
+            .find(|(n, _)| n == "authorization")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(4);
+        let text = format!("you sent: {auth}\n");
+        let cut = text.len() / 2 + 3;
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from(text[..cut].to_owned())).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let _ = tx.send(Bytes::from(text[cut..].to_owned())).await;
+        });
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain")
+            .header("x-echo", auth.as_str())
+            .body(Either::Right(ChanBody(rx)))
+            .expect("response");
+    }
     if route.ends_with("/stream") {
         let (tx, rx) = mpsc::channel(4);
         let release = shared.release.clone();

@@ -758,3 +758,97 @@ fn a_socket_in_another_network_namespace_is_refused_and_the_daemon_says_why() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(d.log().contains("another network namespace"), "{}", d.log());
 }
+
+#[test]
+fn every_proxied_record_names_the_executable_that_called_connect() {
+    // Scenario: curl and python, enrolled, fetch the same allowed upstream. The kernel reads
+    // the executable of the task calling connect() (task->mm->exe_file, at offsets from the
+    // kernel's BTF), so each request's audit record names its own binary, symlinks resolved
+    // (/usr/bin/python3 is a link to the versioned interpreter).
+    let Some(s) = Scenario::new("caller_exe") else {
+        return;
+    };
+    let up = Upstream::http("127.0.0.6", "up6");
+    let d = s.daemon().agent("a", &policy(up.addr.port())).start();
+    let url = |path: &str| format!("http://{}/{path}", up.addr);
+
+    let out = d
+        .exec_cmd(
+            "a",
+            &[
+                "/usr/bin/curl",
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "15",
+                &url("from-curl"),
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains("hello from up6"),
+        "{} {}\n{}",
+        stdout(&out),
+        stderr(&out),
+        d.log()
+    );
+    let script = format!(
+        "import urllib.request\n\
+         h = urllib.request.ProxyHandler({{}})\n\
+         print(urllib.request.build_opener(h).open('{}', timeout=15).read().decode())",
+        url("from-python")
+    );
+    let out = d
+        .exec_cmd("a", &["/usr/bin/python3", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains("hello from up6"),
+        "{} {}\n{}",
+        stdout(&out),
+        stderr(&out),
+        d.log()
+    );
+
+    let audit = d.audit_log();
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let exe_of = |path: &str| {
+        records
+            .iter()
+            .find(|r| r["event"] == "request" && r["url_path"] == path)
+            .unwrap_or_else(|| panic!("no request record for {path}: {audit}"))["exe"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let canonical = |p: &str| {
+        std::fs::canonicalize(p)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        exe_of("/from-curl"),
+        Some(canonical("/usr/bin/curl")),
+        "{audit}"
+    );
+    assert_eq!(
+        exe_of("/from-python"),
+        Some(canonical("/usr/bin/python3")),
+        "{audit}"
+    );
+    // Every record made for a caller of these connections carries it (the completions too).
+    for r in records
+        .iter()
+        .filter(|r| r["agent_id"].is_string() && r["pid"].is_u64())
+    {
+        if r["event"] == "request" || r["event"] == "completion" {
+            assert!(r["exe"].is_string(), "{r}");
+        }
+    }
+}

@@ -647,3 +647,59 @@ fn the_enrolled_command_gets_the_ca_bundle_variables() {
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
     assert!(std::fs::read_to_string(&bundle).unwrap().ends_with(&pem));
 }
+
+#[test]
+fn a_rule_for_one_executable_serves_it_and_not_curl() {
+    // Scenario: `binaries: [/usr/bin/python3]` on the rule that allows POST. The kernel names
+    // the executable at connect(): python's POST is allowed and reaches the upstream; curl's
+    // same POST is denied, the reason says which executables the rule serves, and the audit
+    // record names curl.
+    let Some(s) = Scenario::new("l7_binaries") else {
+        return;
+    };
+    let up = WebUpstream::http("127.0.0.5", "api");
+    let p = up.addr.port();
+    let policy = format!(
+        "rules:\n  - name: python-posts\n    allow: {{ method: [POST], url: \"api.test:{p}/v1/**\" }}\n\
+         \x20   binaries: [/usr/bin/python3]\n"
+    );
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("api.test", "127.0.0.5")
+        .start();
+    let text = curl(
+        &d,
+        "a",
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "x=1",
+            &format!("http://api.test:{p}/v1/items"),
+        ],
+    );
+    assert_eq!(status_of(&text), 403, "{text}");
+    assert!(
+        text.contains("applies only to connections made by /usr/bin/python3"),
+        "{text}"
+    );
+    let script = format!(
+        "import urllib.request as u\n\
+         print(u.urlopen(u.Request('http://api.test:{p}/v1/items', data=b'x=1'), timeout=15).status)"
+    );
+    let out = d
+        .exec_cmd("a", &["/usr/bin/python3", "-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), "200", "{}", stderr(&out));
+    let hits = up.hits();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    let log = d.audit_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"policy_result\":\"deny\"")
+                && l.contains("\"exe\":\"/usr/bin/curl\"")),
+        "{log}"
+    );
+}

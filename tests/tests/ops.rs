@@ -180,7 +180,34 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
         "{}  - name: wild\n    allow: {{ url: \"*.wild.test\" }}\n",
         policy()
     );
-    let d = s.daemon().agent("a", &policy).start();
+    // A credential, so that a placeholder can leak (through a DNS name, below).
+    let keys = tempfile::tempdir().unwrap();
+    let secret = keys.path().join("k");
+    std::fs::write(&secret, "ops-secret\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .agent_lines(
+            "a",
+            &format!(
+                "    credentials:\n      - name: k\n        secret_file: {}\n        env: K\n        \
+                 hosts: [api.test]\n",
+                secret.display()
+            ),
+        )
+        .start();
+    let placeholder = {
+        let out = d.cli(&["credentials", "env", "--agent", d.agent("a")]);
+        stdout(&out)
+            .trim()
+            .strip_prefix("K=")
+            .unwrap_or_else(|| panic!("{}", stdout(&out)))
+            .to_owned()
+    };
     let (code, before) = http_get(d.metrics_port, "/metrics");
     assert_eq!(code, 200);
     let addr = up.addr.to_string();
@@ -200,6 +227,14 @@ fn every_metric_family_the_readme_lists_moves_under_traffic_or_is_event_only() {
     // A TXT query under a wildcard: refused by the exfiltration limits.
     let out = d.probe("a", &["dns", "127.0.0.53:53", "x.wild.test", "TXT"]);
     assert!(stdout(&out).contains("Refused"), "{}", stdout(&out));
+    // A placeholder leaving in a DNS name.
+    let leak = format!("{placeholder}.wild.test");
+    let out = d.probe("a", &["dns", "127.0.0.53:53", &leak, "A"]);
+    assert!(
+        stdout(&out).contains("rcode Non-Existent Domain"),
+        "{}",
+        stdout(&out)
+    );
     let raw = d
         .exec_as(
             "a",

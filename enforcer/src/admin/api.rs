@@ -44,6 +44,38 @@ pub struct EnrolResponse {
     /// be refused.
     #[serde(default)]
     pub killed: bool,
+    /// The agent's credentials as the variables `enforcer exec` sets: each `env` to its
+    /// placeholder (never a secret).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+/// `GET /v1/credentials`: every credential, never a secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialsReport {
+    pub credentials: Vec<CredentialView>,
+}
+
+/// One credential of one agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialView {
+    pub agent: String,
+    pub name: String,
+    pub env: String,
+    pub hosts: Vec<String>,
+    pub binaries: Vec<String>,
+    /// The secret file (or systemd credential) it is read from.
+    pub source: String,
+    /// The secret could be read, and is sent where it may go.
+    pub available: bool,
+    /// Why not, when it is unavailable.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When it was last swapped in (RFC 3339), if ever since the daemon started.
+    #[serde(default)]
+    pub last_used: Option<String>,
+    /// What the agent holds instead.
+    pub placeholder: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -26,6 +26,7 @@ pub struct Service {
     pub reporter: Arc<Reporter>,
     /// The system roots plus the local CA, for `enforcer exec` to point TLS clients at.
     pub ca_bundle: Option<std::path::PathBuf>,
+    pub credentials: Arc<crate::credentials::Vault>,
 }
 
 impl Handler for Service {
@@ -105,6 +106,7 @@ impl Handler for Service {
             ca_bundle: self.ca_bundle.as_ref().map(|p| p.display().to_string()),
             killed: agent.is_killed(),
             cgroup_id,
+            env: self.credentials.env_of(&agent.name).into_iter().collect(),
         })
     }
 
@@ -120,6 +122,33 @@ impl Handler for Service {
         Ok(UnenrolResponse {
             cgroup: cgroup.display().to_string(),
         })
+    }
+
+    fn credentials(&self) -> super::api::CredentialsReport {
+        super::api::CredentialsReport {
+            credentials: self
+                .credentials
+                .all()
+                .iter()
+                .map(|c| {
+                    let reason = c.unavailable();
+                    super::api::CredentialView {
+                        agent: c.agent.clone(),
+                        name: c.name.clone(),
+                        env: c.env.clone(),
+                        hosts: c.hosts.iter().map(ToString::to_string).collect(),
+                        binaries: c.binaries.iter().map(|b| b.display().to_string()).collect(),
+                        source: c.source.display().to_string(),
+                        available: reason.is_none(),
+                        reason,
+                        last_used: c.last_used().and_then(|t| {
+                            jiff::Timestamp::from_second(t).ok().map(|t| t.to_string())
+                        }),
+                        placeholder: c.placeholder.clone(),
+                    }
+                })
+                .collect(),
+        }
     }
 
     async fn reload(&self) -> Result<ReloadResponse, Refusal> {

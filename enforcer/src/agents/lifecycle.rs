@@ -154,6 +154,7 @@ pub struct Lifecycle {
     enroller: Arc<Enroller>,
     audit: AuditLog,
     kill_flags: Arc<dyn KillFlags>,
+    credentials: Arc<crate::credentials::Vault>,
     state_dir: PathBuf,
     /// The file the config came from, watched for agent-list changes.
     config_path: Option<PathBuf>,
@@ -174,6 +175,8 @@ pub struct Parts {
     pub enroller: Arc<Enroller>,
     pub audit: AuditLog,
     pub kill_flags: Arc<dyn KillFlags>,
+    /// Follows the config's `credentials:` on reload.
+    pub credentials: Arc<crate::credentials::Vault>,
 }
 
 impl Lifecycle {
@@ -189,6 +192,7 @@ impl Lifecycle {
             enroller: parts.enroller,
             audit: parts.audit,
             kill_flags: parts.kill_flags,
+            credentials: parts.credentials,
             state_dir: config.state_dir.clone(),
             config_path,
             agent_configs: Mutex::new(config.agents.clone()),
@@ -491,6 +495,9 @@ impl Lifecycle {
             match Config::load(&path) {
                 Ok(new) => {
                     *lock(&self.config_sha) = file_sha256(&path);
+                    if let Err(e) = self.credentials.configure(&new) {
+                        tracing::warn!("credentials not reloaded, the previous ones stay: {e}");
+                    }
                     results.extend(self.apply_agent_list(new.agents).await);
                 }
                 Err(e) => results.push(self.config_rejected(&path, &e)),

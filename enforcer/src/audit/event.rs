@@ -30,6 +30,9 @@ pub enum EventKind {
     Daemon,
     /// An allowed request or connection ended; links to its decision by `request_id`.
     Completion,
+    /// A request or DNS query carrying a credential's placeholder where it may not go
+    /// (`reason` says where it may); refused.
+    CredentialLeak,
     /// A signed checkpoint. Written by the audit log itself; [`AuditLog::record`] refuses it.
     ///
     /// [`AuditLog::record`]: super::AuditLog::record
@@ -49,6 +52,7 @@ impl EventKind {
             Self::Daemon => "daemon",
             Self::Completion => "completion",
             Self::Checkpoint => "checkpoint",
+            Self::CredentialLeak => "credential_leak",
         }
     }
 }
@@ -148,6 +152,10 @@ pub struct AuditEvent {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
+    /// The executable that made the connection, as the kernel named it at `connect()`: its
+    /// path when that could be confirmed, else `st_dev:st_ino`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_result: Option<PolicyResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -229,8 +237,8 @@ impl AuditEvent {
     }
 
     setters! {
-        strings: request_id, agent_id, comm, matched_rule, reason, url_host, method, url_path,
-            dns_name, dns_type, dest, policy_sha256, detail;
+        strings: request_id, agent_id, comm, exe, matched_rule, reason, url_host, method,
+            url_path, dns_name, dns_type, dest, policy_sha256, detail;
         values: pid: u32, policy_result: PolicyResult, status_code: u16, latency_ms: u64,
             bytes_up: u64, bytes_down: u64, count: u64, first_seq: u64, last_seq: u64, action: Action,
             scope: Scope,
@@ -249,6 +257,7 @@ impl AuditEvent {
             &mut self.request_id,
             &mut self.agent_id,
             &mut self.comm,
+            &mut self.exe,
             &mut self.matched_rule,
             &mut self.reason,
             &mut self.url_host,

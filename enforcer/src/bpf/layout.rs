@@ -1,8 +1,10 @@
 //! The layout of pinned maps. A daemon reusing maps pinned by an enforcer built with other
 //! key or value layouts would misread them, so every pinned map is checked against this
 //! build's layout (`enforcer_common::LAYOUT_VERSION`) before anything is loaded, and a
-//! mismatch is refused loudly. There is no older layout to migrate from yet; when one
-//! changes, the version is bumped and a migration added here.
+//! mismatch is refused loudly. No migration is offered: version 3 added the caller's
+//! executable to `OrigDst` and the kernel field offsets to `GlobalConfig`, so version-2 pins
+//! are refused (detach, then start again). When a layout changes, the version is bumped and,
+//! where worth it, a migration added here.
 
 use std::{mem::size_of, path::Path};
 

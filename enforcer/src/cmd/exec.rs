@@ -237,6 +237,14 @@ pub fn run(args: ExecArgs, config: &Config) -> ExitCode {
         }
     }
 
+    // Credentials: the agent holds placeholders, replacing whatever real value this shell
+    // had in those variables; the proxy swaps the secret in where it may go.
+    for (k, v) in &response.env {
+        // SAFETY: single-threaded at this point (the runtime is shut down), so changing the
+        // environment cannot race another thread.
+        unsafe { std::env::set_var(k, v) };
+    }
+
     for (k, v) in &args.env {
         // SAFETY: single-threaded at this point (the runtime is shut down), so changing the
         // environment cannot race another thread.

@@ -49,6 +49,11 @@ pub struct ExplainArgs {
     /// When the request happens (RFC 3339, e.g. 2025-01-06T10:00:00Z). Default: now.
     #[arg(long, value_name = "RFC3339")]
     pub at: Option<String>,
+    /// The executable that makes the request, for rules with `binaries:` (resolved to its
+    /// device and inode on this machine). Default: unknown, which no `binaries:` allow
+    /// matches and every `binaries:` deny does.
+    #[arg(long, value_name = "PATH")]
+    pub exe: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -178,6 +183,12 @@ fn explain(args: &ExplainArgs) -> Result<Decision, String> {
             .map_err(|e| format!("--at '{at}' is not an RFC 3339 time: {e}"))?,
         None => jiff::Timestamp::now(),
     };
+    let exe = match &args.exe {
+        Some(p) => Some(
+            crate::sys::FileId::of_path(p).map_err(|e| format!("--exe {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
 
     let request = Request {
         scheme,
@@ -189,6 +200,7 @@ fn explain(args: &ExplainArgs) -> Result<Decision, String> {
         body: body_slice,
         body_truncated: truncated,
         now,
+        exe,
     };
     Ok(policy.evaluate(&request, &RateLimiter::new()))
 }

@@ -104,6 +104,8 @@ pub struct Resolver {
     pub allow_internal: Vec<IpNet>,
     /// `dns.wildcard_names_per_minute`.
     pub names: exfil::NameBudget,
+    /// A name carrying a credential's placeholder is a leak.
+    pub credentials: Option<Arc<crate::credentials::Vault>>,
 }
 
 impl Resolver {
@@ -130,7 +132,14 @@ impl Resolver {
             max_learned: config.max_learned_per_agent,
             allow_internal: config.allow_internal_answers.clone(),
             names: exfil::NameBudget::new(config.wildcard_names_per_minute),
+            credentials: None,
         }
+    }
+
+    /// Refuses names that carry a credential's placeholder.
+    pub fn with_credentials(mut self, vault: Arc<crate::credentials::Vault>) -> Self {
+        self.credentials = Some(vault);
+        self
     }
 
     /// Answers one query message. `None` when nothing sensible can be sent back.
@@ -187,6 +196,33 @@ impl Resolver {
                 return encode(denied(), &request, udp);
             }
         };
+        // A placeholder in a name is a credential on its way out through DNS: never asked
+        // upstream, whatever the policy (a placeholder has no business in a name).
+        if let Some(c) = self
+            .credentials
+            .as_ref()
+            .and_then(|v| v.placeholder_in(name.as_bytes()))
+        {
+            let reason = format!(
+                "credential '{}' may only be sent to {}; a DNS name never carries it",
+                c.name,
+                c.hosts_text()
+            );
+            tracing::warn!(agent = %client.agent.name, pid = client.pid, comm = %client.comm, "credential leak refused: {reason}");
+            let recorded = self.decisions.record(
+                client
+                    .event(EventKind::CredentialLeak)
+                    .dns_name(&name)
+                    .dns_type(qtype.to_string())
+                    .policy_result(PolicyResult::Deny)
+                    .matched_rule(format!("credential:{}", c.name))
+                    .reason(reason),
+            );
+            if !recorded {
+                return encode(reply(ResponseCode::ServFail, Vec::new()), &request, udp);
+            }
+            return encode(denied(), &request, udp);
+        }
         let policy = client.agent.policy();
         let dry_run = policy.mode() == Mode::DryRun;
         let matched = crate::metrics::timed(|| policy.host_match(&name));
@@ -643,6 +679,7 @@ mod tests {
             agent,
             pid: 7,
             comm: Arc::from("dig"),
+            exe: None,
         };
         (resolver, audit, caller)
     }

@@ -27,6 +27,18 @@ pub(crate) struct Rule {
     /// `dns_labels: any`: names this rule allows through a wildcard may have long or
     /// encoded-looking labels.
     pub(crate) dns_labels_any: bool,
+    /// `binaries:`: only connections made by these executables.
+    pub(crate) binaries: Option<super::binaries::Binaries>,
+}
+
+impl Rule {
+    /// Does the rule apply to a connection made by `exe`? An unknown executable counts as
+    /// `unknown` (false for allows, true for denies and limits: fail closed).
+    fn for_exe(&self, exe: Option<crate::sys::FileId>, unknown: bool) -> bool {
+        self.binaries
+            .as_ref()
+            .is_none_or(|b| b.matches(exe, unknown))
+    }
 }
 
 #[derive(Debug)]
@@ -450,7 +462,11 @@ pub(crate) fn evaluate(policy: &Policy, req: &Request<'_>, limiter: &RateLimiter
             if denied.as_ref().is_some_and(|(d, _)| *d < id) {
                 break;
             }
-            if let Some(detail) = http(&rules[id as usize]).and_then(|s| deny_fires(s, &ctx)) {
+            let rule = &rules[id as usize];
+            if let Some(detail) = http(rule)
+                .filter(|_| rule.for_exe(req.exe, true))
+                .and_then(|s| deny_fires(s, &ctx))
+            {
                 denied = Some((id, detail));
             }
         }
@@ -472,7 +488,20 @@ pub(crate) fn evaluate(policy: &Policy, req: &Request<'_>, limiter: &RateLimiter
             if allowed.is_some_and(|a| a < id) {
                 break;
             }
-            match http(&rules[id as usize]).map(|s| allow_matches(s, &ctx)) {
+            let rule = &rules[id as usize];
+            let outcome = http(rule).map(|s| match allow_matches(s, &ctx) {
+                AllowOutcome::Match if !rule.for_exe(req.exe, false) => {
+                    AllowOutcome::BodyFailed(format!(
+                        "applies only to connections made by {}",
+                        rule.binaries
+                            .as_ref()
+                            .map(|b| b.describe())
+                            .unwrap_or_default()
+                    ))
+                }
+                other => other,
+            });
+            match outcome {
                 Some(AllowOutcome::Match) => allowed = Some(id),
                 Some(AllowOutcome::BodyFailed(why)) => {
                     if near_miss.as_ref().is_none_or(|(n, _)| id < *n) {
@@ -522,12 +551,10 @@ fn apply_limits(policy: &Policy, ctx: &Ctx<'_, '_>, limiter: &RateLimiter) -> Op
     let rules = &policy.rules;
     let mut ids: Vec<u32> = Vec::new();
     policy.index.for_each(ctx.host, |bucket| {
-        ids.extend(
-            bucket
-                .limit
-                .iter()
-                .filter(|&&id| http(&rules[id as usize]).is_some_and(|s| ctx.targets(s))),
-        );
+        ids.extend(bucket.limit.iter().filter(|&&id| {
+            let rule = &rules[id as usize];
+            rule.for_exe(ctx.req.exe, true) && http(rule).is_some_and(|s| ctx.targets(s))
+        }));
     });
     if ids.is_empty() {
         return None;
@@ -822,6 +849,7 @@ pub(crate) fn host_decision(
     host: &str,
     port: u16,
     now: jiff::Timestamp,
+    exe: Option<crate::sys::FileId>,
 ) -> Decision {
     let host = match canonicalize(host) {
         Ok(h) => h,
@@ -838,7 +866,8 @@ pub(crate) fn host_decision(
             let Some(scope) = http(&rules[id as usize]) else {
                 continue;
             };
-            if scope.host_wide(scheme, &host, port)
+            if rules[id as usize].for_exe(exe, true)
+                && scope.host_wide(scheme, &host, port)
                 && scope.window_active(now)
                 && denied.is_none_or(|d| id < d)
             {
@@ -849,7 +878,8 @@ pub(crate) fn host_decision(
             let Some(scope) = http(&rules[id as usize]) else {
                 continue;
             };
-            if scope.matches_host(scheme, &host, port)
+            if rules[id as usize].for_exe(exe, false)
+                && scope.matches_host(scheme, &host, port)
                 && scope.window_active(now)
                 && allowed.is_none_or(|a| id < a)
             {
@@ -880,7 +910,12 @@ pub(crate) fn host_decision(
     policy.decision(DecisionKind::DefaultDeny, None, reason, None)
 }
 
-pub(crate) fn tcp_allowed<'p>(policy: &'p Policy, host: &str, port: u16) -> Option<&'p str> {
+pub(crate) fn tcp_allowed<'p>(
+    policy: &'p Policy,
+    host: &str,
+    port: u16,
+    exe: Option<crate::sys::FileId>,
+) -> Option<&'p str> {
     let host = canonicalize(host).ok()?;
     let ip = host.parse::<IpAddr>().ok();
     let mut allowed = None;
@@ -891,8 +926,10 @@ pub(crate) fn tcp_allowed<'p>(policy: &'p Policy, host: &str, port: u16) -> Opti
         };
         if targets.iter().any(|t| t.matches(&host, ip, port)) {
             match rule.action {
-                Action::Deny => return None,
-                Action::Allow if allowed.is_none() => allowed = Some(&*rule.name),
+                Action::Deny if rule.for_exe(exe, true) => return None,
+                Action::Allow if allowed.is_none() && rule.for_exe(exe, false) => {
+                    allowed = Some(&*rule.name)
+                }
                 _ => {}
             }
         }

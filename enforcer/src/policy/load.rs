@@ -814,6 +814,57 @@ struct RawRule {
     body: Option<OneOrList<Constraint>>,
     query: Option<QuerySpec>,
     dns_labels: Option<DnsLabels>,
+    binaries: Option<Vec<RawBinary>>,
+}
+
+/// A `binaries:` entry: a path, or a path with the sha256 its content must have.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawBinary {
+    Path(String),
+    Hashed(HashedBinary),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HashedBinary {
+    path: String,
+    sha256: String,
+}
+
+fn compile_binaries(raw: Vec<RawBinary>) -> Result<super::binaries::Binaries, String> {
+    use super::binaries::{Binaries, Binary};
+    if raw.is_empty() {
+        return Err("binaries is empty; list the executables, or leave the key out".to_owned());
+    }
+    let mut list = Vec::new();
+    for b in raw {
+        let (path, sha256) = match b {
+            RawBinary::Path(p) => (p, None),
+            RawBinary::Hashed(h) => (h.path, Some(h.sha256)),
+        };
+        if !path.starts_with('/') {
+            return Err(format!(
+                "binaries: '{path}' is not an absolute path (the kernel names executables by \
+                 their file, so give the full path)"
+            ));
+        }
+        let sha256 = match sha256 {
+            None => None,
+            Some(h) => {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(h.trim(), &mut out).map_err(|_| {
+                    format!("binaries: sha256 of {path} must be 64 hex digits, got '{h}'")
+                })?;
+                Some(out)
+            }
+        };
+        list.push(Binary {
+            path: path.into(),
+            sha256,
+        });
+    }
+    Ok(Binaries::new(list))
 }
 
 /// `dns_labels:` of a rule.
@@ -866,11 +917,13 @@ fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, Strin
     if raw.dns_labels.is_some() && !matches!(action, Action::Allow) {
         return Err("dns_labels goes with allow rules (it widens what they allow)".to_owned());
     }
+    let binaries = raw.binaries.map(compile_binaries).transpose()?;
     Ok(Rule {
         name: Arc::from(name),
         action,
         scope,
         dns_labels_any,
+        binaries,
     })
 }
 

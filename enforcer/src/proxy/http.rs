@@ -91,6 +91,8 @@ pub struct L7Env {
     /// Upstream TLS client configurations; `None` when they could not be built (then
     /// intercepted requests fail with 502).
     pub upstream_tls: Option<Arc<UpstreamTls>>,
+    /// The credentials swapped in for their placeholders.
+    pub credentials: Arc<crate::credentials::Vault>,
 }
 
 /// One client connection, as the kernel recorded it.
@@ -418,11 +420,49 @@ impl Service {
                         body: bytes.as_deref(),
                         body_truncated: truncated,
                         now: jiff::Timestamp::now(),
+                        exe: self.conn.caller.exe.as_ref().map(|e| e.id),
                     },
                     &agent.limiter,
                 )
             })
         };
+
+        // Credentials: placeholders become secrets where they may go and are refused
+        // anywhere else, before anything is recorded as allowed or sent. The policy judged
+        // the request as the agent wrote it, with placeholders.
+        let mut target = ask.path.clone();
+        let mut injection = None;
+        let mut body_watch = None;
+        if decision.forward() && !self.env.credentials.is_empty() {
+            match self.env.credentials.inject(
+                &self.conn.caller,
+                &ask.host,
+                &mut parts.headers,
+                &mut target,
+            ) {
+                Ok(i) => injection = Some(i),
+                Err(r) => return self.credential_refused(&ask, &r),
+            }
+            let has_body = match &body {
+                ReqBody::Streamed(b) => !hyper::body::Body::is_end_stream(b),
+                ReqBody::Read(_) => true,
+            };
+            if has_body {
+                let mut watch = self
+                    .env
+                    .credentials
+                    .body_watch(&self.conn.caller, &ask.host);
+                if let (Some(w), ReqBody::Read(b)) = (watch.as_mut(), &body) {
+                    for chunk in &b.chunks {
+                        if let Some(r) = w.push(chunk) {
+                            return self.credential_refused(&ask, &r);
+                        }
+                    }
+                }
+                body_watch = watch;
+            }
+        }
+
         let result = PolicyResult::of(&decision);
         if !self.record(&ask, result, decision.rule.as_deref(), &decision.reason) {
             return self.audit_unavailable(&ask);
@@ -458,7 +498,7 @@ impl Service {
             let uri = Uri::builder()
                 .scheme(scheme)
                 .authority(authority.as_str())
-                .path_and_query(ask.path.as_str())
+                .path_and_query(target.as_str())
                 .build();
             match uri {
                 Ok(u) => parts.uri = u,
@@ -477,6 +517,11 @@ impl Service {
             ReqBody::Streamed(b) => UpBody::streamed(b, sent.clone()),
             ReqBody::Read(b) => UpBody::replay(b, sent.clone()),
         };
+        // The replayed part was scanned above; the watch goes on with what streams.
+        let (up_body, leaked) = match body_watch {
+            Some(w) => up_body.watched(w),
+            None => (up_body, None),
+        };
         let would_deny = !decision.allowed;
         let mut completion = self.completion(&ask, &decision, sent);
         let response = match self
@@ -485,7 +530,16 @@ impl Service {
             .await
         {
             Ok(r) => r,
-            Err(e) => return self.upstream_failed(&ask, &e, completion),
+            Err(e) => {
+                // A placeholder in the streamed body cut the request short.
+                if let Some(r) = leaked.as_ref().and_then(body::take_leak) {
+                    completion.status = StatusCode::FORBIDDEN.as_u16();
+                    completion.reason = Some(r.reason().to_owned());
+                    completion.record(0);
+                    return self.credential_refused(&ask, &r);
+                }
+                return self.upstream_failed(&ask, &e, completion);
+            }
         };
         completion.status = response.status().as_u16();
         let switched = match (is_connect, upgrade) {
@@ -498,7 +552,27 @@ impl Service {
         } else {
             let (mut head, incoming) = response.into_parts();
             strip_hop_by_hop(&mut head.headers, false);
-            Response::from_parts(head, DownBody::upstream(incoming, completion))
+            // A secret an upstream echoes goes back to the agent as its placeholder.
+            let masker = injection.as_ref().and_then(|i| i.masker());
+            let mut down = DownBody::upstream(incoming, completion);
+            if let Some(m) = masker {
+                for value in head.headers.values_mut() {
+                    if let Some(masked) = m.replace_all(value.as_bytes())
+                        && let Ok(v) = HeaderValue::from_bytes(&masked)
+                    {
+                        *value = v;
+                    }
+                }
+                let bodiless = ask.method == Method::HEAD
+                    || head.status == StatusCode::NO_CONTENT
+                    || head.status == StatusCode::NOT_MODIFIED;
+                if !bodiless {
+                    // The masked length is not known in advance: chunked (or close-delimited).
+                    head.headers.remove(header::CONTENT_LENGTH);
+                    down = down.masked(m);
+                }
+            }
+            Response::from_parts(head, down)
         };
         let headers = response.headers_mut();
         if would_deny {
@@ -620,6 +694,49 @@ impl Service {
             ev = ev.matched_rule(rule);
         }
         self.env.decisions.record(ev)
+    }
+
+    /// A request carrying a credential's placeholder where it may not go (`credential_leak`),
+    /// or needing a secret that cannot be had (a denied `request`): 403 either way.
+    fn credential_refused(&self, ask: &Ask, r: &crate::credentials::Refusal) -> Response<DownBody> {
+        let rule = format!("credential:{}", r.credential());
+        if let crate::credentials::Refusal::Unavailable { .. } = r {
+            return self.refuse(ask, StatusCode::FORBIDDEN, r.reason(), Some(&rule), None);
+        }
+        let ev = self
+            .conn
+            .caller
+            .event(EventKind::CredentialLeak)
+            .request_id(ask.id.clone())
+            .policy_result(PolicyResult::Deny)
+            .reason(r.reason())
+            .url_host(ask.host.clone())
+            .method(ask.method.as_str())
+            .url_path(ask.path.clone())
+            .dest(self.conn.dst.to_string())
+            .matched_rule(rule.clone());
+        if !self.env.decisions.record(ev) {
+            return self.audit_unavailable(ask);
+        }
+        tracing::warn!(
+            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
+            method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
+            request_id = %ask.id, "credential leak refused: {}", r.reason()
+        );
+        deny::response(&Refusal {
+            status: StatusCode::FORBIDDEN,
+            decision: Some("deny"),
+            body: DenyBody {
+                kind: deny::Kind::Denied,
+                reason: r.reason(),
+                rule: Some(&rule),
+                agent_id: &self.conn.caller.agent.name,
+                request_id: &ask.id,
+                retryable: false,
+            },
+            retry_after: None,
+            close: ask.close,
+        })
     }
 
     /// A policy denial: 403, or 429 for a rate limit.

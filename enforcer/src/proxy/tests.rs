@@ -79,6 +79,7 @@ impl Harness {
                 decisions,
                 safe_method_bodies: crate::config::SafeMethodBodies::Refuse,
                 upstream_tls: None,
+                credentials: Arc::new(crate::credentials::Vault::empty()),
             }),
             limits: limits::Limits {
                 per_agent_open: 4096,

@@ -149,6 +149,19 @@ pub enum Route {
     NotIntercepted(String),
 }
 
+/// What an agent's credentials ask of one TLS connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inspect {
+    /// The agent has no credentials.
+    No,
+    /// The agent has credentials, none bound to this host: its requests are seen (where TLS
+    /// may be decrypted) so that a placeholder leaving is caught.
+    Leaks,
+    /// A credential of the agent is bound to this host: its requests must be seen to swap the
+    /// secret in.
+    Bound,
+}
+
 /// Daemon-wide TLS settings.
 pub struct TlsContext {
     pub mode: TlsMode,
@@ -206,8 +219,10 @@ impl TlsContext {
 
     /// Intercept or splice a TLS connection to `host` (canonical; the address when there is
     /// no SNI) on `port`.
-    pub fn route(&self, policy: &Policy, host: &str, port: u16) -> Route {
-        let needs_l7 = || policy.host_needs_l7(Scheme::Https, host, port);
+    /// `inspect`: what the agent's credentials ask of this connection.
+    pub fn route(&self, policy: &Policy, host: &str, port: u16, inspect: Inspect) -> Route {
+        let needs_l7 =
+            || inspect == Inspect::Bound || policy.host_needs_l7(Scheme::Https, host, port);
         if self.is_passthrough(host) {
             return if needs_l7() {
                 Route::NotIntercepted(format!(
@@ -226,11 +241,13 @@ impl TlsContext {
                 };
             }
             TlsMode::Intercept => true,
-            TlsMode::Auto => needs_l7(),
+            TlsMode::Auto => inspect == Inspect::Leaks || needs_l7(),
         };
         match (wanted, &self.server) {
             (false, _) => Route::Splice,
             (true, Some(_)) => Route::Intercept,
+            // Watching for leaked placeholders is worth decrypting for, not refusing over.
+            (true, None) if !needs_l7() => Route::Splice,
             (true, None) => Route::NotIntercepted(
                 "there is no local CA to intercept TLS with (see `enforcer ca init`)".into(),
             ),
@@ -325,9 +342,14 @@ mod tests {
     fn auto_intercepts_only_hosts_with_request_rules() {
         let p = policy(POLICY);
         let (c, _d) = ctx(TlsMode::Auto, &[], true);
-        assert_eq!(c.route(&p, "l7.test", 443), Route::Intercept);
-        assert_eq!(c.route(&p, "host.test", 443), Route::Splice);
-        assert_eq!(c.route(&p, "other.test", 443), Route::Splice);
+        assert_eq!(c.route(&p, "l7.test", 443, Inspect::No), Route::Intercept);
+        assert_eq!(c.route(&p, "host.test", 443, Inspect::No), Route::Splice);
+        // A host a credential is bound to is always intercepted, to swap the secret in.
+        assert_eq!(
+            c.route(&p, "host.test", 443, Inspect::Bound),
+            Route::Intercept
+        );
+        assert_eq!(c.route(&p, "other.test", 443, Inspect::No), Route::Splice);
     }
 
     #[test]
@@ -335,15 +357,18 @@ mod tests {
         let p = policy(POLICY);
         let (c, _d) = ctx(TlsMode::Sni, &[], false);
         assert!(
-            matches!(c.route(&p, "l7.test", 443), Route::NotIntercepted(r) if r.contains("sni"))
+            matches!(c.route(&p, "l7.test", 443, Inspect::No), Route::NotIntercepted(r) if r.contains("sni"))
         );
-        assert_eq!(c.route(&p, "host.test", 443), Route::Splice);
+        assert_eq!(c.route(&p, "host.test", 443, Inspect::No), Route::Splice);
         let (c, _d) = ctx(TlsMode::Intercept, &["*.test"], true);
         assert!(
-            matches!(c.route(&p, "l7.test", 443), Route::NotIntercepted(r) if r.contains("passthrough"))
+            matches!(c.route(&p, "l7.test", 443, Inspect::No), Route::NotIntercepted(r) if r.contains("passthrough"))
         );
-        assert_eq!(c.route(&p, "host.test", 443), Route::Splice);
-        assert_eq!(c.route(&p, "example.com", 443), Route::Intercept);
+        assert_eq!(c.route(&p, "host.test", 443, Inspect::No), Route::Splice);
+        assert_eq!(
+            c.route(&p, "example.com", 443, Inspect::No),
+            Route::Intercept
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct Req {
     pub body: Option<Vec<u8>>,
     pub truncated: bool,
     pub now: jiff::Timestamp,
+    /// The executable that made the connection, for `binaries:` rules.
+    pub exe: Option<enforcer::sys::FileId>,
 }
 
 /// A Monday at 10:00 UTC, inside business hours.
@@ -51,6 +53,7 @@ pub fn req(method: &str, url: &str) -> Req {
         body: None,
         truncated: false,
         now: MONDAY_10.parse().unwrap(),
+        exe: None,
     }
 }
 
@@ -77,6 +80,12 @@ impl Req {
         self.body("application/x-www-form-urlencoded", body.as_bytes())
     }
 
+    /// Made by the executable at `path` (its device and inode).
+    pub fn exe(mut self, path: &str) -> Self {
+        self.exe = Some(enforcer::sys::FileId::of_path(std::path::Path::new(path)).unwrap());
+        self
+    }
+
     pub fn at(mut self, rfc3339: &str) -> Self {
         self.now = rfc3339.parse().unwrap();
         self
@@ -94,6 +103,7 @@ impl Req {
                 body: self.body.as_deref(),
                 body_truncated: self.truncated,
                 now: self.now,
+                exe: self.exe,
             },
             limiter,
         )

@@ -21,9 +21,23 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use crate::{
     agents::Caller,
     audit::{AuditLog, EventKind},
+    credentials::{BodyWatch, Refusal, scan::Replacer},
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a watched request body leaves the refusal that cut it short.
+pub type LeakSlot = Arc<std::sync::Mutex<Option<Refusal>>>;
+
+/// The refusal a watched body left, if any.
+pub fn take_leak(slot: &LeakSlot) -> Option<Refusal> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// The error a watched body ends with when it meets a placeholder that may not go.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body carries a credential placeholder that may not be sent here")]
+pub struct LeakInBody;
 
 /// A request body on its way upstream; counts the bytes it yields.
 pub struct UpBody {
@@ -34,15 +48,27 @@ pub struct UpBody {
     /// What was not buffered.
     rest: Option<Incoming>,
     sent: Arc<AtomicU64>,
+    /// Placeholders that may not go with this body, and where to say so.
+    watch: Option<(Box<BodyWatch>, LeakSlot)>,
 }
 
 impl UpBody {
+    /// Watches what streams from now on for placeholders: the first one that may not go
+    /// ends the body with an error (the upstream never gets a whole request), and the
+    /// refusal is left in the slot.
+    pub fn watched(mut self, watch: BodyWatch) -> (Self, Option<LeakSlot>) {
+        let slot = LeakSlot::default();
+        self.watch = Some((Box::new(watch), slot.clone()));
+        (self, Some(slot))
+    }
+
     pub fn streamed(body: Incoming, sent: Arc<AtomicU64>) -> Self {
         Self {
             buffered: VecDeque::new(),
             trailers: None,
             rest: Some(body),
             sent,
+            watch: None,
         }
     }
 
@@ -52,6 +78,7 @@ impl UpBody {
             trailers: None,
             rest: None,
             sent,
+            watch: None,
         }
     }
 
@@ -61,18 +88,19 @@ impl UpBody {
             trailers: buffered.trailers,
             rest: buffered.rest,
             sent,
+            watch: None,
         }
     }
 }
 
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(chunk) = self.buffered.pop_front() {
             self.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
@@ -87,13 +115,20 @@ impl Body for UpBody {
         match &frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
+                    if let Some((watch, slot)) = self.watch.as_mut()
+                        && let Some(refusal) = watch.push(d)
+                    {
+                        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(refusal);
+                        self.rest = None;
+                        return Poll::Ready(Some(Err(Box::new(LeakInBody))));
+                    }
                     self.sent.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
             }
             None => self.rest = None,
             Some(Err(_)) => {}
         }
-        Poll::Ready(frame)
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -221,7 +256,16 @@ pub enum DownBody {
         inner: Incoming,
         sent: u64,
         completion: Option<Box<Completion>>,
+        /// Secrets back to placeholders, when the request was sent with any.
+        mask: Option<Box<Masking>>,
     },
+}
+
+/// A response body being masked.
+pub struct Masking {
+    replacer: Replacer,
+    /// A frame to give after the held-back bytes (trailers, or the end).
+    after: Option<Option<Frame<Bytes>>>,
 }
 
 impl DownBody {
@@ -238,7 +282,19 @@ impl DownBody {
             inner,
             sent: 0,
             completion: Some(Box::new(completion)),
+            mask: None,
         }
+    }
+
+    /// Masks the secrets `replacer` knows as it streams.
+    pub fn masked(mut self, replacer: Replacer) -> Self {
+        if let DownBody::Upstream { mask, .. } = &mut self {
+            *mask = Some(Box::new(Masking {
+                replacer,
+                after: None,
+            }));
+        }
+        self
     }
 
     fn finish(&mut self) {
@@ -270,8 +326,54 @@ impl Body for DownBody {
         let this = &mut *self;
         match this {
             DownBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            DownBody::Upstream { inner, sent, .. } => {
-                let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
+            DownBody::Upstream {
+                inner, sent, mask, ..
+            } => {
+                if let Some(m) = mask.as_mut()
+                    && let Some(after) = m.after.take()
+                {
+                    return match after {
+                        Some(f) => Poll::Ready(Some(Ok(f))),
+                        None => {
+                            this.finish();
+                            Poll::Ready(None)
+                        }
+                    };
+                }
+                let frame = loop {
+                    let frame = std::task::ready!(Pin::new(&mut *inner).poll_frame(cx));
+                    let Some(m) = mask.as_mut() else {
+                        break frame;
+                    };
+                    match frame {
+                        Some(Ok(f)) => match f.into_data() {
+                            Ok(d) => {
+                                let out = m.replacer.push(&d);
+                                // All held back (a possible start of a secret): read on.
+                                if !out.is_empty() {
+                                    break Some(Ok(Frame::data(out)));
+                                }
+                            }
+                            Err(other) => {
+                                let held = m.replacer.finish();
+                                if held.is_empty() {
+                                    break Some(Ok(other));
+                                }
+                                m.after = Some(Some(other));
+                                break Some(Ok(Frame::data(held)));
+                            }
+                        },
+                        None => {
+                            let held = m.replacer.finish();
+                            if held.is_empty() {
+                                break None;
+                            }
+                            m.after = Some(None);
+                            break Some(Ok(Frame::data(held)));
+                        }
+                        Some(Err(e)) => break Some(Err(e)),
+                    }
+                };
                 match frame {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {
@@ -295,13 +397,20 @@ impl Body for DownBody {
     fn is_end_stream(&self) -> bool {
         match self {
             DownBody::Local(b) => b.is_none(),
-            DownBody::Upstream { inner, .. } => inner.is_end_stream(),
+            DownBody::Upstream { inner, mask, .. } => {
+                inner.is_end_stream()
+                    && mask
+                        .as_ref()
+                        .is_none_or(|m| m.after.is_none() && !m.replacer.holding())
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             DownBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            // Masking changes the length.
+            DownBody::Upstream { mask: Some(_), .. } => SizeHint::default(),
             DownBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }

@@ -33,6 +33,7 @@ fn caller(agent: Arc<Agent>, pid: u32, comm: &str) -> Caller {
         agent,
         pid,
         comm: Arc::from(comm),
+        exe: None,
     }
 }
 
@@ -82,6 +83,7 @@ impl Proxy {
             decisions: Decisions::new(audit.clone(), crate::config::SecurityMode::Strict),
             safe_method_bodies,
             upstream_tls: None,
+            credentials: Arc::new(crate::credentials::Vault::empty()),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
