@@ -69,8 +69,8 @@ pub use aggregate::{KernelDenyAggregator, MAX_DESTINATIONS_PER_WINDOW};
 pub use chain::{FIRST_SEQ, GENESIS_HASH, checkpoint_message, key_id, line_hash, timestamp_now};
 pub use decisions::Decisions;
 pub use event::{
-    Action, AuditEvent, EventKind, MAX_FIELD_BYTES, PolicyResult, Scope, TRUNCATED_MARK,
-    path_without_query,
+    Action, AuditEvent, EventKind, MAX_FIELD_BYTES, MAX_HEADER_NAMES, PolicyResult, Scope,
+    TRUNCATED_MARK, path_without_query,
 };
 pub use fold::Folder;
 pub use key::{

@@ -46,3 +46,4 @@ pub mod policy;
 pub mod proxy;
 pub mod status;
 pub mod sys;
+pub mod traffic;

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
 
     // Policy commands need no configuration at all.
     if let Command::Policy(c) = cli.command {
-        return cmd::policy::run(c);
+        return cmd::policy::run(c, cli.config.as_deref());
     }
     let (config, config_path) = match cmd::load_config(cli.config.as_deref()) {
         Ok(c) => c,

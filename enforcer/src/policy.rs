@@ -413,6 +413,11 @@ impl Policy {
         &self.file
     }
 
+    /// The rules' names, in file order.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| &*r.name)
+    }
+
     pub fn rule_count(&self) -> usize {
         self.rules.len()
     }
@@ -521,6 +526,13 @@ impl Policy {
         let rule: Arc<str> = Arc::from(hosts.iter().find_map(|h| self.tcp_allowed(h, port, exe))?);
         let reason = format!("allowed by rule '{rule}'");
         Some(self.decision(DecisionKind::Allow, Some(&rule), reason, None))
+    }
+
+    /// For a request rebuilt from the audit log (header names only, no body, no query): the
+    /// rule whose verdict needs data the log does not keep, if the decision hinges on one
+    /// (`policy replay` reports such a request as undetermined).
+    pub fn unrecorded_dependency(&self, req: &Request<'_>) -> Option<Arc<str>> {
+        engine::unrecorded_dependency(self, req)
     }
 
     /// A denial made outside the rules (the host does not belong to the address, opaque TCP,

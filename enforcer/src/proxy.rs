@@ -540,7 +540,13 @@ impl Connection {
             .event(EventKind::Connection)
             .policy_result(PolicyResult::of(&verdict.decision))
             .reason(verdict.decision.reason.clone())
-            .url_host(verdict.host.clone());
+            .url_host(verdict.host.clone())
+            .port(self.dst.port())
+            .scheme(match verdict.scheme {
+                Some(Scheme::Http) => "http",
+                Some(Scheme::Https) => "https",
+                None => "tcp",
+            });
         if let Some(rule) = &verdict.decision.rule {
             ev = ev.matched_rule(rule.to_string());
         }

@@ -280,6 +280,32 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             .body(Either::Right(ChanBody(rx)))
             .expect("response");
     }
+    if route.ends_with("/big") {
+        // 1 MiB in 16 KiB chunks, streamed; the Authorization value it got appears once, near
+        // the start (what masking has to find), for the credentials benchmark.
+        let auth = headers
+            .iter()
+            .find(|(n, _)| n == "authorization")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            const CHUNK: usize = 16 * 1024;
+            let mut first = format!("echo: {auth}\n").into_bytes();
+            first.resize(CHUNK, b'x');
+            let _ = tx.send(Bytes::from(first)).await;
+            let filler = Bytes::from(vec![b'y'; CHUNK]);
+            for _ in 1..64 {
+                if tx.send(filler.clone()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(Either::Right(ChanBody(rx)))
+            .expect("response");
+    }
     if route.ends_with("/stream") {
         let (tx, rx) = mpsc::channel(4);
         let release = shared.release.clone();

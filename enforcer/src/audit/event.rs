@@ -6,6 +6,9 @@ use serde::Serialize;
 /// Longest string field kept, in bytes; longer values are cut on a character boundary and end
 /// with [`TRUNCATED_MARK`]. Keeps one record, and so the torn-record scan, bounded.
 pub const MAX_FIELD_BYTES: usize = 2048;
+/// Most header names kept in one record (the guard caps a head at 64 KiB; names past this are
+/// left out).
+pub const MAX_HEADER_NAMES: usize = 64;
 /// Appended to a string field that was cut at [`MAX_FIELD_BYTES`].
 pub const TRUNCATED_MARK: &str = "…[truncated]";
 
@@ -169,6 +172,17 @@ pub struct AuditEvent {
     /// Path only: a query string or fragment is removed before the record is written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url_path: Option<String>,
+    /// `http` or `https` (`request`, `connection` of plain HTTP or TLS), or `tcp` (a
+    /// connection judged by `tcp:` rules): what `policy replay` judges it as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// The port the decision judged (the destination's, or a CONNECT target's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The request's header names, lowercase, in order, each once (never a value), so that
+    /// `policy replay` can tell which header rules could apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_names: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_name: Option<String>,
     /// The query type of a `dns` record (`A`, `AAAA`, `TXT`, ...).
@@ -238,8 +252,8 @@ impl AuditEvent {
 
     setters! {
         strings: request_id, agent_id, comm, exe, matched_rule, reason, url_host, method,
-            url_path, dns_name, dns_type, dest, policy_sha256, detail;
-        values: pid: u32, policy_result: PolicyResult, status_code: u16, latency_ms: u64,
+            url_path, dns_name, dns_type, dest, policy_sha256, detail, scheme;
+        values: pid: u32, port: u16, header_names: Vec<String>, policy_result: PolicyResult, status_code: u16, latency_ms: u64,
             bytes_up: u64, bytes_down: u64, count: u64, first_seq: u64, last_seq: u64, action: Action,
             scope: Scope,
     }
@@ -253,7 +267,14 @@ impl AuditEvent {
         if let Some(host) = self.url_host.as_mut() {
             *host = host_without_userinfo(host).to_owned();
         }
+        if let Some(names) = self.header_names.as_mut() {
+            names.truncate(MAX_HEADER_NAMES);
+            for n in names.iter_mut() {
+                truncate_field(n);
+            }
+        }
         for field in [
+            &mut self.scheme,
             &mut self.request_id,
             &mut self.agent_id,
             &mut self.comm,

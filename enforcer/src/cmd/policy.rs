@@ -17,6 +17,45 @@ pub enum PolicyCommand {
     /// Show the decision a policy gives one request (rate limits start empty). Exits 0
     /// whatever the decision, 2 on bad input.
     Explain(ExplainArgs),
+    /// Write a policy (YAML, on stdout) that allows what an agent's audit records show it
+    /// doing: allowed, would_deny and denied requests, connections, kernel refusals, DNS
+    /// denials.
+    Suggest(SuggestArgs),
+    /// Judge every recorded request and connection again under a new policy and report what
+    /// would change. Exits 0 when nothing changes, 1 when something does, 2 on error.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SuggestArgs {
+    /// The agent whose records are read.
+    #[arg(long)]
+    pub agent: String,
+    /// Only records this recent: `24h`, `30m`, `7d`, or an RFC 3339 time.
+    #[arg(long, value_name = "AGE")]
+    pub since: Option<String>,
+    /// Keep this policy's rules and add only what they do not allow, in a marked section.
+    #[arg(long, value_name = "CURRENT.yaml")]
+    pub base: Option<PathBuf>,
+    /// Audit files (default: the configured `audit_log` and its rotated files).
+    #[arg(value_name = "AUDIT")]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// The policy to judge the records under.
+    #[arg(long, value_name = "NEW.yaml")]
+    pub policy: PathBuf,
+    /// Only this agent's records.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// The report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Audit files (default: the configured `audit_log` and its rotated files).
+    #[arg(value_name = "AUDIT")]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -59,13 +98,143 @@ pub struct ExplainArgs {
     pub json: bool,
 }
 
-/// Runs a `policy` subcommand on the process's stdout and stderr.
-pub fn run(cmd: PolicyCommand) -> ExitCode {
-    run_to(
-        cmd,
-        &mut std::io::stdout().lock(),
-        &mut std::io::stderr().lock(),
-    )
+/// Runs a `policy` subcommand on the process's stdout and stderr. `config` is `--config`,
+/// read only by the commands that need the audit log's place (and only when no file is
+/// given).
+pub fn run(cmd: PolicyCommand, config: Option<&std::path::Path>) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    match cmd {
+        PolicyCommand::Suggest(args) => suggest(&args, config, &mut out, &mut err),
+        PolicyCommand::Replay(args) => replay(&args, config, &mut out, &mut err),
+        other => run_to(other, &mut out, &mut err),
+    }
+}
+
+/// The files to read: those given, else the configured audit log's.
+fn audit_files(
+    given: &[PathBuf],
+    config: Option<&std::path::Path>,
+) -> Result<Vec<PathBuf>, String> {
+    if !given.is_empty() {
+        return Ok(given.to_vec());
+    }
+    let (config, _) = super::load_config(config).map_err(|e| e.to_string())?;
+    let files = crate::traffic::default_files(&config.audit_log).map_err(|e| {
+        format!(
+            "cannot list the audit files of {}: {e}",
+            config.audit_log.display()
+        )
+    })?;
+    if files.is_empty() {
+        return Err(format!(
+            "no audit log at {}; pass the audit files to read",
+            config.audit_log.display()
+        ));
+    }
+    Ok(files)
+}
+
+/// `24h`, `30m`, `7d`, `90s`, or an RFC 3339 time.
+fn since(text: &str) -> Result<jiff::Timestamp, String> {
+    if let Ok(t) = text.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    let (n, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: i64 = n.parse().map_err(|_| {
+        format!("--since '{text}': give an age like 24h, 30m, 7d, or an RFC 3339 time")
+    })?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("--since '{text}': the unit is s, m, h or d")),
+    };
+    Ok(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs))
+}
+
+fn suggest(
+    args: &SuggestArgs,
+    config: Option<&std::path::Path>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> ExitCode {
+    let run = || -> Result<String, String> {
+        let since = args.since.as_deref().map(since).transpose()?;
+        let files = audit_files(&args.files, config)?;
+        let records =
+            crate::traffic::read(&files, Some(&args.agent), since).map_err(|e| e.to_string())?;
+        if records.is_empty() {
+            return Err(crate::traffic::TrafficError::NoRecords(args.agent.clone()).to_string());
+        }
+        let base = match &args.base {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --base {}: {e}", path.display()))?;
+                let policy = Policy::from_yaml(text.as_bytes(), &path.display().to_string())
+                    .map_err(|e| e.to_string())?;
+                Some((text, policy))
+            }
+            None => None,
+        };
+        crate::traffic::suggest::suggest(
+            &args.agent,
+            &records,
+            base.as_ref().map(|(t, p)| (t.as_str(), p)),
+        )
+        .map_err(|e| e.to_string())
+    };
+    match run() {
+        Ok(text) => {
+            let _ = write!(out, "{text}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            let _ = writeln!(err, "error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn replay(
+    args: &ReplayArgs,
+    config: Option<&std::path::Path>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> ExitCode {
+    let run = || -> Result<crate::traffic::replay::Report, String> {
+        let policy = Policy::load(&args.policy).map_err(|e| e.to_string())?;
+        let files = audit_files(&args.files, config)?;
+        let records =
+            crate::traffic::read(&files, args.agent.as_deref(), None).map_err(|e| e.to_string())?;
+        Ok(crate::traffic::replay::replay(&policy, &records))
+    };
+    match run() {
+        Ok(report) => {
+            if args.json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                let _ = write!(out, "{}", crate::traffic::replay::render(&report));
+            }
+            if report.changed() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(message) => {
+            let _ = writeln!(err, "error: {message}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Runs a `policy` subcommand, writing to `out` and `err` (tests use this).
@@ -74,6 +243,8 @@ pub fn run_to(cmd: PolicyCommand, out: &mut dyn Write, err: &mut dyn Write) -> E
     // code still tells.
     match cmd {
         PolicyCommand::Check(args) => check(&args, out, err),
+        PolicyCommand::Suggest(args) => suggest(&args, None, out, err),
+        PolicyCommand::Replay(args) => replay(&args, None, out, err),
         PolicyCommand::Explain(args) => match explain(&args) {
             Ok(decision) => {
                 let _ = print_decision(&decision, args.json, out);

@@ -546,6 +546,81 @@ pub(crate) fn evaluate(policy: &Policy, req: &Request<'_>, limiter: &RateLimiter
     policy.decision(DecisionKind::Allow, allowed_by, reason, None)
 }
 
+/// For a request rebuilt from the audit log (header names without values, no body, no query):
+/// the rule whose verdict would need what the log does not keep, when the decision hinges on
+/// one. `None`: [`evaluate`] of the rebuilt request decides as the original would have.
+///
+/// A header constraint whose header is absent is decided (an allow needs it present, a deny
+/// needs a matching value); one whose header is present needs its value. Body and query
+/// constraints always need what was not kept.
+pub(crate) fn unrecorded_dependency(policy: &Policy, req: &Request<'_>) -> Option<Arc<str>> {
+    let host = canonicalize(req.host).ok()?;
+    let path = normalize_target(req.path_and_query).ok()?;
+    let ctx = Ctx {
+        req,
+        paths: &policy.index.body_paths,
+        host: &host,
+        path: &path,
+        body: OnceCell::new(),
+        query: "",
+        query_doc: OnceCell::new(),
+    };
+    let rules = &policy.rules;
+    // What a scope's constraints make of the rebuilt request: Some(true) surely holds,
+    // Some(false) surely not, None unknown.
+    let constraints = |scope: &HttpScope| -> Option<bool> {
+        let mut unknown = !scope.body.is_empty() || !scope.query.is_empty() || scope.query_none;
+        for h in &scope.headers {
+            if req.headers.contains_key(&h.name) {
+                unknown = true;
+            } else {
+                return Some(false);
+            }
+        }
+        if unknown { None } else { Some(true) }
+    };
+    let applies = |id: u32, unknown_exe: bool| -> Option<&HttpScope> {
+        let rule = &rules[id as usize];
+        let scope = http(rule)?;
+        (rule.for_exe(req.exe, unknown_exe) && ctx.targets(scope) && scope.window_active(req.now))
+            .then_some(scope)
+    };
+    let (mut sure_deny, mut maybe_deny) = (false, None::<u32>);
+    let (mut sure_allow, mut maybe_allow) = (None::<u32>, None::<u32>);
+    policy.index.for_each(&host, |bucket| {
+        for &id in &bucket.deny {
+            if let Some(scope) = applies(id, true) {
+                match constraints(scope) {
+                    Some(true) => sure_deny = true,
+                    Some(false) => {}
+                    None => maybe_deny = Some(maybe_deny.map_or(id, |m| m.min(id))),
+                }
+            }
+        }
+        for &id in &bucket.allow {
+            if let Some(scope) = applies(id, false) {
+                match constraints(scope) {
+                    Some(true) => sure_allow = Some(sure_allow.map_or(id, |a| a.min(id))),
+                    Some(false) => {}
+                    None => maybe_allow = Some(maybe_allow.map_or(id, |m| m.min(id))),
+                }
+            }
+        }
+    });
+    if sure_deny {
+        return None;
+    }
+    if let Some(id) = maybe_deny {
+        return Some(rules[id as usize].name.clone());
+    }
+    match (sure_allow, maybe_allow) {
+        // Something surely allows: allowed whatever the unknown ones make of it.
+        (Some(_), _) | (None, None) => None,
+        // Nothing surely allows: the unknown one decides between allow and default.
+        (None, Some(m)) => Some(rules[m as usize].name.clone()),
+    }
+}
+
 /// Takes a token from every limit in scope; `Some` rate-limited decision when one is out.
 fn apply_limits(policy: &Policy, ctx: &Ctx<'_, '_>, limiter: &RateLimiter) -> Option<Decision> {
     let rules = &policy.rules;

@@ -257,6 +257,10 @@ struct Ask {
     /// Close the connection after the response (an HTTP/1 request that asked to switch
     /// protocols and was not switched).
     close: bool,
+    /// The port judged (0 until known).
+    port: u16,
+    /// The request's header names (for the record: `policy replay` needs them).
+    header_names: Vec<String>,
 }
 
 /// What the request asks to upgrade to.
@@ -317,6 +321,13 @@ impl Service {
             },
             close: req.version() < Version::HTTP_2
                 && (is_connect || req.headers().contains_key(header::UPGRADE)),
+            port: 0,
+            header_names: req
+                .headers()
+                .keys()
+                .take(crate::audit::MAX_HEADER_NAMES)
+                .map(|n| n.as_str().to_owned())
+                .collect(),
         };
         let agent = self.conn.caller.agent.clone();
         let policy = agent.policy();
@@ -339,6 +350,7 @@ impl Service {
         } else {
             self.conn.dst.port()
         };
+        ask.port = port;
         if let Some(resp) = self.misdirected(&ask) {
             return resp;
         }
@@ -474,14 +486,14 @@ impl Service {
         }
         if !decision.allowed {
             tracing::warn!(
-                agent = %agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
+                agent = %agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm, exe = %self.conn.caller.exe_display(),
                 method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
                 request_id = %ask.id,
                 "would be denied (dry-run): {}", decision.reason
             );
         } else {
             tracing::debug!(
-                agent = %agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
+                agent = %agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm, exe = %self.conn.caller.exe_display(),
                 method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
                 request_id = %ask.id, "request allowed: {}", decision.reason
             );
@@ -689,7 +701,15 @@ impl Service {
             .url_host(ask.host.clone())
             .method(ask.method.as_str())
             .url_path(ask.path.clone())
-            .dest(self.conn.dst.to_string());
+            .dest(self.conn.dst.to_string())
+            .scheme(match self.conn.scheme {
+                Scheme::Http => "http",
+                Scheme::Https => "https",
+            })
+            .header_names(ask.header_names.clone());
+        if ask.port != 0 {
+            ev = ev.port(ask.port);
+        }
         if let Some(rule) = rule {
             ev = ev.matched_rule(rule);
         }
@@ -719,7 +739,7 @@ impl Service {
             return self.audit_unavailable(ask);
         }
         tracing::warn!(
-            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
+            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm, exe = %self.conn.caller.exe_display(),
             method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
             request_id = %ask.id, "credential leak refused: {}", r.reason()
         );
@@ -742,7 +762,7 @@ impl Service {
     /// A policy denial: 403, or 429 for a rate limit.
     fn denied(&self, ask: &Ask, decision: &Decision) -> Response<DownBody> {
         tracing::info!(
-            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
+            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm, exe = %self.conn.caller.exe_display(),
             method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
             request_id = %ask.id, "request denied: {}", decision.reason
         );
@@ -787,7 +807,7 @@ impl Service {
     ) -> Response<DownBody> {
         let _ = self.record(ask, PolicyResult::Deny, rule, reason);
         tracing::info!(
-            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
+            agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm, exe = %self.conn.caller.exe_display(),
             method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
             request_id = %ask.id, "request refused ({}): {reason}", status.as_u16()
         );
@@ -871,7 +891,7 @@ impl Service {
         };
         if verify {
             tracing::warn!(
-                agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
+                agent = %self.conn.caller.agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm, exe = %self.conn.caller.exe_display(),
                 host = %ask.host, request_id = %ask.id, "{reason}"
             );
         } else {
@@ -949,6 +969,8 @@ impl Service {
                 host: String::new(),
                 path: String::new(),
                 close: true,
+                port: 0,
+                header_names: Vec::new(),
             };
             let reason = v.reason();
             let mut ev = svc
@@ -994,6 +1016,8 @@ fn ask_closing(ask: &Ask) -> Ask {
         host: ask.host.clone(),
         path: ask.path.clone(),
         close: true,
+        port: ask.port,
+        header_names: ask.header_names.clone(),
     }
 }
 
