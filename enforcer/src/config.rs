@@ -60,7 +60,7 @@ pub enum TlsMode {
 }
 
 /// `tls:` section.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// `auto` (default), `sni` or `intercept`.
@@ -71,6 +71,21 @@ pub struct TlsConfig {
     /// Hosts never intercepted (mTLS clients, pinned certificates): exact names, IP literals
     /// or `*.example.com` (subdomains at any depth). Default: none.
     pub passthrough_hosts: Vec<String>,
+    /// A TLS connection refused on its server name gets a handshake with a leaf for that
+    /// name and a JSON 403 to every request, so an agent that trusts the local CA reads why.
+    /// Default: true.
+    pub deny_in_band: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            mode: TlsMode::default(),
+            extra_upstream_roots: Vec::new(),
+            passthrough_hosts: Vec::new(),
+            deny_in_band: true,
+        }
+    }
 }
 
 /// `http:` section.

@@ -372,13 +372,17 @@ impl Connection {
                 drop(opening);
                 self.splice(client, verdict, prefix, guard).await;
             }
-            Route::Decided { verdict, .. } => {
+            Route::Decided { verdict, prefix } => {
                 tracing::info!(
                     agent = %self.caller.agent.name, pid = self.caller.pid, comm = %self.caller.comm,
                     exe = %self.caller.exe_display(), dst = %self.dst, host = %verdict.host,
                     "connection denied: {}", verdict.decision.reason
                 );
-                self.refuse(client, &verdict).await;
+                if self.in_band(&verdict) {
+                    self.deny_in_band(client, verdict, prefix, guard).await;
+                } else {
+                    self.refuse(client, &verdict).await;
+                }
             }
             Route::Serve { prefix } => self.serve_plain(client, prefix, guard, opening).await,
             Route::Intercept { prefix, sni } => {
@@ -568,6 +572,102 @@ impl Connection {
         }
     }
 
+    /// Is a TLS refusal answered in band (a handshake, then a JSON 403)? Only where TLS may
+    /// be decrypted at all: `tls.deny_in_band`, a local CA, not `sni` mode, not a passthrough
+    /// host (those get a reset, as their clients may pin certificates).
+    fn in_band(&self, verdict: &Verdict) -> bool {
+        let tls = &self.ctx.tls;
+        verdict.scheme == Some(Scheme::Https)
+            && tls.deny_in_band
+            && tls.mode != crate::config::TlsMode::Sni
+            && !tls.is_passthrough(&verdict.host)
+            && tls
+                .server_config(None, crate::addr::canonical(self.dst.ip()))
+                .is_some()
+    }
+
+    /// A TLS connection refused on its server name: recorded, then a handshake with a leaf
+    /// for that name and the JSON 403 for every request on it (HTTP/1.1 with `Connection:
+    /// close`, or each HTTP/2 stream), so an agent that trusts the CA reads the reason
+    /// instead of a reset. An agent that does not trust the CA fails its handshake, as it
+    /// would have against a reset.
+    async fn deny_in_band(
+        &self,
+        client: TcpStream,
+        verdict: Verdict,
+        prefix: Vec<u8>,
+        mut guard: ConnGuard<'_>,
+    ) {
+        if !self.record(&verdict) {
+            return;
+        }
+        let dst_ip = crate::addr::canonical(self.dst.ip());
+        let sni = verdict
+            .host
+            .parse::<IpAddr>()
+            .is_err()
+            .then_some(verdict.host.as_str());
+        let Some(config) = self.ctx.tls.server_config(sni, dst_ip) else {
+            return;
+        };
+        let scope = scope::Scope::new();
+        let io = rewind::Rewind::new(prefix, scope::Tracked::new(client, scope.clone()));
+        let handshake = tokio::time::timeout(
+            CLIENT_HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(config).accept(io),
+        );
+        let stream = tokio::select! {
+            r = handshake => match r {
+                Ok(Ok(s)) => s,
+                _ => return,
+            },
+            () = scope::killed(&mut guard.killed, &scope) => return,
+        };
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let agent = self.caller.agent.name.clone();
+        let request_id = self.request_id.clone();
+        let decision = verdict.decision;
+        let service = hyper::service::service_fn(move |_req| {
+            let rule = decision.rule.as_deref();
+            let response = deny::response(&deny::Refusal {
+                status: ::http::StatusCode::FORBIDDEN,
+                decision: Some("deny"),
+                body: deny::DenyBody {
+                    kind: deny::Kind::Denied,
+                    reason: &decision.reason,
+                    rule,
+                    agent_id: &agent,
+                    request_id: &request_id,
+                    retryable: false,
+                },
+                retry_after: None,
+                close: !h2,
+            });
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+        let io = hyper_util::rt::TokioIo::new(stream);
+        // Bounded: the answer is the same for every request; the connection ends soon.
+        let served = async {
+            if h2 {
+                let _ = hyper::server::conn::http2::Builder::new(scope::ScopeExec(scope.clone()))
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .serve_connection(io, service)
+                    .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(io, service)
+                    .await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(Duration::from_secs(30), served) => {}
+            () = scope::killed(&mut guard.killed, &scope) => {}
+        }
+        scope.abort_all();
+    }
+
     /// Plain HTTP: served by [`http`], one decision per request.
     async fn serve_plain(
         &self,
@@ -685,6 +785,38 @@ impl Connection {
         }
         if !self.record(&verdict) {
             return;
+        }
+        // A reload that narrows the policy judges this decision again (no request on the
+        // stream ever will be).
+        if matches!(verdict.scheme, None | Some(Scheme::Https)) {
+            let splice = crate::agents::conns::Splice {
+                scheme: verdict.scheme,
+                hosts: vec![
+                    verdict.host.clone(),
+                    crate::addr::canonical(self.dst.ip()).to_string(),
+                ],
+                port: self.dst.port(),
+                exe: self.caller.exe.as_ref().map(|e| e.id),
+                dest: self.dst.to_string(),
+                request_id: self.request_id.clone(),
+            };
+            guard.mark_splice(splice.clone());
+            // A reload between the decision and the mark would have missed this stream.
+            let current = agent.policy();
+            if !Arc::ptr_eq(&current, &self.policy)
+                && let Some(reason) = splice.refused_by(&current)
+            {
+                crate::sys::reset_on_close(&client);
+                let _ = self.ctx.decisions.record(
+                    self.event(EventKind::Connection)
+                        .action(crate::audit::Action::Revoked)
+                        .policy_result(PolicyResult::Deny)
+                        .url_host(verdict.host.clone())
+                        .port(self.dst.port())
+                        .reason(reason),
+                );
+                return;
+            }
         }
         let mut client = client;
         let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.dst)).await;

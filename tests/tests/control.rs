@@ -343,3 +343,62 @@ fn a_hostile_policy_reload_never_holds_up_another_agents_kill_switch() {
     let out = d.probe("b", &["tcp", &addr, &addr]);
     assert!(out.status.success(), "b still works: {}", stdout(&out));
 }
+
+#[test]
+fn a_narrowing_reload_resets_the_spliced_streams_it_no_longer_allows() {
+    // Scenario: two `tcp:` splices are open (to 127.0.0.6 and 127.0.0.7). The policy is
+    // reloaded without the rule for .6: that stream is reset (the agent reads ECONNRESET) and
+    // audited as revoked; the stream to .7, still allowed, stays open.
+    let Some(s) = Scenario::new("revoke") else {
+        return;
+    };
+    let up6 = Upstream::http("127.0.0.6", "up6");
+    let up7 = Upstream::http("127.0.0.7", "up7");
+    let both = format!(
+        "rules:\n  - name: six\n    allow: {{ tcp: \"{}\" }}\n  - name: seven\n    allow: {{ tcp: \"{}\" }}\n",
+        up6.addr, up7.addr
+    );
+    let d = s.daemon().agent("a", &both).start();
+    let mut six = d.probe_spawn("a", &["hold", &up6.addr.to_string()]);
+    let mut seven = d.probe_spawn("a", &["hold", &up7.addr.to_string()]);
+    let (six_lines, seven_lines) = (Lines::of(&mut six), Lines::of(&mut seven));
+    for l in [&six_lines, &seven_lines] {
+        assert_eq!(
+            l.next(Duration::from_secs(10)).as_deref(),
+            Some("connected"),
+            "{}",
+            d.log()
+        );
+    }
+    assert!(eventually(10, || d.agent_status("a")["open_connections"] == 2));
+    std::fs::write(
+        d.policy_path("a"),
+        format!(
+            "rules:\n  - name: seven\n    allow: {{ tcp: \"{}\" }}\n",
+            up7.addr
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        six_lines.next(Duration::from_secs(15)).as_deref(),
+        Some("ended reset"),
+        "{}",
+        d.log()
+    );
+    assert!(
+        seven_lines.next(Duration::from_secs(2)).is_none(),
+        "the allowed stream must stay open"
+    );
+    assert_eq!(d.agent_status("a")["open_connections"], 1);
+    let log = d.audit_log();
+    let revoked = log
+        .lines()
+        .find(|l| l.contains("\"action\":\"revoked\""))
+        .unwrap_or_else(|| panic!("no revoked record:\n{log}"));
+    assert!(
+        revoked.contains(&up6.addr.to_string()) && revoked.contains("no tcp rule allows"),
+        "{revoked}"
+    );
+    reap(six);
+    reap(seven);
+}

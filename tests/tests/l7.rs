@@ -703,3 +703,63 @@ fn a_rule_for_one_executable_serves_it_and_not_curl() {
         "{log}"
     );
 }
+
+#[test]
+fn https_refused_on_its_server_name_is_answered_in_band_with_the_reason() {
+    // Scenario: a wildcard allows *.inband.test, a host-wide deny refuses blocked.inband.test.
+    // The name resolves (the wildcard allows it) and the connect goes through; the proxy
+    // refuses on the SNI. With tls.deny_in_band (the default) curl and the openai SDK, which
+    // trust the local CA through exec, read the JSON 403 and its reason; the upstream, which
+    // is up, gets nothing.
+    let Some(s) = Scenario::new("l7_in_band") else {
+        return;
+    };
+    let ca = TestCa::new("enforcer test upstream CA");
+    let up = WebUpstream::https(
+        "127.0.0.6",
+        "blocked",
+        ca.server_config(&["blocked.inband.test"]),
+    );
+    let p = up.addr.port();
+    let policy = "rules:\n  - name: zone\n    allow: { url: \"*.inband.test:*\" }\n\
+                  \x20 - name: blocked\n    deny: { url: \"blocked.inband.test:*\" }\n";
+    let d = s
+        .daemon()
+        .agent("a", policy)
+        .resolve("blocked.inband.test", "127.0.0.6")
+        .dns_lines("  allow_internal_answers: [\"127.0.0.0/8\"]\n")
+        .upstream_ca(&ca, "")
+        .start();
+    for http in ["--http1.1", "--http2"] {
+        let text = curl(
+            &d,
+            "a",
+            &[http, &format!("https://blocked.inband.test:{p}/v1/x")],
+        );
+        assert_eq!(status_of(&text), 403, "{http}: {text}\n{}", d.log());
+        assert!(text.contains("denied by rule 'blocked'"), "{text}");
+    }
+    let python = std::path::Path::new("/opt/enforcer-test/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: `cargo xtask test` creates it",
+        python.display()
+    );
+    let script = format!(
+        "import openai\n\
+         c = openai.OpenAI(base_url='https://blocked.inband.test:{p}/v1', api_key='k', max_retries=0)\n\
+         try:\n    c.models.list()\n\
+         except openai.PermissionDeniedError as e:\n    print('openai:', e)\n"
+    );
+    let out = d
+        .exec_cmd("a", &[python.to_str().unwrap(), "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains("denied by rule 'blocked'"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(up.hits().is_empty(), "{:?}", up.hits());
+}

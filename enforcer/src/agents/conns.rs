@@ -64,6 +64,46 @@ impl Full {
 struct Open {
     kill: watch::Sender<bool>,
     socket: Option<SocketRef>,
+    /// Set once the connection is spliced on a host-level decision.
+    splice: Option<Splice>,
+}
+
+/// What a spliced connection was allowed on: judged again when the policy changes, since no
+/// request on it ever will be.
+#[derive(Debug, Clone)]
+pub struct Splice {
+    /// TLS spliced on its server name (`Https`), or `tcp:` (`None`).
+    pub scheme: Option<crate::policy::Scheme>,
+    /// The host decided on (the SNI), and for `tcp:` the address too.
+    pub hosts: Vec<String>,
+    pub port: u16,
+    pub exe: Option<crate::sys::FileId>,
+    /// For the record: the destination and the decision's request id.
+    pub dest: String,
+    pub request_id: String,
+}
+
+impl Splice {
+    /// Why `policy` no longer gives this decision, if it does not.
+    pub fn refused_by(&self, policy: &crate::policy::Policy) -> Option<String> {
+        use crate::policy::Scheme;
+        let now = jiff::Timestamp::now();
+        let decision = match self.scheme {
+            Some(Scheme::Https) => {
+                policy.host_decision(Scheme::Https, &self.hosts[0], self.port, now, self.exe)
+            }
+            Some(Scheme::Http) => return None,
+            None => policy
+                .tcp_decision(&self.hosts, self.port, self.exe)
+                .unwrap_or_else(|| {
+                    policy.refusal(format!(
+                        "no tcp rule allows {}:{} any more",
+                        self.hosts[0], self.port
+                    ))
+                }),
+        };
+        (!decision.forward()).then(|| format!("revoked by a policy reload: {}", decision.reason))
+    }
 }
 
 /// A registered connection. Dropping it unregisters the connection.
@@ -80,10 +120,14 @@ impl ConnTracker {
     pub fn register(&self, socket: Option<SocketRef>) -> ConnGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (kill, rx) = watch::channel(false);
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Open { kill, socket });
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            Open {
+                kill,
+                socket,
+                splice: None,
+            },
+        );
         ConnGuard {
             tracker: self,
             id,
@@ -116,7 +160,14 @@ impl ConnTracker {
             if max_open > 0 && open.len() >= max_open {
                 return Err(Full::Open(max_open));
             }
-            open.insert(id, Open { kill, socket });
+            open.insert(
+                id,
+                Open {
+                    kill,
+                    socket,
+                    splice: None,
+                },
+            );
         }
         Ok((
             ConnGuard {
@@ -148,8 +199,39 @@ impl ConnTracker {
         open.len()
     }
 
+    /// Cuts every spliced connection whose decision `still` no longer upholds (`Some(reason)`
+    /// says why); returns them with the reasons.
+    pub fn revoke(&self, still: impl Fn(&Splice) -> Option<String>) -> Vec<(Splice, String)> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for o in open.values() {
+            if let Some(s) = &o.splice
+                && let Some(reason) = still(s)
+            {
+                let _ = o.kill.send(true);
+                out.push((s.clone(), reason));
+            }
+        }
+        out
+    }
+
     pub fn count(&self) -> usize {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl ConnGuard<'_> {
+    /// The connection is now spliced on this decision.
+    pub fn mark_splice(&self, splice: Splice) {
+        if let Some(o) = self
+            .tracker
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&self.id)
+        {
+            o.splice = Some(splice);
+        }
     }
 }
 

@@ -527,6 +527,29 @@ impl Lifecycle {
         }
     }
 
+    /// Cuts the agent's spliced connections whose host-level decision the policy now in force
+    /// no longer gives (TLS spliced on its server name, `tcp:` splices), each audited as a
+    /// `connection` with `action: revoked`. Served connections need nothing: every request on
+    /// them is judged under the new policy already.
+    fn revoke_spliced(&self, agent: &Arc<Agent>) {
+        let policy = agent.policy();
+        let revoked = agent.conns.revoke(|s| s.refused_by(&policy));
+        for (s, reason) in revoked {
+            tracing::info!(agent = %agent.name, dst = %s.dest, host = %s.hosts[0], "spliced connection cut: {reason}");
+            let _ = self.audit.record(
+                AuditEvent::new(EventKind::Connection)
+                    .action(Action::Revoked)
+                    .agent_id(agent.name.clone())
+                    .request_id(s.request_id)
+                    .policy_result(crate::audit::PolicyResult::Deny)
+                    .url_host(s.hosts[0].clone())
+                    .dest(s.dest)
+                    .port(s.port)
+                    .reason(reason),
+            );
+        }
+    }
+
     async fn reload_policy(&self, agent: &Arc<Agent>, why: &str) -> ReloadResult {
         let result = |ok, message: String| ReloadResult {
             agent: agent.name.clone(),
@@ -563,6 +586,7 @@ impl Lifecycle {
                 if let Err(e) = self.apply_policy(agent) {
                     tracing::error!(agent = %agent.name, "updating the kernel allowlist failed: {e}");
                 }
+                self.revoke_spliced(agent);
                 tracing::info!(agent = %agent.name, sha256 = %sha, "policy reloaded ({why})");
                 let _ = self.audit.record(
                     AuditEvent::new(EventKind::Policy)

@@ -116,6 +116,8 @@ pub enum Action {
     /// `daemon`, written by the audit log: the live file was deleted or replaced under it; it
     /// was recreated at its path with every record restored from the open file.
     Reopened,
+    /// `connection`: a spliced connection cut because a reloaded policy no longer allows it.
+    Revoked,
     /// `daemon`, written by the audit log at open: records `first_seq..=last_seq` followed the
     /// last checkpoint, so no signature vouches for them (a crash, or records added while the
     /// daemon was stopped). The checkpoint after this record does not attest them either;

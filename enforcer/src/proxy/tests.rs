@@ -305,7 +305,14 @@ async fn an_sni_the_agent_never_resolved_to_that_address_is_refused() {
     let up = RawUpstream::start(b"").await;
     let mut s = h.connect(up.addr, 1, 0).await;
     s.write_all(&client_hello("api.test")).await.unwrap();
-    read_to_close(&mut s).await;
+    // Refused on the SNI, answered in band: the proxy goes on with the handshake (a TLS
+    // handshake record comes back) to serve the JSON 403; nothing reaches the upstream.
+    let mut first = [0u8; 1];
+    tokio::time::timeout(WAIT, s.read_exact(&mut first))
+        .await
+        .expect("the proxy answers")
+        .unwrap();
+    assert_eq!(first[0], 0x16, "a TLS handshake record");
     assert_eq!(up.accepted(), 0);
     let r = h.record_of("connection").await;
     assert_eq!(r["policy_result"], "deny");

@@ -165,6 +165,8 @@ pub enum Inspect {
 /// Daemon-wide TLS settings.
 pub struct TlsContext {
     pub mode: TlsMode,
+    /// `tls.deny_in_band`.
+    pub deny_in_band: bool,
     passthrough: Vec<Passthrough>,
     ca: Option<Arc<Ca>>,
     /// Server configuration for connections with SNI (certificates by name).
@@ -203,6 +205,7 @@ impl TlsContext {
         };
         Ok(Self {
             mode: config.mode,
+            deny_in_band: config.deny_in_band,
             passthrough,
             ca,
             server,
@@ -330,6 +333,7 @@ mod tests {
             mode,
             extra_upstream_roots: Vec::new(),
             passthrough_hosts: passthrough.iter().map(|s| s.to_string()).collect(),
+            deny_in_band: true,
         };
         (TlsContext::new(&config, ca).unwrap(), dir)
     }

@@ -567,6 +567,7 @@ fn tls_pair(
         mode: crate::config::TlsMode::Intercept,
         extra_upstream_roots: Vec::new(),
         passthrough_hosts: Vec::new(),
+        deny_in_band: true,
     };
     let tls = super::super::tls::TlsContext::new(&config, Some(ca)).unwrap();
     let server = tls
