@@ -277,6 +277,9 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Configured agents. Default: none.
     pub agents: Vec<AgentConfig>,
+    /// `enforcer.internal`: every agent may read its own refusals and ask its own policy.
+    /// Default: true.
+    pub agent_api: bool,
     /// The file this configuration was read from (not a key: set by [`Config::load`]).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -308,6 +311,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             dns: DnsConfig::default(),
             agents: Vec::new(),
+            agent_api: true,
             source: None,
         }
     }

@@ -83,7 +83,17 @@ pub async fn run(
     let initial_kill = kill_files.read(&names);
 
     let audit = audit::open_daemon_log(&config)?;
-    audit.set_observer(Box::new(metrics::observe));
+    // The agent API shows each agent its own refusals: kept as they are audited.
+    let agent_api = config
+        .agent_api
+        .then(|| Arc::new(proxy::agent_api::Denials::default()));
+    let seen = agent_api.clone();
+    audit.set_observer(Box::new(move |ev| {
+        metrics::observe(ev);
+        if let Some(d) = &seen {
+            d.observe(ev);
+        }
+    }));
     let ca = ca::for_daemon(&config)?;
     let tls = Arc::new(tls::TlsContext::new(&config.tls, ca.clone())?);
     let ca_bundle = match &ca {
@@ -174,6 +184,7 @@ pub async fn run(
             per_agent_pending: config.max_pending_per_agent,
             fds: proxy::limits::FdBudget::from_rlimit(),
         },
+        agent_api: agent_api.clone(),
     });
     let threads = config.proxy_threads();
     let workers = proxy::Workers::start(threads, proxy_ctx)
@@ -239,7 +250,8 @@ pub async fn run(
             &config.dns,
             config.dns_upstreams(),
         )
-        .with_credentials(credentials.clone()),
+        .with_credentials(credentials.clone())
+        .with_agent_api(config.agent_api),
     );
     tokio::spawn(dns::server::serve_udp(
         listeners.dns_udp_v4,

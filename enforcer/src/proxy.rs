@@ -89,6 +89,7 @@ macro_rules! forward_async_write {
     };
 }
 
+pub mod agent_api;
 pub mod deny;
 pub mod deputy;
 pub mod http;
@@ -135,6 +136,8 @@ pub struct ProxyContext {
     pub l7: Arc<http::L7Env>,
     /// Connections per agent, and the file-descriptor budget.
     pub limits: limits::Limits,
+    /// `enforcer.internal`, when `agent_api` is on: the refusals it shows.
+    pub agent_api: Option<Arc<agent_api::Denials>>,
 }
 
 /// The proxy threads: each runs the connections handed to it on a single-threaded runtime
@@ -336,6 +339,13 @@ struct Connection {
 impl Connection {
     async fn run(self, mut client: TcpStream, guard: ConnGuard<'_>, opening: Pending) {
         self.caller.agent.touch_eval();
+        if let Some(denials) = self.ctx.agent_api.clone()
+            && agent_api::is_api(self.dst.ip())
+        {
+            drop(opening);
+            self.serve_agent_api(client, denials, guard).await;
+            return;
+        }
         let route = self.route(&mut client).await;
         // Step 6, once for every route that reaches the destination: no confused deputy.
         let upstream = match &route {
@@ -570,6 +580,72 @@ impl Connection {
             let _ = client.write_all(&response).await;
             let _ = client.shutdown().await;
         }
+    }
+
+    /// `enforcer.internal`: the agent API, answered here (plain HTTP, or TLS with a leaf from
+    /// the local CA), never forwarded.
+    async fn serve_agent_api(
+        &self,
+        client: TcpStream,
+        denials: Arc<agent_api::Denials>,
+        mut guard: ConnGuard<'_>,
+    ) {
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(Duration::from_secs(10), client.peek(&mut first)).await;
+        if !matches!(peeked, Ok(Ok(1))) {
+            return;
+        }
+        let scope = scope::Scope::new();
+        let caller = self.caller.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let response = agent_api::handle(&denials, &caller, &req);
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+        let tracked = scope::Tracked::new(client, scope.clone());
+        let served = async {
+            if first[0] == 0x16 {
+                let Some(config) = self
+                    .ctx
+                    .tls
+                    .server_config(Some(agent_api::NAME), crate::addr::canonical(self.dst.ip()))
+                else {
+                    return;
+                };
+                let Ok(Ok(tls)) = tokio::time::timeout(
+                    CLIENT_HANDSHAKE_TIMEOUT,
+                    tokio_rustls::TlsAcceptor::from(config).accept(tracked),
+                )
+                .await
+                else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let _ =
+                        hyper::server::conn::http2::Builder::new(scope::ScopeExec(scope.clone()))
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                            .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                }
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(hyper_util::rt::TokioIo::new(tracked), service)
+                    .await;
+            }
+        };
+        // Bounded: an agent cannot hold a proxy slot open on the API.
+        tokio::select! {
+            _ = tokio::time::timeout(Duration::from_secs(60), served) => {}
+            () = scope::killed(&mut guard.killed, &scope) => {}
+        }
+        scope.abort_all();
     }
 
     /// Is a TLS refusal answered in band (a handshake, then a JSON 403)? Only where TLS may

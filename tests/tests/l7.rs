@@ -763,3 +763,65 @@ fn https_refused_on_its_server_name_is_answered_in_band_with_the_reason() {
     );
     assert!(up.hits().is_empty(), "{:?}", up.hits());
 }
+
+#[test]
+fn an_agent_reads_its_own_refusals_and_only_its_own_at_enforcer_internal() {
+    // Scenario: agents `a` and `b` each get a kernel EPERM (a loopback port no rule names).
+    // `a` then asks http://enforcer.internal/v1/denials (and over HTTPS, trusting the local CA
+    // through exec): it reads its own refusal, with reason, and nothing of b's. /v1/explain
+    // gives its own policy's verdict.
+    let Some(s) = Scenario::new("agent_api") else {
+        return;
+    };
+    let policy = "rules:\n  - name: api\n    allow: { method: GET, url: \"api.test/v1/**\" }\n";
+    let d = s.daemon().agent("a", policy).agent("b", policy).start();
+    // Something listens there, so a refusal is ours, not a closed port.
+    let up7 = enforcer_tests::Upstream::http("127.0.0.7", "seven");
+    let up8 = enforcer_tests::Upstream::http("127.0.0.8", "eight");
+    for (agent, up) in [("a", &up7), ("b", &up8)] {
+        let out = d.probe(agent, &["tcp", &up.addr.to_string()]);
+        assert!(stdout(&out).contains("(os error 1)"), "{}", stdout(&out));
+    }
+    assert!(up7.hits().is_empty() && up8.hits().is_empty());
+    let mut text = String::new();
+    assert!(
+        enforcer_tests::eventually(10, || {
+            let out = d.curl("a", &["http://enforcer.internal/v1/denials"]);
+            text = stdout(&out);
+            text.contains(&up7.addr.to_string())
+        }),
+        "{text}\n{}",
+        d.log()
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["agent"], d.agent("a"));
+    let first = &v["denials"][0];
+    assert_eq!(first["kind"], "kernel", "{v:#}");
+    assert!(
+        first["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{v:#}"
+    );
+    assert!(
+        !text.contains(&up8.addr.to_string()),
+        "b's refusal leaked: {text}"
+    );
+    // The same over HTTPS.
+    let out = d.curl("a", &["https://enforcer.internal/v1/denials?limit=1"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    assert_eq!(v["denials"].as_array().unwrap().len(), 1, "{v:#}");
+    // Its own policy's verdict.
+    let out = d.curl(
+        "a",
+        &["http://enforcer.internal/v1/explain?method=DELETE&url=https://api.test/v1/x"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["decision"], "deny", "{v:#}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no rule allows DELETE"),
+        "{v:#}"
+    );
+}

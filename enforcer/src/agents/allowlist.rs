@@ -22,10 +22,11 @@ pub struct Computed {
     pub redirect_all: bool,
 }
 
-/// Computes the static allowlist of `policy`.
-pub fn compute(policy: &Policy) -> Computed {
+/// Computes the static allowlist of `policy`. With `agent_api`, `enforcer.internal`'s address
+/// on ports 80 and 443 too: the proxy answers it itself (see `proxy::agent_api`).
+pub fn compute(policy: &Policy, agent_api: bool) -> Computed {
     let targets = policy.kernel_targets();
-    let entries: BTreeSet<AllowEntry> = targets
+    let mut entries: BTreeSet<AllowEntry> = targets
         .ip_literals
         .iter()
         .map(|(net, port)| AllowEntry {
@@ -35,6 +36,16 @@ pub fn compute(policy: &Policy) -> Computed {
             flags: allow_flags::EXPLICIT,
         })
         .collect();
+    if agent_api {
+        for port in [80, 443] {
+            entries.insert(AllowEntry {
+                net: ipnet::IpNet::from(std::net::IpAddr::V4(crate::proxy::agent_api::ADDR)),
+                port: Some(port),
+                expires_boot_ns: 0,
+                flags: allow_flags::EXPLICIT,
+            });
+        }
+    }
     Computed {
         entries: entries.into_iter().collect(),
         redirect_all: policy.mode() == Mode::DryRun,
@@ -60,7 +71,7 @@ rules:
             "t.yaml",
         )
         .unwrap();
-        let c = compute(&policy);
+        let c = compute(&policy, false);
         assert!(!c.redirect_all);
         let has = |net: &str, port: Option<u16>| {
             c.entries
@@ -85,10 +96,10 @@ rules:
         )
         .unwrap();
         assert!(
-            !compute(&wild).redirect_all,
+            !compute(&wild, false).redirect_all,
             "wildcards are learned from DNS, not redirected"
         );
         let dry = Policy::from_yaml(b"mode: dry_run\nrules: []\n", "d.yaml").unwrap();
-        assert!(compute(&dry).redirect_all);
+        assert!(compute(&dry, false).redirect_all);
     }
 }

@@ -155,6 +155,8 @@ pub struct Lifecycle {
     audit: AuditLog,
     kill_flags: Arc<dyn KillFlags>,
     credentials: Arc<crate::credentials::Vault>,
+    /// `agent_api`: every agent's allowlist holds `enforcer.internal`.
+    agent_api: bool,
     state_dir: PathBuf,
     /// The file the config came from, watched for agent-list changes.
     config_path: Option<PathBuf>,
@@ -193,6 +195,7 @@ impl Lifecycle {
             audit: parts.audit,
             kill_flags: parts.kill_flags,
             credentials: parts.credentials,
+            agent_api: config.agent_api,
             state_dir: config.state_dir.clone(),
             config_path,
             agent_configs: Mutex::new(config.agents.clone()),
@@ -342,7 +345,7 @@ impl Lifecycle {
     /// change never opens more than either policy allows.
     pub fn apply_policy(&self, agent: &Agent) -> Result<(), BpfError> {
         let policy = agent.policy();
-        let computed = allowlist::compute(&policy);
+        let computed = allowlist::compute(&policy, self.agent_api);
         self.kernel.replace_allowlist(agent.id, &computed.entries)?;
         agent.set_explicit(computed.entries);
         // Addresses learned for names this policy no longer allows go at once.

@@ -268,6 +268,18 @@ impl AuditLog {
         dest: SocketAddr,
         reason: &'static str,
     ) {
+        // The observer sees each refusal as it happens (the record folds them per second).
+        if let Some(observe) = self.inner.observer.get() {
+            observe(
+                &AuditEvent::new(EventKind::KernelDeny)
+                    .agent_id(agent_id)
+                    .pid(pid)
+                    .comm(comm)
+                    .dest(dest.to_string())
+                    .policy_result(crate::audit::PolicyResult::Deny)
+                    .reason(reason),
+            );
+        }
         self.inner
             .shared
             .denies

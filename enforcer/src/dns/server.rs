@@ -106,6 +106,8 @@ pub struct Resolver {
     pub names: exfil::NameBudget,
     /// A name carrying a credential's placeholder is a leak.
     pub credentials: Option<Arc<crate::credentials::Vault>>,
+    /// `agent_api`: `enforcer.internal` is answered for every agent.
+    pub agent_api: bool,
 }
 
 impl Resolver {
@@ -133,7 +135,14 @@ impl Resolver {
             allow_internal: config.allow_internal_answers.clone(),
             names: exfil::NameBudget::new(config.wildcard_names_per_minute),
             credentials: None,
+            agent_api: false,
         }
+    }
+
+    /// Answers `enforcer.internal` (the agent API) for every agent.
+    pub fn with_agent_api(mut self, on: bool) -> Self {
+        self.agent_api = on;
+        self
     }
 
     /// Refuses names that carry a credential's placeholder.
@@ -196,6 +205,18 @@ impl Resolver {
                 return encode(denied(), &request, udp);
             }
         };
+        // The agent API's name: answered here for every agent, never asked upstream.
+        if self.agent_api && name == crate::proxy::agent_api::NAME {
+            let answers = match qtype {
+                RecordType::A => vec![Record::from_rdata(
+                    query.name().clone(),
+                    60,
+                    RData::A(rdata::A(crate::proxy::agent_api::ADDR)),
+                )],
+                _ => Vec::new(),
+            };
+            return encode(reply(ResponseCode::NoError, answers), &request, udp);
+        }
         // A placeholder in a name is a credential on its way out through DNS: never asked
         // upstream, whatever the policy (a placeholder has no business in a name).
         if let Some(c) = self

@@ -64,7 +64,7 @@ impl Harness {
             PathBuf::from("/"),
             policy.clone(),
         ));
-        agent.set_explicit(allowlist::compute(&policy).entries);
+        agent.set_explicit(allowlist::compute(&policy, false).entries);
         let registry = Arc::new(Registry::default());
         registry.insert(agent.clone());
         let records = Arc::new(FakeRecords::default());
@@ -86,6 +86,7 @@ impl Harness {
                 per_agent_pending: 256,
                 fds: limits::FdBudget::new(1 << 16),
             },
+            agent_api: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
