@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use enforcer_tests::{DnsUpstream, Lines, Scenario, Upstream, eventually, reap, stdout};
+use enforcer_tests::{DnsUpstream, Lines, Scenario, Upstream, eventually, reap, stderr, stdout};
 
 fn policy(port: u16) -> String {
     format!(
@@ -386,4 +386,75 @@ fn an_internal_answer_let_through_is_reachable_on_the_ports_the_policy_allows_on
         .output()
         .unwrap();
     assert!(stdout(&direct).contains("hello from p2"));
+}
+
+#[test]
+fn a_static_name_counts_as_resolved_without_a_query() {
+    // Scenario: `api.test` is declared in dns.static and named exactly by the policy. curl
+    // --resolve (as /etc/hosts would) connects to its address without asking any resolver:
+    // plain HTTP and HTTPS (SNI) are both served. A static name the policy does not allow
+    // stays refused in the kernel.
+    let Some(s) = Scenario::new("static_resolve") else {
+        return;
+    };
+    let ca = enforcer_tests::web::TestCa::new("enforcer test upstream CA");
+    let plain = enforcer_tests::web::WebUpstream::http("127.0.0.5", "plain");
+    let tls = enforcer_tests::web::WebUpstream::https(
+        "127.0.0.6",
+        "tls",
+        ca.server_config(&["secure.test"]),
+    );
+    let (p, t) = (plain.addr.port(), tls.addr.port());
+    let policy = format!(
+        "rules:\n  - name: api\n    allow: {{ method: GET, url: \"api.test:{p}/v1/**\" }}\n\
+         \x20 - name: secure\n    allow: {{ method: GET, url: \"secure.test:{t}/v1/**\" }}\n"
+    );
+    let d = s
+        .daemon()
+        .agent("a", &policy)
+        .resolve("api.test", "127.0.0.5")
+        .resolve("secure.test", "127.0.0.6")
+        .resolve("other.test", "127.0.0.7")
+        .upstream_ca(&ca, "")
+        .start();
+    let other = Upstream::http("127.0.0.7", "other");
+    let out = d.curl(
+        "a",
+        &[
+            "-w",
+            "\n%{http_code}\n",
+            "--resolve",
+            &format!("api.test:{p}:127.0.0.5"),
+            &format!("http://api.test:{p}/v1/x"),
+        ],
+    );
+    assert!(
+        stdout(&out).trim_end().ends_with("200"),
+        "{}{}\n{}",
+        stdout(&out),
+        stderr(&out),
+        d.log()
+    );
+    let out = d.curl(
+        "a",
+        &[
+            "-w",
+            "\n%{http_code}\n",
+            "--resolve",
+            &format!("secure.test:{t}:127.0.0.6"),
+            &format!("https://secure.test:{t}/v1/x"),
+        ],
+    );
+    assert!(
+        stdout(&out).trim_end().ends_with("200"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(plain.hits().len(), 1);
+    assert_eq!(tls.hits().len(), 1);
+    // Declared, but no rule allows it: the kernel refuses the connect.
+    let out = d.probe("a", &["tcp", &other.addr.to_string()]);
+    assert!(stdout(&out).contains("(os error 1)"), "{}", stdout(&out));
+    assert!(other.hits().is_empty());
 }

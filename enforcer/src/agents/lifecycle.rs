@@ -157,6 +157,13 @@ pub struct Lifecycle {
     credentials: Arc<crate::credentials::Vault>,
     /// `agent_api`: every agent's allowlist holds `enforcer.internal`.
     agent_api: bool,
+    /// `dns.static` by canonical name: declared by the operator, so they count as resolved
+    /// for every agent whose policy allows the name.
+    statics: BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// `dns.allow_internal_answers` and `dns.max_learned_per_agent`, as the resolver
+    /// applies them.
+    allow_internal: Vec<ipnet::IpNet>,
+    max_learned: usize,
     state_dir: PathBuf,
     /// The file the config came from, watched for agent-list changes.
     config_path: Option<PathBuf>,
@@ -196,6 +203,14 @@ impl Lifecycle {
             kill_flags: parts.kill_flags,
             credentials: parts.credentials,
             agent_api: config.agent_api,
+            statics: config
+                .dns
+                .static_hosts
+                .iter()
+                .filter_map(|(k, v)| Some((crate::policy::canonical_host(k).ok()?, v.clone())))
+                .collect(),
+            allow_internal: config.dns.allow_internal_answers.clone(),
+            max_learned: config.dns.max_learned_per_agent,
             state_dir: config.state_dir.clone(),
             config_path,
             agent_configs: Mutex::new(config.agents.clone()),
@@ -363,6 +378,7 @@ impl Lifecycle {
                 },
             );
         }
+        self.learn_statics(agent, &policy);
         let mut flags = agent_flags::ACTIVE;
         if computed.redirect_all {
             flags |= agent_flags::REDIRECT_ALL_TCP;
@@ -371,6 +387,40 @@ impl Lifecycle {
             flags |= agent_flags::KILLED;
         }
         self.kernel.set_agent_flags(agent.id, flags)
+    }
+
+    /// The `dns.static` names the policy allows count as resolved, with no query: a client
+    /// that uses `/etc/hosts` or `curl --resolve` for them is served like one that asked our
+    /// resolver. The same rules as for an answer apply: an internal address of a name allowed
+    /// only by a wildcard is left out (unless `dns.allow_internal_answers` covers it), and the
+    /// agent's quota holds.
+    fn learn_statics(&self, agent: &Agent, policy: &Policy) {
+        let dry_run = policy.mode() == Mode::DryRun;
+        for (name, ips) in &self.statics {
+            let matched = policy.host_match(name);
+            if matched == HostMatch::None && !dry_run {
+                continue;
+            }
+            let exact = matched == HostMatch::Exact;
+            for ip in ips {
+                let ip = crate::addr::canonical(*ip);
+                let internal_ok = crate::addr::within(ip, &self.allow_internal);
+                if !exact && crate::addr::internal(ip).is_some() && !internal_ok {
+                    continue;
+                }
+                let explicit = exact || (crate::addr::internal(ip).is_some() && internal_ok);
+                match self
+                    .kernel
+                    .learn_allow(agent.id, ip, u64::MAX, explicit, self.max_learned)
+                {
+                    Ok(()) => agent.learn(name, ip, u64::MAX, exact),
+                    Err(e) => tracing::warn!(
+                        agent = %agent.name, %name, %ip,
+                        "cannot add the dns.static address to the allowlist: {e}"
+                    ),
+                }
+            }
+        }
     }
 
     /// Registers (or reuses) an ad-hoc agent from policy bytes sent by `enforcer exec
