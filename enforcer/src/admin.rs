@@ -131,6 +131,8 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<api::UnenrolResponse, Refusal>;
     fn reload(&self) -> impl Future<Output = Result<api::ReloadResponse, Refusal>> + Send;
     fn credentials(&self) -> api::CredentialsReport;
+    fn approvals(&self) -> api::ApprovalsReport;
+    fn answer(&self, peer: &Peer, answer: api::ApprovalAnswer) -> Result<(), Refusal>;
 }
 
 /// Binds the admin socket: mode 0660, group `admin_group` when given.
@@ -253,6 +255,16 @@ async fn route<H: Handler>(
     match (&parts.method, parts.uri.path()) {
         (&Method::GET, "/v1/status") => json(StatusCode::OK, &handler.status()),
         (&Method::GET, "/v1/credentials") => json(StatusCode::OK, &handler.credentials()),
+        (&Method::GET, "/v1/approvals") => json(StatusCode::OK, &handler.approvals()),
+        (&Method::POST, "/v1/approvals/answer") => {
+            match serde_json::from_slice::<api::ApprovalAnswer>(&body) {
+                Ok(a) => match handler.answer(peer, a) {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({ "ok": true })),
+                    Err(e) => refused(&e),
+                },
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("bad answer: {e}")),
+            }
+        }
         (&Method::POST, "/v1/enrol") => match serde_json::from_slice::<api::EnrolRequest>(&body) {
             Ok(r) => {
                 if !peer.is_root() && r.target != Target::SelfProcess {

@@ -53,6 +53,13 @@ pub enum Command {
     /// The local CA that signs intercepted TLS.
     #[command(subcommand)]
     Ca(cmd::ca::CaCommand),
+    /// Requests held by `ask` rules, waiting for a human.
+    Approvals(cmd::approvals::ListArgs),
+    /// Let a held request through (and, with --for, the same rule, method and host for a
+    /// while).
+    Approve(cmd::approvals::ApproveArgs),
+    /// Refuse a held request; the agent reads the reason.
+    Reject(cmd::approvals::RejectArgs),
     /// Secrets the proxy injects for agents: list them, print an agent's placeholders.
     #[command(subcommand)]
     Credentials(cmd::credentials::CredentialsCommand),

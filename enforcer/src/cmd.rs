@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 
+pub mod approvals;
 pub mod audit;
 pub mod ca;
 pub mod credentials;

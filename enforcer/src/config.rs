@@ -88,6 +88,15 @@ impl Default for TlsConfig {
     }
 }
 
+/// `approvals:` section.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// `[COMMAND, ARG...]` run for each new held request, with one JSON line on stdin (5 s
+    /// limit). Default: none.
+    pub notify: Vec<String>,
+}
+
 /// `http:` section.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -280,6 +289,8 @@ pub struct Config {
     /// `enforcer.internal`: every agent may read its own refusals and ask its own policy.
     /// Default: true.
     pub agent_api: bool,
+    /// Requests held by `ask` rules.
+    pub approvals: ApprovalsConfig,
     /// The file this configuration was read from (not a key: set by [`Config::load`]).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -312,6 +323,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             agents: Vec::new(),
             agent_api: true,
+            approvals: ApprovalsConfig::default(),
             source: None,
         }
     }

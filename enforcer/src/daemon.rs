@@ -167,6 +167,11 @@ pub async fn run(
              rules until a restart"
         );
     }
+    let approvals = Arc::new(crate::approvals::Approvals::new(
+        audit.clone(),
+        config.approvals.notify.clone(),
+    ));
+    metrics::approvals_known();
     let proxy_ctx = Arc::new(ProxyContext {
         records: kernel.clone(),
         registry: registry.clone(),
@@ -178,6 +183,7 @@ pub async fn run(
             safe_method_bodies: config.http.bodies_on_safe_methods,
             upstream_tls,
             credentials: credentials.clone(),
+            approvals: approvals.clone(),
         }),
         limits: proxy::limits::Limits {
             per_agent_open: config.max_connections_per_agent,
@@ -225,6 +231,7 @@ pub async fn run(
             reporter: reporter.clone(),
             ca_bundle,
             credentials: credentials.clone(),
+            approvals: approvals.clone(),
         }),
     ));
 

@@ -29,6 +29,7 @@
 pub mod addr;
 pub mod admin;
 pub mod agents;
+pub mod approvals;
 pub mod audit;
 pub mod bpf;
 pub mod ca;

@@ -56,6 +56,9 @@ fn main() -> ExitCode {
         Command::Keygen(args) => cmd::audit::keygen(args, &config),
         Command::Ca(c) => cmd::ca::run(c, &config),
         Command::Credentials(c) => cmd::credentials::run(c, &config),
+        Command::Approvals(a) => cmd::approvals::list(a, &config),
+        Command::Approve(a) => cmd::approvals::approve(a, &config),
+        Command::Reject(a) => cmd::approvals::reject(a, &config),
         Command::Policy(_) => unreachable!("handled above"),
     }
 }

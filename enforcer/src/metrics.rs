@@ -57,6 +57,12 @@ struct WhyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApprovalLabels {
+    /// `approved`, `rejected` or `expired`.
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CredentialLabels {
     agent: String,
     /// The credential's name (never its value).
@@ -75,6 +81,8 @@ pub struct Metrics {
     dns_denials: Family<AgentLabels, Counter>,
     dns_wildcard_refused: Family<WhyLabels, Counter>,
     credential_leaks: Family<CredentialLabels, Counter>,
+    approvals_pending: prometheus_client::metrics::gauge::Gauge,
+    approvals: Family<ApprovalLabels, Counter>,
     policy_reloads: Family<ResultLabels, Counter>,
     kill_switch_changes: Family<ResultLabels, Counter>,
     evaluation: Histogram,
@@ -89,6 +97,8 @@ pub fn global() -> &'static Metrics {
         dns_denials: Family::default(),
         dns_wildcard_refused: Family::default(),
         credential_leaks: Family::default(),
+        approvals_pending: Default::default(),
+        approvals: Family::default(),
         policy_reloads: Family::default(),
         kill_switch_changes: Family::default(),
         // 1 µs .. ~0.5 s.
@@ -118,6 +128,30 @@ pub fn dns_wildcard_refused(agent: &str, why: &str) {
         .get_or_create(&WhyLabels {
             agent: agent.to_owned(),
             why: why.to_owned(),
+        })
+        .inc();
+}
+
+/// Requests held for approval: `delta` more (or fewer) now.
+pub fn approvals_pending(delta: i64) {
+    global().approvals_pending.inc_by(delta);
+}
+
+/// Exports the approval outcomes at 0, so the series exist before the first answer.
+pub fn approvals_known() {
+    for result in ["approved", "rejected", "expired"] {
+        let _ = global().approvals.get_or_create(&ApprovalLabels {
+            result: result.to_owned(),
+        });
+    }
+}
+
+/// Counts an approval's outcome.
+pub fn approval_result(result: &str) {
+    global()
+        .approvals
+        .get_or_create(&ApprovalLabels {
+            result: result.to_owned(),
         })
         .inc();
 }
@@ -206,6 +240,7 @@ fn result_name(r: PolicyResult) -> &'static str {
         PolicyResult::Deny => "deny",
         PolicyResult::WouldDeny => "would_deny",
         PolicyResult::RateLimited => "rate_limited",
+        PolicyResult::WouldAsk => "would_ask",
     }
 }
 
@@ -359,6 +394,16 @@ fn registry(source: Arc<dyn Source>) -> Registry {
         "enforcer_dns_denials",
         "DNS names refused (NXDOMAIN) or that would be in dry-run",
         m.dns_denials.clone(),
+    );
+    r.register(
+        "enforcer_approvals_pending",
+        "requests held by ask rules, waiting for a human",
+        m.approvals_pending.clone(),
+    );
+    r.register(
+        "enforcer_approvals",
+        "held requests by outcome: approved, rejected, expired",
+        m.approvals.clone(),
     );
     r.register(
         "enforcer_credential_leaks",

@@ -301,6 +301,8 @@ pub enum DecisionKind {
     RateLimited,
     /// No rule allows it and `default` is `deny`.
     DefaultDeny,
+    /// An `ask` rule holds it for a human's approval (`retry_after` is how long).
+    Ask,
 }
 
 /// The verdict on a request or connection.
@@ -316,7 +318,7 @@ pub struct Decision {
     pub reason: String,
     /// Mode is dry_run: the verdict is not enforced.
     pub dry_run: bool,
-    /// For `rate_limited`: when a retry could pass.
+    /// For `rate_limited`: when a retry could pass. For `ask`: how long the request is held.
     pub retry_after: Option<Duration>,
 }
 
@@ -426,10 +428,7 @@ impl Policy {
     pub fn denies_everything(&self) -> bool {
         !self.default_allow
             && self.mode == Mode::Enforce
-            && !self
-                .rules
-                .iter()
-                .any(|r| matches!(r.action, engine::Action::Allow))
+            && !self.rules.iter().any(|r| r.action.may_allow())
     }
 
     pub fn agent(&self) -> Option<&str> {
@@ -533,6 +532,11 @@ impl Policy {
     /// (`policy replay` reports such a request as undetermined).
     pub fn unrecorded_dependency(&self, req: &Request<'_>) -> Option<Arc<str>> {
         engine::unrecorded_dependency(self, req)
+    }
+
+    /// The values of the body fields rule `rule` names, in `req` (for a held request).
+    pub fn rule_fields(&self, rule: &str, req: &Request<'_>) -> Vec<(String, String)> {
+        engine::rule_fields(self, rule, req)
     }
 
     /// A denial made outside the rules (the host does not belong to the address, opaque TCP,

@@ -50,6 +50,25 @@ pub struct EnrolResponse {
     pub env: std::collections::BTreeMap<String, String>,
 }
 
+/// `POST /v1/approvals/answer`: approve or reject a held request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApprovalAnswer {
+    pub id: String,
+    pub approve: bool,
+    /// Approve: also grant the same rule, method and host for this many seconds.
+    #[serde(default)]
+    pub for_secs: Option<u64>,
+    /// Reject: the reason the agent reads.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `GET /v1/approvals`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApprovalsReport {
+    pub approvals: Vec<crate::approvals::ApprovalView>,
+}
+
 /// `GET /v1/credentials`: every credential, never a secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CredentialsReport {

@@ -27,6 +27,7 @@ pub struct Service {
     /// The system roots plus the local CA, for `enforcer exec` to point TLS clients at.
     pub ca_bundle: Option<std::path::PathBuf>,
     pub credentials: Arc<crate::credentials::Vault>,
+    pub approvals: Arc<crate::approvals::Approvals>,
 }
 
 impl Handler for Service {
@@ -149,6 +150,30 @@ impl Handler for Service {
                 })
                 .collect(),
         }
+    }
+
+    fn approvals(&self) -> super::api::ApprovalsReport {
+        super::api::ApprovalsReport {
+            approvals: self.approvals.list(),
+        }
+    }
+
+    fn answer(&self, peer: &Peer, a: super::api::ApprovalAnswer) -> Result<(), Refusal> {
+        use crate::approvals::{ApprovalError, Scope};
+        let result = if a.approve {
+            let scope = match a.for_secs {
+                Some(0) | None => Scope::Once,
+                Some(s) => Scope::For(s),
+            };
+            self.approvals.approve(&a.id, peer.uid, scope)
+        } else {
+            let reason = a.reason.unwrap_or_else(|| "no reason given".into());
+            self.approvals.reject(&a.id, peer.uid, &reason)
+        };
+        result.map_err(|e| match e {
+            ApprovalError::NotFound(_) => Refusal::NotFound(e.to_string()),
+            ApprovalError::Full { .. } => Refusal::Conflict(e.to_string()),
+        })
     }
 
     async fn reload(&self) -> Result<ReloadResponse, Refusal> {

@@ -36,6 +36,14 @@ pub enum EventKind {
     /// A request or DNS query carrying a credential's placeholder where it may not go
     /// (`reason` says where it may); refused.
     CredentialLeak,
+    /// An `ask` rule held a request for a human (`request_id` is the approval id).
+    Ask,
+    /// A held request was approved (`reason` names the approver's uid and the grant).
+    Approved,
+    /// A held request was rejected.
+    Rejected,
+    /// A held request got no answer within its rule's timeout.
+    Expired,
     /// A signed checkpoint. Written by the audit log itself; [`AuditLog::record`] refuses it.
     ///
     /// [`AuditLog::record`]: super::AuditLog::record
@@ -56,6 +64,10 @@ impl EventKind {
             Self::Completion => "completion",
             Self::Checkpoint => "checkpoint",
             Self::CredentialLeak => "credential_leak",
+            Self::Ask => "ask",
+            Self::Approved => "approved",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
         }
     }
 }
@@ -69,6 +81,8 @@ pub enum PolicyResult {
     /// Dry-run mode: the policy would have denied, the request went through.
     WouldDeny,
     RateLimited,
+    /// Dry-run mode: an `ask` rule would have held the request; it went through.
+    WouldAsk,
 }
 
 impl PolicyResult {
@@ -77,6 +91,8 @@ impl PolicyResult {
     pub fn of(d: &crate::policy::Decision) -> PolicyResult {
         if d.allowed {
             PolicyResult::Allow
+        } else if d.dry_run && d.kind == crate::policy::DecisionKind::Ask {
+            PolicyResult::WouldAsk
         } else if d.dry_run {
             PolicyResult::WouldDeny
         } else if d.kind == crate::policy::DecisionKind::RateLimited {

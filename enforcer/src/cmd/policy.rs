@@ -386,7 +386,11 @@ struct JsonDecision<'a> {
 }
 
 fn print_decision(d: &Decision, json: bool, out: &mut dyn Write) -> std::io::Result<()> {
-    let verdict = if d.allowed { "allow" } else { "deny" };
+    let verdict = match d.kind {
+        _ if d.allowed => "allow",
+        DecisionKind::Ask => "ask",
+        _ => "deny",
+    };
     if json {
         let line = serde_json::to_string(&JsonDecision {
             decision: verdict,
@@ -403,6 +407,7 @@ fn print_decision(d: &Decision, json: bool, out: &mut dyn Write) -> std::io::Res
         DecisionKind::Deny => "deny",
         DecisionKind::RateLimited => "rate_limited",
         DecisionKind::DefaultDeny => "default_deny",
+        DecisionKind::Ask => "ask",
     };
     writeln!(out, "decision: {verdict}")?;
     writeln!(out, "kind:     {kind}")?;

@@ -46,6 +46,16 @@ pub(crate) enum Action {
     Allow,
     Deny,
     Limit(Limit),
+    /// Held for a human's approval, at most this long.
+    Ask(std::time::Duration),
+}
+
+impl Action {
+    /// Could the rule let a request through (an allow, or an ask once approved)? Host-level
+    /// questions (DNS, the kernel allowlist, interception) treat both alike.
+    pub(crate) fn may_allow(&self) -> bool {
+        matches!(self, Action::Allow | Action::Ask(_))
+    }
 }
 
 /// What a rule applies to.
@@ -198,7 +208,9 @@ impl Index {
                     HostPattern::Suffix(s) => index.suffix.entry(s.clone()).or_default(),
                 };
                 let ids = match rule.action {
-                    Action::Allow => &mut bucket.allow,
+                    // Asks sit with the allows: every host-level question treats them alike;
+                    // `evaluate` tells them apart (an ask overrides an allow).
+                    Action::Allow | Action::Ask(_) => &mut bucket.allow,
                     Action::Deny => &mut bucket.deny,
                     Action::Limit(_) => &mut bucket.limit,
                 };
@@ -481,6 +493,34 @@ pub(crate) fn evaluate(policy: &Policy, req: &Request<'_>, limiter: &RateLimiter
         return policy.decision(DecisionKind::Deny, Some(&rule.name), reason, None);
     }
 
+    // Ask overrides allow: the first ask rule that matches holds the request.
+    let mut asked: Option<u32> = None;
+    policy.index.for_each(&host, |bucket| {
+        for &id in &bucket.allow {
+            let rule = &rules[id as usize];
+            if !matches!(rule.action, Action::Ask(_)) || asked.is_some_and(|a| a < id) {
+                continue;
+            }
+            if let Some(scope) = http(rule)
+                && rule.for_exe(req.exe, false)
+                && matches!(allow_matches(scope, &ctx), AllowOutcome::Match)
+            {
+                asked = Some(id);
+            }
+        }
+    });
+    if let Some(id) = asked {
+        let rule = &rules[id as usize];
+        let Action::Ask(timeout) = rule.action else {
+            unreachable!("only ask rules are taken");
+        };
+        let reason = format!(
+            "rule '{}' holds this request for a human's approval",
+            rule.name
+        );
+        return policy.decision(DecisionKind::Ask, Some(&rule.name), reason, Some(timeout));
+    }
+
     let mut allowed: Option<u32> = None;
     let mut near_miss: Option<(u32, String)> = None;
     policy.index.for_each(&host, |bucket| {
@@ -489,6 +529,9 @@ pub(crate) fn evaluate(policy: &Policy, req: &Request<'_>, limiter: &RateLimiter
                 break;
             }
             let rule = &rules[id as usize];
+            if matches!(rule.action, Action::Ask(_)) {
+                continue;
+            }
             let outcome = http(rule).map(|s| match allow_matches(s, &ctx) {
                 AllowOutcome::Match if !rule.for_exe(req.exe, false) => {
                     AllowOutcome::BodyFailed(format!(
@@ -621,6 +664,40 @@ pub(crate) fn unrecorded_dependency(policy: &Policy, req: &Request<'_>) -> Optio
     }
 }
 
+/// The values, in `req`'s body, of the fields rule `rule`'s body constraints name (for a
+/// human deciding on a held request): `(jsonpath, value)`.
+pub(crate) fn rule_fields(policy: &Policy, rule: &str, req: &Request<'_>) -> Vec<(String, String)> {
+    let Some(scope) = policy
+        .rules
+        .iter()
+        .find(|r| &*r.name == rule)
+        .and_then(http)
+    else {
+        return Vec::new();
+    };
+    let Ok(doc) = body::parse(
+        req.headers,
+        req.body,
+        req.body_truncated,
+        &policy.index.body_paths,
+    ) else {
+        return Vec::new();
+    };
+    scope
+        .body
+        .iter()
+        .map(|c| {
+            let values = doc.select(&c.path);
+            let text = match values.as_slice() {
+                [] => "(absent)".to_owned(),
+                [one] => body::json_text(one),
+                many => body::json_text(many),
+            };
+            (c.path.to_string(), text)
+        })
+        .collect()
+}
+
 /// Takes a token from every limit in scope; `Some` rate-limited decision when one is out.
 fn apply_limits(policy: &Policy, ctx: &Ctx<'_, '_>, limiter: &RateLimiter) -> Option<Decision> {
     let rules = &policy.rules;
@@ -750,7 +827,8 @@ pub(crate) fn names_exactly(policy: &Policy, host: &str, port: u16) -> bool {
     if let Some(bucket) = policy.index.exact.get(host.as_ref()) {
         for &id in &bucket.allow {
             let rule = &policy.rules[id as usize];
-            if let (Action::Allow, Scope::Http(h)) = (&rule.action, &rule.scope)
+            if let (a, Scope::Http(h)) = (&rule.action, &rule.scope)
+                && a.may_allow()
                 && let Some(urls) = &h.urls
                 && urls.iter().any(|u| {
                     matches!(&u.host, HostPattern::Exact(h) if *h == *host)
@@ -910,7 +988,8 @@ pub(crate) fn host_needs_l7(policy: &Policy, scheme: Scheme, host: &str, port: u
             }
             // Limits count requests; time windows can open or close during a long
             // connection; the other conditions need the request itself.
-            needs |= matches!(rule.action, Action::Limit(_))
+            // An ask must see the request to hold it.
+            needs |= matches!(rule.action, Action::Limit(_) | Action::Ask(_))
                 || scope.window.is_some()
                 || !scope.host_wide(scheme, &host, port);
         }
@@ -1023,7 +1102,7 @@ pub(crate) fn kernel_targets(policy: &Policy) -> KernelTargets {
         Err(_) => out.exact_hosts.push((host.to_owned(), port)),
     };
     for rule in &policy.rules {
-        if !matches!(rule.action, Action::Allow) {
+        if !rule.action.may_allow() {
             continue;
         }
         match &rule.scope {

@@ -811,6 +811,10 @@ struct RawRule {
     allow: Option<Compiled<MatchSpec>>,
     deny: Option<Compiled<MatchSpec>>,
     limit: Option<Compiled<LimitSpec>>,
+    /// Held for a human (extension): matched like `allow`.
+    ask: Option<Compiled<MatchSpec>>,
+    /// How long an `ask` holds the request: `120s`, `2m` (default 60 s, at most 600 s).
+    timeout: Option<String>,
     body: Option<OneOrList<Constraint>>,
     query: Option<QuerySpec>,
     dns_labels: Option<DnsLabels>,
@@ -878,6 +882,31 @@ enum DnsLabels {
     Any,
 }
 
+/// How long an `ask` holds a request when its rule says nothing.
+const ASK_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+/// The longest an `ask` may hold one.
+const ASK_TIMEOUT_MAX: Duration = Duration::from_secs(600);
+
+/// `120s`, `2m`, `90` (seconds): at least 1 s, at most 600 s.
+fn parse_ask_timeout(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (n, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let secs: u64 = match (n.parse::<u64>(), unit) {
+        (Ok(n), "" | "s") => n,
+        (Ok(n), "m") => n.saturating_mul(60),
+        _ => {
+            return Err(format!(
+                "timeout '{text}' is not a duration; write it like 120s or 2m"
+            ));
+        }
+    };
+    let d = Duration::from_secs(secs);
+    if d.is_zero() || d > ASK_TIMEOUT_MAX {
+        return Err(format!("timeout '{text}' must be between 1s and 600s"));
+    }
+    Ok(d)
+}
+
 fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, String> {
     let name = raw.name.0.0;
     if !names.insert(name.clone()) {
@@ -887,10 +916,24 @@ fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, Strin
     }
     let body = raw.body.map(|b| b.0).unwrap_or_default();
     let query = raw.query;
-    let (action, scope) = match (raw.allow, raw.deny, raw.limit) {
-        (Some(m), None, None) => (Action::Allow, m.0.with_body(body, query)?),
-        (None, Some(m), None) => (Action::Deny, m.0.with_body(body, query)?),
-        (None, None, Some(l)) => {
+    if raw.timeout.is_some() && raw.ask.is_none() {
+        return Err("timeout goes with ask rules (how long a request is held)".to_owned());
+    }
+    let (action, scope) = match (raw.allow, raw.deny, raw.limit, raw.ask) {
+        (None, None, None, Some(m)) => {
+            let timeout = match raw.timeout.as_deref() {
+                None => ASK_TIMEOUT_DEFAULT,
+                Some(t) => parse_ask_timeout(t)?,
+            };
+            let scope = m.0.with_body(body, query)?;
+            if matches!(scope, Scope::Tcp(_)) {
+                return Err("an ask rule judges HTTP requests; it cannot take tcp".to_owned());
+            }
+            (Action::Ask(timeout), scope)
+        }
+        (Some(m), None, None, None) => (Action::Allow, m.0.with_body(body, query)?),
+        (None, Some(m), None, None) => (Action::Deny, m.0.with_body(body, query)?),
+        (None, None, Some(l), None) => {
             if query.is_some() {
                 return Err("query constraints go with allow or deny, not limit".to_owned());
             }
@@ -903,12 +946,12 @@ fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, Strin
             let LimitSpec { limit, scope } = l.0;
             (Action::Limit(limit), Scope::Http(scope))
         }
-        (None, None, None) => {
-            return Err("a rule needs one of allow, deny or limit".to_owned());
+        (None, None, None, None) => {
+            return Err("a rule needs one of allow, deny, limit or ask".to_owned());
         }
         _ => {
             return Err(
-                "a rule takes exactly one of allow, deny or limit; split it into several rules"
+                "a rule takes exactly one of allow, deny, limit or ask; split it into several rules"
                     .to_owned(),
             );
         }

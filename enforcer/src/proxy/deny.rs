@@ -39,6 +39,9 @@ pub enum Kind {
     UpstreamCertificate,
     /// The upstream could not be reached (`code: upstream_unreachable`).
     UpstreamUnreachable,
+    /// An `ask` rule held the request and no one answered in time (`code:
+    /// approval_required`); `approval_id` names it, and an approval applies to the retry.
+    AwaitingApproval,
 }
 
 impl Kind {
@@ -50,6 +53,7 @@ impl Kind {
             Kind::AuditUnavailable => ("egress_proxy_error", "audit_unavailable"),
             Kind::UpstreamCertificate => ("egress_proxy_error", "upstream_certificate"),
             Kind::UpstreamUnreachable => ("egress_proxy_error", "upstream_unreachable"),
+            Kind::AwaitingApproval => ("egress_policy_denied", "approval_required"),
         }
     }
 
@@ -57,6 +61,7 @@ impl Kind {
     fn headline(self) -> &'static str {
         match self {
             Kind::Denied | Kind::Refused => "request denied by egress policy",
+            Kind::AwaitingApproval => "request waiting for a human's approval",
             Kind::RateLimited => "request rate limited by egress policy",
             Kind::AuditUnavailable => "audit log unavailable",
             Kind::UpstreamCertificate => "upstream certificate verification failed",
@@ -85,6 +90,8 @@ struct Wire<'a> {
     agent_id: &'a str,
     request_id: &'a str,
     retryable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval_id: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -114,6 +121,7 @@ impl DenyBody<'_> {
             agent_id: self.agent_id,
             request_id: self.request_id,
             retryable: self.retryable,
+            approval_id: (self.kind == Kind::AwaitingApproval).then_some(self.request_id),
         })
         .expect("deny body serialises")
     }

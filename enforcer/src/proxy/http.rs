@@ -93,6 +93,8 @@ pub struct L7Env {
     pub upstream_tls: Option<Arc<UpstreamTls>>,
     /// The credentials swapped in for their placeholders.
     pub credentials: Arc<crate::credentials::Vault>,
+    /// Requests held by `ask` rules.
+    pub approvals: Arc<crate::approvals::Approvals>,
 }
 
 /// One client connection, as the kernel recorded it.
@@ -439,6 +441,17 @@ impl Service {
             })
         };
 
+        // An ask rule holds the request for a human (not in dry run: there it goes through,
+        // recorded `would_ask`).
+        let decision = if decision.kind == DecisionKind::Ask && !decision.dry_run {
+            match self.held(&ask, &parts, &mut body, &decision, port).await {
+                Ok(approved) => approved,
+                Err(response) => return response,
+            }
+        } else {
+            decision
+        };
+
         // Credentials: placeholders become secrets where they may go and are refused
         // anywhere else, before anything is recorded as allowed or sent. The policy judged
         // the request as the agent wrote it, with placeholders.
@@ -714,6 +727,169 @@ impl Service {
             ev = ev.matched_rule(rule);
         }
         self.env.decisions.record(ev)
+    }
+
+    /// An `ask` decision: the request waits for a human. `Ok` with an allow decision when it
+    /// may go on (approved now, or an earlier approval's grant covers it), `Err` with the
+    /// response otherwise (rejected, timed out, too many held, or denied by the policy in
+    /// force when the approval came).
+    async fn held(
+        &self,
+        ask: &Ask,
+        parts: &http::request::Parts,
+        body: &mut ReqBody,
+        decision: &Decision,
+        port: u16,
+    ) -> Result<Decision, Response<DownBody>> {
+        let agent = &self.conn.caller.agent;
+        let rule = decision.rule.as_deref().unwrap_or_default().to_owned();
+        let approved = |reason: String| {
+            let mut d = decision.clone();
+            d.allowed = true;
+            d.kind = DecisionKind::Allow;
+            d.reason = reason;
+            d.retry_after = None;
+            d
+        };
+        if let Some(uid) =
+            self.env
+                .approvals
+                .granted(&agent.name, &rule, ask.method.as_str(), &ask.host)
+        {
+            return Ok(approved(format!(
+                "allowed by rule '{rule}': a grant approved by uid {uid}"
+            )));
+        }
+        // The body is held with the request, within the inspection limit.
+        if matches!(body, ReqBody::Streamed(_))
+            && let ReqBody::Streamed(incoming) =
+                std::mem::replace(body, ReqBody::Read(Buffered::empty()))
+        {
+            match tokio::time::timeout(BODY_TIMEOUT, body::buffer(incoming, BODY_INSPECTION_LIMIT))
+                .await
+            {
+                Ok(Ok(read)) => *body = ReqBody::Read(read),
+                _ => return Err(self.malformed(ask, "cannot read the body of a held request")),
+            }
+        }
+        let (bytes, truncated) = match &*body {
+            ReqBody::Read(b) => (Some(b.joined()), b.truncated),
+            ReqBody::Streamed(_) => (None, false),
+        };
+        let request = |now| crate::policy::Request {
+            scheme: self.conn.scheme,
+            method: parts.method.as_str(),
+            host: &ask.host,
+            port,
+            path_and_query: &ask.path,
+            headers: &parts.headers,
+            body: bytes.as_deref(),
+            body_truncated: truncated,
+            now,
+            exe: self.conn.caller.exe.as_ref().map(|e| e.id),
+        };
+        let policy = agent.policy();
+        let fields = policy.rule_fields(&rule, &request(jiff::Timestamp::now()));
+        let shown_url = format!(
+            "{}://{}{}",
+            match self.conn.scheme {
+                Scheme::Http => "http",
+                Scheme::Https => "https",
+            },
+            ask.host,
+            path_without_query(&ask.path)
+        );
+        let answer = self.env.approvals.hold(crate::approvals::Ask {
+            id: ask.id.clone(),
+            agent: agent.name.clone(),
+            pid: self.conn.caller.pid,
+            comm: self.conn.caller.comm.to_string(),
+            exe: self.conn.caller.exe.as_ref().map(|e| e.display()),
+            method: ask.method.to_string(),
+            host: ask.host.clone(),
+            url: shown_url,
+            rule: rule.clone(),
+            fields,
+        });
+        let rx = match answer {
+            Ok(rx) => rx,
+            Err(e) => {
+                return Err(self.refuse(
+                    ask,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &e.to_string(),
+                    Some(&rule),
+                    Some(Duration::from_secs(5)),
+                ));
+            }
+        };
+        tracing::info!(
+            agent = %agent.name, pid = self.conn.caller.pid, comm = %self.conn.caller.comm,
+            method = %ask.method, host = %ask.host, path = %path_without_query(&ask.path),
+            approval_id = %ask.id, "request held for approval by rule '{rule}'"
+        );
+        // Expired when dropped unanswered (a timeout, or the agent going away).
+        struct Waiting<'a>(&'a crate::approvals::Approvals, &'a str);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.expire(self.1);
+            }
+        }
+        let waiting = Waiting(&self.env.approvals, &ask.id);
+        let timeout = decision.retry_after.unwrap_or(Duration::from_secs(60));
+        let outcome = tokio::time::timeout(timeout, rx).await;
+        drop(waiting);
+        match outcome {
+            Ok(Ok(crate::approvals::Answer::Approved { by_uid })) => {
+                // The policy in force now decides: a reload may have denied it meanwhile.
+                let now = agent
+                    .policy()
+                    .evaluate(&request(jiff::Timestamp::now()), &agent.limiter);
+                match now.kind {
+                    DecisionKind::Allow | DecisionKind::Ask => Ok(approved(format!(
+                        "allowed by rule '{rule}': approved by uid {by_uid}"
+                    ))),
+                    _ => {
+                        let _ = self.record(
+                            ask,
+                            PolicyResult::of(&now),
+                            now.rule.as_deref(),
+                            &now.reason,
+                        );
+                        Err(self.denied(ask, &now))
+                    }
+                }
+            }
+            Ok(Ok(crate::approvals::Answer::Rejected { by_uid, reason })) => Err(self.refuse(
+                ask,
+                StatusCode::FORBIDDEN,
+                &format!("rule '{rule}': rejected by uid {by_uid}: {reason}"),
+                Some(&rule),
+                None,
+            )),
+            Ok(Err(_)) | Err(_) => {
+                let reason = format!(
+                    "rule '{rule}' holds this request for a human's approval and none came within                      {}s; retry after `enforcer approve {}`",
+                    timeout.as_secs(),
+                    ask.id
+                );
+                let _ = self.record(ask, PolicyResult::Deny, Some(&rule), &reason);
+                Err(deny::response(&Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    decision: Some("deny"),
+                    body: DenyBody {
+                        kind: deny::Kind::AwaitingApproval,
+                        reason: &reason,
+                        rule: Some(&rule),
+                        agent_id: &agent.name,
+                        request_id: &ask.id,
+                        retryable: true,
+                    },
+                    retry_after: None,
+                    close: ask.close,
+                }))
+            }
+        }
     }
 
     /// A request carrying a credential's placeholder where it may not go (`credential_leak`),

@@ -80,6 +80,7 @@ impl Harness {
                 safe_method_bodies: crate::config::SafeMethodBodies::Refuse,
                 upstream_tls: None,
                 credentials: Arc::new(crate::credentials::Vault::empty()),
+                approvals: Arc::new(crate::approvals::Approvals::new(audit.clone(), Vec::new())),
             }),
             limits: limits::Limits {
                 per_agent_open: 4096,

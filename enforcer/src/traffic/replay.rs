@@ -72,6 +72,7 @@ fn result_of(d: &Decision) -> &'static str {
     match d.kind {
         DecisionKind::Allow => "allow",
         DecisionKind::RateLimited => "rate_limited",
+        DecisionKind::Ask => "ask",
         DecisionKind::Deny | DecisionKind::DefaultDeny => "deny",
     }
 }

@@ -163,6 +163,16 @@ pub struct Buffered {
 }
 
 impl Buffered {
+    /// No body.
+    pub fn empty() -> Buffered {
+        Buffered {
+            chunks: Vec::new(),
+            truncated: false,
+            trailers: None,
+            rest: None,
+        }
+    }
+
     /// The buffered bytes in one piece (at most `limit` plus one frame).
     pub fn joined(&self) -> Bytes {
         match self.chunks.as_slice() {

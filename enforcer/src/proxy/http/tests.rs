@@ -84,6 +84,7 @@ impl Proxy {
             safe_method_bodies,
             upstream_tls: None,
             credentials: Arc::new(crate::credentials::Vault::empty()),
+            approvals: Arc::new(crate::approvals::Approvals::new(audit.clone(), Vec::new())),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
