@@ -28,11 +28,11 @@ fn load_errors_name_file_line_column_rule_and_fault() {
         ),
         (
             "rules:\n  - name: x\n    allow: { url: a.com }\n    deny: { url: b.com }\n",
-            "policies/x.yaml:2:5: rule 'x': a rule takes exactly one of allow, deny or limit; split it into several rules",
+            "policies/x.yaml:2:5: rule 'x': a rule takes exactly one of allow, deny, limit or ask; split it into several rules",
         ),
         (
             "rules:\n  - name: x\n",
-            "policies/x.yaml:2:5: rule 'x': a rule needs one of allow, deny or limit",
+            "policies/x.yaml:2:5: rule 'x': a rule needs one of allow, deny, limit or ask",
         ),
         (
             "rules:\n  - allow: { url: a.com }\n",

@@ -188,3 +188,42 @@ fn an_enrolled_process_cannot_see_or_answer_approvals() {
     }
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn a_request_held_across_a_reload_that_denies_it_stays_denied_on_approval() {
+    // Scenario: a big refund is held; meanwhile the policy is reloaded with a deny for
+    // refunds. The approval comes: the policy in force decides, and the request is denied,
+    // never forwarded.
+    let Some(s) = Scenario::new("approvals_reload") else {
+        return;
+    };
+    let up = WebUpstream::http("127.0.0.5", "api");
+    let p = up.addr.port();
+    let ask = format!(
+        "rules:\n  - name: big-refunds\n    ask: {{ method: POST, url: \"api.test:{p}/v1/refunds\" }}\n\
+         \x20   timeout: 30s\n"
+    );
+    let d = s
+        .daemon()
+        .agent("a", &ask)
+        .resolve("api.test", "127.0.0.5")
+        .start();
+    let child = post(&d, p, 50_000);
+    let id = pending(&d)["id"].as_str().unwrap().to_owned();
+    std::fs::write(
+        d.policy_path("a"),
+        format!("{ask}  - name: no-refunds\n    deny: {{ url: \"api.test:{p}/v1/refunds\" }}\n"),
+    )
+    .unwrap();
+    assert!(eventually(15, || {
+        d.agent_status("a")["last_reload"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reloaded"))
+    }));
+    let out = d.cli(&["approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = output(child);
+    assert!(text.trim_end().ends_with("403"), "{text}");
+    assert!(text.contains("denied by rule 'no-refunds'"), "{text}");
+    assert!(up.hits().is_empty(), "{:?}", up.hits());
+}

@@ -559,10 +559,22 @@ fn one_agent_flooding_wildcard_answers_cannot_starve_another() {
             ),
         )
         .dns_lines("  max_learned_per_agent: 20\n  allow_internal_answers: [198.18.0.0/15]");
-    for i in 0..40 {
-        b = b.resolve(&format!("n{i}.flood.test"), &format!("198.18.0.{}", i + 1));
-        b = b.resolve(&format!("n{i}.steady.test"), &format!("198.19.0.{}", i + 1));
-    }
+    // Answers from a resolver, not dns.static: declared names are the operator's and do not
+    // count against an agent's quota.
+    let names: Vec<(String, String)> = (0..40)
+        .flat_map(|i| {
+            [
+                (format!("n{i}.flood.test"), format!("198.18.0.{}", i + 1)),
+                (format!("n{i}.steady.test"), format!("198.19.0.{}", i + 1)),
+            ]
+        })
+        .collect();
+    let records: Vec<enforcer_tests::DnsRecord<'_>> = names
+        .iter()
+        .map(|(n, ip)| (n.as_str(), "A", ip.as_str(), 60))
+        .collect();
+    let dns = enforcer_tests::DnsUpstream::start("127.0.0.54", &records);
+    b = b.dns_upstream(dns.addr);
     let d = b.start();
     let rcode = |agent: &str, name: &str| {
         let out = d.probe(agent, &["dns", "127.0.0.53:53", name, "A"]);

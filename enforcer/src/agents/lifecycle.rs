@@ -160,10 +160,8 @@ pub struct Lifecycle {
     /// `dns.static` by canonical name: declared by the operator, so they count as resolved
     /// for every agent whose policy allows the name.
     statics: BTreeMap<String, Vec<std::net::IpAddr>>,
-    /// `dns.allow_internal_answers` and `dns.max_learned_per_agent`, as the resolver
-    /// applies them.
+    /// `dns.allow_internal_answers`, as the resolver applies it.
     allow_internal: Vec<ipnet::IpNet>,
-    max_learned: usize,
     state_dir: PathBuf,
     /// The file the config came from, watched for agent-list changes.
     config_path: Option<PathBuf>,
@@ -210,7 +208,6 @@ impl Lifecycle {
                 .filter_map(|(k, v)| Some((crate::policy::canonical_host(k).ok()?, v.clone())))
                 .collect(),
             allow_internal: config.dns.allow_internal_answers.clone(),
-            max_learned: config.dns.max_learned_per_agent,
             state_dir: config.state_dir.clone(),
             config_path,
             agent_configs: Mutex::new(config.agents.clone()),
@@ -361,8 +358,16 @@ impl Lifecycle {
     pub fn apply_policy(&self, agent: &Agent) -> Result<(), BpfError> {
         let policy = agent.policy();
         let computed = allowlist::compute(&policy, self.agent_api);
-        self.kernel.replace_allowlist(agent.id, &computed.entries)?;
+        let statics = self.static_names(&policy);
+        let mut entries = computed.entries.clone();
+        entries.extend(statics.iter().map(|(_, _, _, e)| *e));
+        self.kernel.replace_allowlist(agent.id, &entries)?;
+        // The proxy's explicit list is the policy's literals only: a static name is explicit
+        // per (name, port) as written, through its association below.
         agent.set_explicit(computed.entries);
+        for (name, ip, exact, _) in &statics {
+            agent.learn(name, *ip, u64::MAX, *exact);
+        }
         // Addresses learned for names this policy no longer allows go at once.
         let dry_run = policy.mode() == Mode::DryRun;
         let orphaned =
@@ -378,7 +383,6 @@ impl Lifecycle {
                 },
             );
         }
-        self.learn_statics(agent, &policy);
         let mut flags = agent_flags::ACTIVE;
         if computed.redirect_all {
             flags |= agent_flags::REDIRECT_ALL_TCP;
@@ -391,11 +395,14 @@ impl Lifecycle {
 
     /// The `dns.static` names the policy allows count as resolved, with no query: a client
     /// that uses `/etc/hosts` or `curl --resolve` for them is served like one that asked our
-    /// resolver. The same rules as for an answer apply: an internal address of a name allowed
-    /// only by a wildcard is left out (unless `dns.allow_internal_answers` covers it), and the
-    /// agent's quota holds.
-    fn learn_statics(&self, agent: &Agent, policy: &Policy) {
+    /// resolver. Their addresses go into the agent's static kernel allowlist (declared by the
+    /// operator, so outside the learned-address quota), explicit for the kernel as an answer
+    /// would be, and the names are associated with them for the proxy's host check. An
+    /// internal address of a name allowed only by a wildcard is left out (unless
+    /// `dns.allow_internal_answers` covers it), as in an answer.
+    fn static_names(&self, policy: &Policy) -> Vec<(String, std::net::IpAddr, bool, AllowEntry)> {
         let dry_run = policy.mode() == Mode::DryRun;
+        let mut out = Vec::new();
         for (name, ips) in &self.statics {
             let matched = policy.host_match(name);
             if matched == HostMatch::None && !dry_run {
@@ -404,23 +411,30 @@ impl Lifecycle {
             let exact = matched == HostMatch::Exact;
             for ip in ips {
                 let ip = crate::addr::canonical(*ip);
+                let internal = crate::addr::internal(ip).is_some();
                 let internal_ok = crate::addr::within(ip, &self.allow_internal);
-                if !exact && crate::addr::internal(ip).is_some() && !internal_ok {
+                if !exact && internal && !internal_ok {
                     continue;
                 }
-                let explicit = exact || (crate::addr::internal(ip).is_some() && internal_ok);
-                match self
-                    .kernel
-                    .learn_allow(agent.id, ip, u64::MAX, explicit, self.max_learned)
-                {
-                    Ok(()) => agent.learn(name, ip, u64::MAX, exact),
-                    Err(e) => tracing::warn!(
-                        agent = %agent.name, %name, %ip,
-                        "cannot add the dns.static address to the allowlist: {e}"
-                    ),
-                }
+                let explicit = exact || (internal && internal_ok);
+                out.push((
+                    name.clone(),
+                    ip,
+                    exact,
+                    AllowEntry {
+                        net: ipnet::IpNet::from(ip),
+                        port: None,
+                        expires_boot_ns: 0,
+                        flags: if explicit {
+                            enforcer_common::allow_flags::EXPLICIT
+                        } else {
+                            0
+                        },
+                    },
+                ));
             }
         }
+        out
     }
 
     /// Registers (or reuses) an ad-hoc agent from policy bytes sent by `enforcer exec
