@@ -18,6 +18,10 @@
 //! - [`proxy`]: the transparent proxy: classification, splicing, and L7 enforcement of
 //!   HTTP/1.x and HTTP/2 (plain or intercepted TLS).
 //! - [`ca`]: the local CA whose leaf certificates the proxy shows when it intercepts TLS.
+//! - [`credentials`]: secrets the agent never holds: placeholders, substitution toward bound
+//!   hosts, leak refusal, masking.
+//! - [`approvals`]: requests held by `ask` rules until a human answers.
+//! - [`traffic`]: the audit log's traffic read back: `policy replay` and `policy suggest`.
 //! - [`dns`]: the resolver enrolled processes talk to, and its upstream client.
 //! - [`audit`]: the hash-chained, Ed25519-signed audit log and its verifier.
 //! - [`control`]: the kill switch and the watch loop over kill, config and policy files.
