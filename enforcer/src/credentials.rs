@@ -458,18 +458,30 @@ impl Vault {
                     }
                 };
                 let cred = self.credential(&agent.name, c, placeholder);
-                // A reload keeps what the daemon knows of its use.
-                if let Some(old) = self
-                    .table
-                    .load()
+                let table = self.table.load();
+                let old = table
                     .creds
                     .iter()
-                    .find(|o| o.agent == cred.agent && o.name == cred.name)
-                {
-                    cred.last_used
-                        .store(old.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
+                    .find(|o| o.agent == cred.agent && o.name == cred.name);
+                match old {
+                    // Unchanged: the same credential goes on (its secret, its last use), so
+                    // a reload never races a request that is updating it.
+                    Some(old)
+                        if old.env == cred.env
+                            && old.hosts == cred.hosts
+                            && old.binaries == cred.binaries
+                            && old.placeholder == cred.placeholder
+                            && old.source == cred.source =>
+                    {
+                        creds.push(old.clone());
+                    }
+                    Some(old) => {
+                        cred.last_used
+                            .store(old.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
+                        creds.push(Arc::new(cred));
+                    }
+                    None => creds.push(Arc::new(cred)),
                 }
-                creds.push(Arc::new(cred));
             }
         }
         if changed {
