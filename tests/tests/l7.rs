@@ -825,3 +825,36 @@ fn an_agent_reads_its_own_refusals_and_only_its_own_at_enforcer_internal() {
         "{v:#}"
     );
 }
+
+#[test]
+fn a_deny_with_an_exception_lets_the_excepted_host_fall_through_to_its_allow() {
+    // Scenario: `*.foo.test` is allowed, and denied except for `jira.foo.test`. The agent
+    // reaches jira (allowed by the wildcard allow, not by the exception) and is denied wiki;
+    // both names resolve to the same upstream, which sees only jira's request.
+    let Some(s) = Scenario::new("l7_except") else {
+        return;
+    };
+    let up = WebUpstream::http("127.0.0.5", "foo");
+    let p = up.addr.port();
+    let policy = "rules:\n  - name: no-foo-except-jira\n    deny: { url: \"*.foo.test:*\" }\n\
+                  \x20   except: { url: \"jira.foo.test:*\" }\n\
+                  \x20 - name: foo\n    allow: { url: \"*.foo.test:*\" }\n";
+    let d = s
+        .daemon()
+        .agent("a", policy)
+        .resolve("jira.foo.test", "127.0.0.5")
+        .resolve("wiki.foo.test", "127.0.0.5")
+        .dns_lines("  allow_internal_answers: [\"127.0.0.0/8\"]\n")
+        .start();
+    let jira = curl(&d, "a", &[&format!("http://jira.foo.test:{p}/browse/X-1")]);
+    assert_eq!(status_of(&jira), 200, "{jira}\n{}", d.log());
+    let wiki = curl(&d, "a", &[&format!("http://wiki.foo.test:{p}/")]);
+    assert_eq!(status_of(&wiki), 403, "{wiki}");
+    assert!(
+        wiki.contains("denied by rule 'no-foo-except-jira'"),
+        "{wiki}"
+    );
+    let hits = up.hits();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert!(hits[0].host.starts_with("jira.foo.test"), "{hits:?}");
+}

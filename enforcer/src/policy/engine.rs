@@ -29,9 +29,36 @@ pub(crate) struct Rule {
     pub(crate) dns_labels_any: bool,
     /// `binaries:`: only connections made by these executables.
     pub(crate) binaries: Option<super::binaries::Binaries>,
+    /// `except:` on a deny rule: what the deny does not cover (it falls through to the
+    /// allows and `default`; the exception allows nothing by itself).
+    pub(crate) except: Option<Scope>,
 }
 
 impl Rule {
+    /// Does the deny's `except:` cover this request (its method, URL, headers and time
+    /// window)?
+    fn excepted(&self, ctx: &Ctx<'_, '_>) -> bool {
+        match &self.except {
+            Some(Scope::Http(e)) => {
+                ctx.targets(e)
+                    && e.headers.iter().all(|h| h.holds_all(ctx.req.headers))
+                    && e.window_active(ctx.req.now)
+            }
+            _ => false,
+        }
+    }
+
+    /// Could the deny's `except:` cover a request to this host and port? Then the deny is
+    /// not host-wide: each request decides.
+    fn except_covers_host(&self, scheme: Scheme, host: &str, port: u16) -> bool {
+        matches!(&self.except, Some(Scope::Http(e)) if e.matches_host(scheme, host, port))
+    }
+
+    /// Does the `tcp:` deny's `except:` cover this destination?
+    fn except_covers_tcp(&self, host: &str, ip: Option<IpAddr>, port: u16) -> bool {
+        matches!(&self.except, Some(Scope::Tcp(t)) if t.iter().any(|t| t.matches(host, ip, port)))
+    }
+
     /// Does the rule apply to a connection made by `exe`? An unknown executable counts as
     /// `unknown` (false for allows, true for denies and limits: fail closed).
     fn for_exe(&self, exe: Option<crate::sys::FileId>, unknown: bool) -> bool {
@@ -476,7 +503,7 @@ pub(crate) fn evaluate(policy: &Policy, req: &Request<'_>, limiter: &RateLimiter
             }
             let rule = &rules[id as usize];
             if let Some(detail) = http(rule)
-                .filter(|_| rule.for_exe(req.exe, true))
+                .filter(|_| rule.for_exe(req.exe, true) && !rule.excepted(&ctx))
                 .and_then(|s| deny_fires(s, &ctx))
             {
                 denied = Some((id, detail));
@@ -633,7 +660,26 @@ pub(crate) fn unrecorded_dependency(policy: &Policy, req: &Request<'_>) -> Optio
     policy.index.for_each(&host, |bucket| {
         for &id in &bucket.deny {
             if let Some(scope) = applies(id, true) {
-                match constraints(scope) {
+                // An exception that surely covers it: no deny. One that needs a header value:
+                // unknown.
+                let except = match &rules[id as usize].except {
+                    Some(Scope::Http(e)) if ctx.targets(e) && e.window_active(req.now) => {
+                        if e.headers.is_empty() {
+                            Some(true)
+                        } else if e.headers.iter().all(|h| req.headers.contains_key(&h.name)) {
+                            None
+                        } else {
+                            Some(false)
+                        }
+                    }
+                    _ => Some(false),
+                };
+                let deny = match (except, constraints(scope)) {
+                    (Some(true), _) => Some(false),
+                    (None, _) => None,
+                    (Some(false), c) => c,
+                };
+                match deny {
                     Some(true) => sure_deny = true,
                     Some(false) => {}
                     None => maybe_deny = Some(maybe_deny.map_or(id, |m| m.min(id))),
@@ -990,6 +1036,7 @@ pub(crate) fn host_needs_l7(policy: &Policy, scheme: Scheme, host: &str, port: u
             // connection; the other conditions need the request itself.
             // An ask must see the request to hold it.
             needs |= matches!(rule.action, Action::Limit(_) | Action::Ask(_))
+                || rule.except_covers_host(scheme, &host, port)
                 || scope.window.is_some()
                 || !scope.host_wide(scheme, &host, port);
         }
@@ -1021,6 +1068,7 @@ pub(crate) fn host_decision(
                 continue;
             };
             if rules[id as usize].for_exe(exe, true)
+                && !rules[id as usize].except_covers_host(scheme, &host, port)
                 && scope.host_wide(scheme, &host, port)
                 && scope.window_active(now)
                 && denied.is_none_or(|d| id < d)
@@ -1080,7 +1128,11 @@ pub(crate) fn tcp_allowed<'p>(
         };
         if targets.iter().any(|t| t.matches(&host, ip, port)) {
             match rule.action {
-                Action::Deny if rule.for_exe(exe, true) => return None,
+                Action::Deny
+                    if rule.for_exe(exe, true) && !rule.except_covers_tcp(&host, ip, port) =>
+                {
+                    return None;
+                }
                 Action::Allow if allowed.is_none() && rule.for_exe(exe, false) => {
                     allowed = Some(&*rule.name)
                 }

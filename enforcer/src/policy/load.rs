@@ -813,6 +813,8 @@ struct RawRule {
     limit: Option<Compiled<LimitSpec>>,
     /// Held for a human (extension): matched like `allow`.
     ask: Option<Compiled<MatchSpec>>,
+    /// On a deny: what it does not cover (extension), with the same match keys.
+    except: Option<Compiled<MatchSpec>>,
     /// How long an `ask` holds the request: `120s`, `2m` (default 60 s, at most 600 s).
     timeout: Option<String>,
     body: Option<OneOrList<Constraint>>,
@@ -961,12 +963,29 @@ fn compile_rule(raw: RawRule, names: &mut HashSet<String>) -> Result<Rule, Strin
         return Err("dns_labels goes with allow rules (it widens what they allow)".to_owned());
     }
     let binaries = raw.binaries.map(compile_binaries).transpose()?;
+    let except = match raw.except {
+        None => None,
+        Some(_) if !matches!(action, Action::Deny) => {
+            return Err("except goes with deny rules (it narrows what they deny)".to_owned());
+        }
+        Some(e) => {
+            let e = e.0.with_body(Vec::new(), None)?;
+            if matches!(e, Scope::Tcp(_)) != matches!(scope, Scope::Tcp(_)) {
+                return Err(
+                    "except takes the same kind of match as its deny: tcp with tcp, url with url"
+                        .to_owned(),
+                );
+            }
+            Some(e)
+        }
+    };
     Ok(Rule {
         name: Arc::from(name),
         action,
         scope,
         dns_labels_any,
         binaries,
+        except,
     })
 }
 
