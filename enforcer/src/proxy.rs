@@ -619,25 +619,10 @@ impl Connection {
                 else {
                     return;
                 };
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    let _ =
-                        hyper::server::conn::http2::Builder::new(scope::ScopeExec(scope.clone()))
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                            .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                }
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                answer_locally(tls, h2, &scope, service).await;
             } else {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(hyper_util::rt::TokioIo::new(tracked), service)
-                    .await;
+                answer_locally(tracked, false, &scope, service).await;
             }
         };
         // Bounded: an agent cannot hold a proxy slot open on the API.
@@ -657,9 +642,7 @@ impl Connection {
             && tls.deny_in_band
             && tls.mode != crate::config::TlsMode::Sni
             && !tls.is_passthrough(&verdict.host)
-            && tls
-                .server_config(None, crate::addr::canonical(self.dst.ip()))
-                .is_some()
+            && tls.can_intercept()
     }
 
     /// A TLS connection refused on its server name: recorded, then a handshake with a leaf
@@ -721,22 +704,8 @@ impl Connection {
             });
             async move { Ok::<_, std::convert::Infallible>(response) }
         });
-        let io = hyper_util::rt::TokioIo::new(stream);
         // Bounded: the answer is the same for every request; the connection ends soon.
-        let served = async {
-            if h2 {
-                let _ = hyper::server::conn::http2::Builder::new(scope::ScopeExec(scope.clone()))
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(io, service)
-                    .await;
-            } else {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(io, service)
-                    .await;
-            }
-        };
+        let served = answer_locally(stream, h2, &scope, service);
         tokio::select! {
             _ = tokio::time::timeout(Duration::from_secs(30), served) => {}
             () = scope::killed(&mut guard.killed, &scope) => {}
@@ -943,5 +912,37 @@ impl Connection {
             ev = ev.matched_rule(rule.to_string());
         }
         let _ = self.ctx.decisions.log().record(ev);
+    }
+}
+
+/// Serves a connection the proxy answers itself (an in-band denial, the agent API) with
+/// `service`: HTTP/2 when ALPN chose it, else HTTP/1.1 with a 10 s head timeout. Nothing is
+/// forwarded.
+async fn answer_locally<IO, S, B>(io: IO, h2: bool, scope: &Arc<scope::Scope>, service: S)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            ::http::Request<hyper::body::Incoming>,
+            Response = ::http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(scope::ScopeExec(scope.clone()))
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(io, service)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(io, service)
+            .await;
     }
 }

@@ -257,6 +257,11 @@ impl TlsContext {
         }
     }
 
+    /// Can TLS be decrypted at all (a local CA, and the server configuration built)?
+    pub fn can_intercept(&self) -> bool {
+        self.server.is_some()
+    }
+
     /// The server configuration for an intercepted connection: by SNI, or a certificate for
     /// the destination address when the client sent none.
     pub fn server_config(&self, sni: Option<&str>, dst: IpAddr) -> Option<Arc<ServerConfig>> {
