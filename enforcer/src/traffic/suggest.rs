@@ -153,6 +153,17 @@ struct Suggestions {
     left_out: BTreeMap<String, (Seen, String)>,
 }
 
+impl Suggestions {
+    /// `key` is not suggested: an internal address (`why` says which kind).
+    fn leave_out(&mut self, key: String, o: &Observed, why: &str) {
+        self.left_out
+            .entry(key)
+            .or_insert_with(|| (Seen::new(o), format!("{why} address")))
+            .0
+            .add(o);
+    }
+}
+
 /// The records of one agent, generalised. `covered` says whether the base already allows
 /// a record (then it adds nothing).
 fn collect(records: &[Observed], covered: &dyn Fn(&Observed) -> bool) -> Suggestions {
@@ -175,11 +186,7 @@ fn collect(records: &[Observed], covered: &dyn Fn(&Observed) -> bool) -> Suggest
                     continue;
                 };
                 if let Some(why) = internal_host(host) {
-                    s.left_out
-                        .entry(host.clone())
-                        .or_insert_with(|| (Seen::new(o), format!("{why} address")))
-                        .0
-                        .add(o);
+                    s.leave_out(host.clone(), o, why);
                     continue;
                 }
                 let port = o.port.unwrap_or(if scheme == "http" { 80 } else { 443 });
@@ -207,11 +214,7 @@ fn collect(records: &[Observed], covered: &dyn Fn(&Observed) -> bool) -> Suggest
                     continue;
                 };
                 if let Some(why) = internal_host(host) {
-                    s.left_out
-                        .entry(host.clone())
-                        .or_insert_with(|| (Seen::new(o), format!("{why} address")))
-                        .0
-                        .add(o);
+                    s.leave_out(host.clone(), o, why);
                     continue;
                 }
                 match o.scheme.as_deref() {
@@ -242,11 +245,7 @@ fn collect(records: &[Observed], covered: &dyn Fn(&Observed) -> bool) -> Suggest
                 };
                 let ip = crate::addr::canonical(dest.ip());
                 if let Some(why) = crate::addr::internal(ip) {
-                    s.left_out
-                        .entry(dest.to_string())
-                        .or_insert_with(|| (Seen::new(o), format!("{why} address")))
-                        .0
-                        .add(o);
+                    s.leave_out(dest.to_string(), o, why);
                     continue;
                 }
                 let target = SocketAddr::new(ip, dest.port()).to_string();
