@@ -297,6 +297,17 @@ enum ReqBody {
     Read(Buffered),
 }
 
+impl ReqBody {
+    /// What the policy can see of it: the bytes read (if it was read) and whether they were
+    /// cut at the inspection limit.
+    fn read(&self) -> (Option<bytes::Bytes>, bool) {
+        match self {
+            ReqBody::Read(b) => (Some(b.joined()), b.truncated),
+            ReqBody::Streamed(_) => (None, false),
+        }
+    }
+}
+
 impl Service {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<DownBody> {
         // A whole request head arrived: the connection's opening is over.
@@ -418,24 +429,10 @@ impl Service {
                     }
                 }
             }
-            let (bytes, truncated) = match &body {
-                ReqBody::Read(b) => (Some(b.joined()), b.truncated),
-                ReqBody::Streamed(_) => (None, false),
-            };
+            let read = body.read();
             crate::metrics::timed(|| {
                 policy.evaluate(
-                    &crate::policy::Request {
-                        scheme: self.conn.scheme,
-                        method: parts.method.as_str(),
-                        host: &ask.host,
-                        port,
-                        path_and_query: &ask.path,
-                        headers: &parts.headers,
-                        body: bytes.as_deref(),
-                        body_truncated: truncated,
-                        now: jiff::Timestamp::now(),
-                        exe: self.conn.caller.exe.as_ref().map(|e| e.id),
-                    },
+                    &self.judged(&ask, &parts, port, &read, jiff::Timestamp::now()),
                     &agent.limiter,
                 )
             })
@@ -729,6 +726,29 @@ impl Service {
         self.env.decisions.record(ev)
     }
 
+    /// The request as the policy judges it, at `now`.
+    fn judged<'a>(
+        &'a self,
+        ask: &'a Ask,
+        parts: &'a http::request::Parts,
+        port: u16,
+        (body, truncated): &'a (Option<bytes::Bytes>, bool),
+        now: jiff::Timestamp,
+    ) -> crate::policy::Request<'a> {
+        crate::policy::Request {
+            scheme: self.conn.scheme,
+            method: parts.method.as_str(),
+            host: &ask.host,
+            port,
+            path_and_query: &ask.path,
+            headers: &parts.headers,
+            body: body.as_deref(),
+            body_truncated: *truncated,
+            now,
+            exe: self.conn.caller.exe.as_ref().map(|e| e.id),
+        }
+    }
+
     /// An `ask` decision: the request waits for a human. `Ok` with an allow decision when it
     /// may go on (approved now, or an earlier approval's grant covers it), `Err` with the
     /// response otherwise (rejected, timed out, too many held, or denied by the policy in
@@ -772,22 +792,8 @@ impl Service {
                 _ => return Err(self.malformed(ask, "cannot read the body of a held request")),
             }
         }
-        let (bytes, truncated) = match &*body {
-            ReqBody::Read(b) => (Some(b.joined()), b.truncated),
-            ReqBody::Streamed(_) => (None, false),
-        };
-        let request = |now| crate::policy::Request {
-            scheme: self.conn.scheme,
-            method: parts.method.as_str(),
-            host: &ask.host,
-            port,
-            path_and_query: &ask.path,
-            headers: &parts.headers,
-            body: bytes.as_deref(),
-            body_truncated: truncated,
-            now,
-            exe: self.conn.caller.exe.as_ref().map(|e| e.id),
-        };
+        let read = body.read();
+        let request = |now| self.judged(ask, parts, port, &read, now);
         let policy = agent.policy();
         let fields = policy.rule_fields(&rule, &request(jiff::Timestamp::now()));
         let shown_url = format!(
