@@ -67,6 +67,17 @@ fn suggest_writes_a_policy_from_dry_run_traffic_and_replay_tells_what_a_tighter_
     assert_eq!(codes.lines().filter(|l| *l == "200").count(), 5, "{codes}");
     assert_eq!(up.hits().len(), 5);
 
+    // The audit writer batches: wait until the five requests are on disk before reading it.
+    let requests = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("\"event\":\"request\""))
+            .count()
+    };
+    assert!(
+        eventually(10, || requests(&d.audit_log()) == 5),
+        "{}",
+        d.audit_log()
+    );
     let agent = d.agent("a").to_owned();
     let out = d.cli(&["policy", "suggest", "--agent", &agent]);
     assert!(out.status.success(), "{}", stderr(&out));
