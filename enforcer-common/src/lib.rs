@@ -41,6 +41,12 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// `RingBuf` of [`crate::DenyEvent`] records.
     pub const EVENTS: &str = "EVENTS";
+    /// `SockHash<u64 socket cookie>`: both ends of every connection spliced in the kernel.
+    /// Not pinned: the sockets belong to the daemon process and die with it.
+    pub const SPLICE_SOCKS: &str = "SPLICE_SOCKS";
+    /// `HashMap<u64 socket cookie, SpliceEnd>`: where each spliced end's bytes go, and how
+    /// many went. Not pinned, like `SPLICE_SOCKS`.
+    pub const SPLICE_ENDS: &str = "SPLICE_ENDS";
 }
 
 /// Program names (the eBPF function names), as user space finds them in the object.
@@ -61,6 +67,9 @@ pub mod programs {
     pub const SKB_EGRESS: &str = "filter_egress";
     pub const BIND4: &str = "refuse_bind4";
     pub const BIND6: &str = "refuse_bind6";
+    /// The `sk_skb/stream_verdict` program on [`super::maps::SPLICE_SOCKS`]. Attached to the
+    /// map, not to cgroups, so it is not in [`ALL`].
+    pub const SPLICE_VERDICT: &str = "splice_verdict";
 
     /// Every program, in attach order. Attach order matters little (each hook is independent),
     /// but sock_ops and sock_release go first so no redirected socket misses its record, and
@@ -421,6 +430,25 @@ pub mod deny_reason {
     pub const BIND: u32 = 10;
 }
 
+/// [`maps::SPLICE_ENDS`] value: one end of a connection the kernel splices. The daemon writes
+/// both ends' records before it puts either socket in [`maps::SPLICE_SOCKS`]; the verdict
+/// program adds to `bytes` and never writes anything else.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpliceEnd {
+    /// Cookie of the socket that this end's bytes are sent out of.
+    pub peer: u64,
+    /// Bytes received on this end and sent out of `peer`.
+    pub bytes: u64,
+    /// Bytes received on this end that could not be sent on (the peer was not in the
+    /// sockhash, or the kill switch was engaged) and were dropped. Non-zero means the stream is
+    /// broken, and the daemon resets it.
+    pub dropped: u64,
+    /// The agent the connection belongs to, whose kill switch stops it.
+    pub agent: u32,
+    pub _pad0: u32,
+}
+
 /// Record pushed on [`maps::EVENTS`] for each refused connect or send.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -466,6 +494,7 @@ mod pod {
         DnsClient,
         AgentCounters,
         DenyEvent,
+        SpliceEnd,
     );
 }
 
@@ -486,6 +515,7 @@ mod tests {
         assert_eq!(size_of::<AllowKey>(), 24);
         assert_eq!(size_of::<AllowValue>(), 16);
         assert_eq!(size_of::<SockKey>(), 20);
+        assert_eq!(size_of::<SpliceEnd>(), 8 * 3 + 4 + 4);
         // addr, port + family, agent/pid/uid/gid/flags, comm, two u64s, exe.
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 * 5 + 16 + 8 + 8 + 16);
         assert_eq!(size_of::<DnsClient>(), 8 + 16 + 8 + 16);

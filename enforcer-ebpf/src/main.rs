@@ -14,9 +14,10 @@ mod release;
 mod sendmsg;
 mod skb;
 mod sockops;
+mod splice;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops, stream_verdict},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 
@@ -99,6 +100,12 @@ pub fn forget_released(ctx: SockContext) -> i32 {
 pub fn filter_egress(ctx: SkBuffContext) -> i32 {
     // A packet we cannot parse is dropped.
     skb::try_egress(&ctx).unwrap_or(skb::DROP)
+}
+
+#[stream_verdict]
+pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
+    // Never fails: an end it cannot place is dropped and counted (see `splice.rs`).
+    splice::verdict(&ctx)
 }
 
 #[cfg(not(test))]

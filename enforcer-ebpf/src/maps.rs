@@ -1,14 +1,14 @@
-//! Every map the programs use. All but the log ring are pinned by name under the daemon's
+//! Every map the programs use. All but the log ring and the splice maps are pinned by name under the daemon's
 //! bpffs directory, so enforcement state outlives the daemon process and a restarted daemon
 //! picks up the same maps. Layouts live in `enforcer-common`.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use enforcer_common::{
     AgentCounters, AgentState, AllowKey, AllowValue, DnsClient, GlobalConfig, MAX_AGENTS, OrigDst,
-    SockKey,
+    SockKey, SpliceEnd,
 };
 
 /// Element 0: ports, global flags (kill, ready) and the daemon's netns cookie. Host order
@@ -52,3 +52,12 @@ pub static COUNTERS: PerCpuArray<AgentCounters> = PerCpuArray::pinned(MAX_AGENTS
 /// `DenyEvent` records for the daemon (kernel refusals, for the audit log and metrics).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+
+/// Socket cookie → socket, for both ends of every connection the kernel splices. The verdict
+/// program is attached here. Not pinned: the sockets are the daemon's and close with it.
+#[map]
+pub static SPLICE_SOCKS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+
+/// Socket cookie → where its bytes go and how many went (`SpliceEnd`). Not pinned.
+#[map]
+pub static SPLICE_ENDS: HashMap<u64, SpliceEnd> = HashMap::with_max_entries(65536, 0);

@@ -35,6 +35,7 @@ use enforcer_common::{
 pub mod btf;
 pub mod events;
 pub mod layout;
+pub mod splice;
 pub mod sys;
 
 /// The kernel object built by `build.rs`.
@@ -165,6 +166,8 @@ pub struct Kernel {
     learned: Mutex<LearnedIndex>,
     /// Why per-cgroup BPF LSM programs cannot run here, when they cannot.
     lsm: Result<(), String>,
+    /// The in-kernel splice, or why the kernel refused it (the proxy then copies).
+    splice: Result<splice::SpliceMaps, String>,
     dns_clients: HashMap<MapData, SockKey, DnsClient>,
     counters: PerCpuArray<MapData, AgentCounters>,
     events: Mutex<Option<RingBuf<MapData>>>,
@@ -210,6 +213,12 @@ impl Kernel {
         let dns_clients = take_map(&mut ebpf, maps::DNS_CLIENTS)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let events = take_map(&mut ebpf, maps::EVENTS)?;
+        let splice = splice::SpliceMaps::open(&mut ebpf);
+        if let Err(why) = &splice {
+            tracing::warn!(
+                "spliced connections are copied through user space: {why} (needs                  BPF_PROG_TYPE_SK_SKB and sockhash, Linux 5.10 or newer)"
+            );
+        }
         // The one walk of the allowlist: what an earlier daemon learned, to expire it on time
         // and count it against each agent's quota.
         let learned = LearnedIndex::from_map(&control.allow);
@@ -220,6 +229,7 @@ impl Kernel {
             orig: Mutex::new(orig),
             learned: Mutex::new(learned),
             lsm: sys::probe_lsm_cgroup(),
+            splice,
             dns_clients,
             counters,
             events: Mutex::new(Some(events)),
@@ -250,6 +260,11 @@ impl Kernel {
         .into_iter()
         .map(|what| format!("missing protection, {why}: {what}"))
         .collect()
+    }
+
+    /// The in-kernel splice, when this kernel runs it.
+    pub fn splice(&self) -> Option<&splice::SpliceMaps> {
+        self.splice.as_ref().ok()
     }
 
     fn links_dir(&self, cgroup_id: u64) -> PathBuf {

@@ -249,6 +249,11 @@ pub struct Config {
     /// Proxy threads, each running its own connections. Default: one per CPU the daemon may
     /// run on.
     pub proxy_threads: Option<usize>,
+    /// Move the bytes of spliced connections (TLS decided on its SNI, `tcp:` rules) in the
+    /// kernel, with a sockhash and an `sk_skb` verdict, instead of copying them through the
+    /// daemon. A kernel that refuses the program falls back to copying, with a warning.
+    /// Default: `true`.
+    pub kernel_splice: bool,
     /// Proxied connections one agent may hold open; past it its new connections are reset
     /// and recorded, while other agents are unaffected. 0: no cap. Default: 4096.
     pub max_connections_per_agent: usize,
@@ -307,6 +312,7 @@ impl Default for Config {
             dns_port: 1002,
             allow_unprivileged_ports: false,
             proxy_threads: None,
+            kernel_splice: true,
             max_connections_per_agent: 4096,
             max_pending_per_agent: 256,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 15090)),

@@ -191,6 +191,11 @@ pub async fn run(
             fds: proxy::limits::FdBudget::from_rlimit(),
         },
         agent_api: agent_api.clone(),
+        splicer: if config.kernel_splice {
+            proxy::sockmap::Splicer::new(kernel.clone())
+        } else {
+            None
+        },
     });
     let threads = config.proxy_threads();
     let workers = proxy::Workers::start(threads, proxy_ctx)

@@ -24,6 +24,7 @@
 //! - [`deny`]: the JSON denials.
 //! - [`deputy`]: internal destinations.
 //! - [`limits`]: connections per agent and the file-descriptor budget.
+//! - [`sockmap`]: spliced bytes moved in the kernel (sockhash and `sk_skb` verdict).
 //! - [`scope`], [`rewind`]: what a served connection owns; replaying peeked bytes.
 
 use std::{
@@ -97,6 +98,7 @@ pub mod limits;
 pub mod peek;
 pub mod rewind;
 pub mod scope;
+pub mod sockmap;
 pub mod tls;
 
 #[cfg(test)]
@@ -136,6 +138,9 @@ pub struct ProxyContext {
     pub l7: Arc<http::L7Env>,
     /// Connections per agent, and the file-descriptor budget.
     pub limits: limits::Limits,
+    /// The in-kernel splice, when the kernel runs it; `None` copies spliced bytes in user
+    /// space.
+    pub splicer: Option<Arc<sockmap::Splicer>>,
     /// `enforcer.internal`, when `agent_api` is on: the refusals it shows.
     pub agent_api: Option<Arc<agent_api::Denials>>,
 }
@@ -863,7 +868,6 @@ impl Connection {
                 return;
             }
         }
-        let mut client = client;
         let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.dst)).await;
         let mut upstream = match upstream {
             Ok(Ok(s)) => s,
@@ -884,24 +888,43 @@ impl Connection {
             return;
         }
 
-        let (mut up, mut down) = (prefix.len() as u64, 0u64);
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                if let Ok((u, d)) = r {
-                    up += u;
-                    down += d;
+        let (up, down) = match &self.ctx.splicer {
+            Some(splicer) => {
+                match splicer.start(client, upstream, prefix.len() as u64, agent.id) {
+                    sockmap::Start::Spliced(session) => {
+                        let done = session.run(&mut guard.killed).await;
+                        match &done.ended {
+                            sockmap::Ended::Closed => {}
+                            // One summary line is logged by the kill switch.
+                            sockmap::Ended::Cut => tracing::debug!(
+                                agent = %agent.name, dst = %self.dst,
+                                "spliced connection cut by the kill switch"
+                            ),
+                            sockmap::Ended::Reset(why) => tracing::debug!(
+                                agent = %agent.name, dst = %self.dst,
+                                "spliced connection reset: {why}"
+                            ),
+                        }
+                        (done.up, done.down)
+                    }
+                    sockmap::Start::Copy(client, upstream, why) => {
+                        tracing::debug!(
+                            agent = %agent.name, dst = %self.dst,
+                            "splicing in user space: the kernel would not take the sockets: {why}"
+                        );
+                        copy_until_cut(client, upstream, prefix.len() as u64, &mut guard).await
+                    }
+                    sockmap::Start::Lost(why) => {
+                        tracing::warn!(
+                            agent = %agent.name, dst = %self.dst,
+                            "spliced connection lost while handing it to the kernel: {why}"
+                        );
+                        (prefix.len() as u64, 0)
+                    }
                 }
             }
-            _ = guard.killed.wait_for(|k| *k) => {
-                crate::sys::reset_on_close(&client);
-                crate::sys::reset_on_close(&upstream);
-                // One summary line is logged by the kill switch, not one per connection.
-                tracing::debug!(agent = %agent.name, dst = %self.dst, "connection cut by the kill switch");
-            }
-        }
-        // Close both ends now (with a reset if the kill switch cut them), before bookkeeping.
-        drop(client);
-        drop(upstream);
+            None => copy_until_cut(client, upstream, prefix.len() as u64, &mut guard).await,
+        };
         let mut ev = self
             .event(EventKind::Completion)
             .url_host(verdict.host.clone())
@@ -913,6 +936,33 @@ impl Connection {
         }
         let _ = self.ctx.decisions.log().record(ev);
     }
+}
+
+/// Copies both ways in user space until either side closes or the kill switch cuts the
+/// connection; the byte counts include the `prefix` already written upstream.
+async fn copy_until_cut(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    prefix: u64,
+    guard: &mut ConnGuard<'_>,
+) -> (u64, u64) {
+    let (mut up, mut down) = (prefix, 0u64);
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Ok((u, d)) = r {
+                up += u;
+                down += d;
+            }
+        }
+        _ = guard.killed.wait_for(|k| *k) => {
+            crate::sys::reset_on_close(&client);
+            crate::sys::reset_on_close(&upstream);
+            // One summary line is logged by the kill switch, not one per connection.
+            tracing::debug!("connection cut by the kill switch");
+        }
+    }
+    // Both ends close here (with a reset if the kill switch cut them), before bookkeeping.
+    (up, down)
 }
 
 /// Serves a connection the proxy answers itself (an in-band denial, the agent API) with

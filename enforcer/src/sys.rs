@@ -5,6 +5,7 @@
 //! - [`listeners`]: listening sockets, kept in systemd's file-descriptor store across restarts.
 //! - [`sockdiag`]: destroying TCP sockets in the kernel with sock_diag `SOCK_DESTROY`.
 //! - [`sched`]: real-time and nice priorities around the kill switch.
+//! - [`tcp`]: cookies, byte counts and receive thresholds of TCP sockets (the kernel splice).
 //! - this module: the open-file limit, the network namespace cookie, systemd readiness and
 //!   watchdog, termination signals, resets on close and private directories.
 
@@ -18,6 +19,7 @@ pub mod fileid;
 pub mod listeners;
 pub mod sched;
 pub mod sockdiag;
+pub mod tcp;
 
 pub use fileid::FileId;
 

@@ -281,6 +281,141 @@ impl Drop for Counter {
     }
 }
 
+/// The deterministic bytes of a blob transfer: a xorshift64 stream from a fixed seed, eight
+/// bytes per step, so sender and checker agree on every byte without sharing a file.
+pub struct BlobBytes {
+    state: u64,
+    pending: [u8; 8],
+    used: usize,
+}
+
+impl Default for BlobBytes {
+    fn default() -> Self {
+        Self {
+            state: 0x9e37_79b9_7f4a_7c15,
+            pending: [0; 8],
+            used: 8,
+        }
+    }
+}
+
+impl BlobBytes {
+    /// Fills `buf` with the next bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.used == 8 {
+                let mut x = self.state;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.state = x;
+                self.pending = x.to_le_bytes();
+                self.used = 0;
+            }
+            *b = self.pending[self.used];
+            self.used += 1;
+        }
+    }
+
+    /// The sha256 (hex) of the first `len` bytes of the stream.
+    pub fn sha256_of(len: u64) -> String {
+        use sha2::Digest as _;
+        let mut bytes = BlobBytes::default();
+        let mut hash = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            bytes.fill(&mut buf[..n]);
+            hash.update(&buf[..n]);
+            left -= n as u64;
+        }
+        hex::encode(hash.finalize())
+    }
+}
+
+/// A TCP upstream for bulk transfers. Each connection's first line says what to do:
+/// - `sink`: read until EOF, answer `COUNT SHA256` and close;
+/// - `source N`: send the first N bytes of [`BlobBytes`] (N = 0: without end) and close.
+pub struct Blob {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Blob {
+    pub fn start(ip: &str) -> Blob {
+        let listener = TcpListener::bind((ip, 0)).expect("bind blob upstream");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        std::thread::spawn(move || Blob::serve(conn));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Blob { addr, stop }
+    }
+
+    fn serve(conn: TcpStream) {
+        use sha2::Digest as _;
+        let _ = conn.set_nonblocking(false);
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let mut conn = conn;
+        let mut buf = vec![0u8; 1 << 16];
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["sink"] => {
+                let mut hash = sha2::Sha256::new();
+                let mut count = 0u64;
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            hash.update(&buf[..n]);
+                            count += n as u64;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = writeln!(conn, "{count} {}", hex::encode(hash.finalize()));
+            }
+            ["source", n] => {
+                let total: u64 = n.parse().unwrap_or(0);
+                let mut bytes = BlobBytes::default();
+                let mut sent = 0u64;
+                while total == 0 || sent < total {
+                    let n = if total == 0 {
+                        buf.len()
+                    } else {
+                        (total - sent).min(buf.len() as u64) as usize
+                    };
+                    bytes.fill(&mut buf[..n]);
+                    if conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    sent += n as u64;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Blob {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// A scenario of a privileged test: made only when the prerequisites hold (root, bpffs,
 /// cgroup2; otherwise the test skips, or fails under `ENFORCER_E2E=require`), it builds the
 /// daemons the test runs:
@@ -639,7 +774,10 @@ impl TestDaemon {
             .arg("--config")
             .arg(&self.config)
             .arg("daemon")
-            .env("RUST_LOG", "info,enforcer=debug")
+            .env(
+                "RUST_LOG",
+                "info,enforcer=debug,enforcer::proxy::sockmap=trace",
+            )
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
         if let Some(notify) = notify {

@@ -88,6 +88,7 @@ impl Harness {
                 fds: limits::FdBudget::new(1 << 16),
             },
             agent_api: None,
+            splicer: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

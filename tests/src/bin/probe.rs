@@ -32,6 +32,11 @@
 //! probe dns-flood SERVER N SUFFIX  N A queries for distinct names `q<i>.SUFFIX` on one UDP
 //!                            socket, each waiting for its reply (1 s); print
 //!                            "replies R of N"
+//! probe blob-up ADDR N       to a `Blob` upstream: send N blob bytes, half-close, print
+//!                            "sent N SHA reply COUNT SHA"
+//! probe blob-down ADDR N     from a `Blob` upstream: read N blob bytes (N = 0: without end,
+//!                            printing "flowing" after the first MiB) until the stream ends;
+//!                            print "got COUNT SHA", or "ended HOW after COUNT"
 //! probe storm IPV4:PORT N THREADS  N connects (one socket per thread, connect again after
 //!                            each refusal), as fast as THREADS threads go; print
 //!                            "refused R other O"
@@ -82,6 +87,8 @@ fn run(args: &[String]) -> i32 {
         Some("ws") => ws(&args[1], &args[2], &args[3]),
         Some("mptcp") => mptcp(&args[1], &args[2]),
         Some("bound") => bound(&args[1], &args[2]),
+        Some("blob-up") => blob_up(&args[1], args[2].parse().unwrap_or(0)),
+        Some("blob-down") => blob_down(&args[1], args[2].parse().unwrap_or(0)),
         Some("delay") => {
             std::thread::sleep(Duration::from_millis(args[1].parse().unwrap_or(0)));
             run(&args[2..])
@@ -955,5 +962,102 @@ fn ws(addr: &str, host: &str, path: &str) -> i32 {
         Ok(()) => println!("echo {}", String::from_utf8_lossy(&echo)),
         Err(e) => println!("error echo: {e}"),
     }
+    0
+}
+
+fn connect_or_print(addr: &str) -> Result<TcpStream, i32> {
+    let addr = resolve(addr).map_err(|e| {
+        println!("error resolve: {e}");
+        1
+    })?;
+    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| {
+        println!(
+            "error connect: {e} (os error {})",
+            e.raw_os_error().unwrap_or(0)
+        );
+        1
+    })
+}
+
+fn blob_up(addr: &str, n: u64) -> i32 {
+    use sha2::Digest as _;
+    let mut s = match connect_or_print(addr) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut bytes = enforcer_tests::BlobBytes::default();
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    if s.write_all(b"sink\n").is_err() {
+        println!("error write");
+        return 1;
+    }
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        bytes.fill(&mut buf[..k]);
+        hash.update(&buf[..k]);
+        if let Err(e) = s.write_all(&buf[..k]) {
+            println!("error write after {}: {e}", n - left);
+            return 1;
+        }
+        left -= k as u64;
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut reply = String::new();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    if let Err(e) = s.read_to_string(&mut reply) {
+        println!("error reply: {e}");
+        return 1;
+    }
+    println!(
+        "sent {n} {} reply {}",
+        hex::encode(hash.finalize()),
+        reply.trim()
+    );
+    0
+}
+
+fn blob_down(addr: &str, n: u64) -> i32 {
+    use sha2::Digest as _;
+    let mut s = match connect_or_print(addr) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if s.write_all(format!("source {n}\n").as_bytes()).is_err() {
+        println!("error write");
+        return 1;
+    }
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut count = 0u64;
+    let mut told = false;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                hash.update(&buf[..k]);
+                count += k as u64;
+                if n == 0 && !told && count >= 1 << 20 {
+                    println!("flowing");
+                    let _ = std::io::stdout().flush();
+                    told = true;
+                }
+            }
+            Err(e) => {
+                let how = match e.kind() {
+                    std::io::ErrorKind::ConnectionReset => "reset".to_string(),
+                    other => format!("{other:?}"),
+                };
+                println!("ended {how} after {count}");
+                return 1;
+            }
+        }
+    }
+    if n == 0 {
+        println!("ended eof after {count}");
+        return 1;
+    }
+    println!("got {count} {}", hex::encode(hash.finalize()));
     0
 }
