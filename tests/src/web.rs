@@ -307,6 +307,30 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             .expect("response");
     }
     if let Some(n) = route
+        .rsplit_once("/zeros/")
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+    {
+        // N zero bytes, one shared 256 KiB chunk sent again and again: a bulk transfer whose
+        // upstream costs only its TLS, for the splice benchmark.
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            let chunk = Bytes::from(vec![0u8; 256 << 10]);
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len() as u64) as usize;
+                if tx.send(chunk.slice(..k)).await.is_err() {
+                    return;
+                }
+                left -= k as u64;
+            }
+        });
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::CONTENT_LENGTH, n)
+            .body(Either::Right(ChanBody(rx)))
+            .expect("response");
+    }
+    if let Some(n) = route
         .rsplit_once("/blob/")
         .and_then(|(_, n)| n.parse::<u64>().ok())
     {

@@ -48,12 +48,13 @@ pub enum Part {
     Policy,
     Credentials,
     Proxy,
+    Splice,
     Kill,
 }
 
 pub fn run(root: &Path, secs: u64, runs: usize, only: Option<Part>) -> anyhow::Result<()> {
     let wanted = |p: Part| only.is_none_or(|o| o == p);
-    if (wanted(Part::Proxy) || wanted(Part::Kill)) && !is_root() {
+    if (wanted(Part::Proxy) || wanted(Part::Splice) || wanted(Part::Kill)) && !is_root() {
         bail!(
             "the proxy and kill-switch benchmarks start the daemon (eBPF): run \
              `sudo -E cargo xtask bench`, or `cargo xtask bench --only policy`"
@@ -68,9 +69,141 @@ pub fn run(root: &Path, secs: u64, runs: usize, only: Option<Part>) -> anyhow::R
     if wanted(Part::Proxy) {
         proxy(root, secs, runs)?;
     }
+    if wanted(Part::Splice) {
+        splice(root, runs)?;
+    }
     if wanted(Part::Kill) {
         kill(root)?;
     }
+    Ok(())
+}
+
+/// The size of the spliced transfer.
+const SPLICE_BYTES: u64 = 1 << 30;
+
+/// One bulk download: bytes per second as curl saw them, the daemon's CPU for it and the
+/// whole machine's (seconds).
+struct Transfer {
+    bytes_per_sec: f64,
+    daemon_secs: f64,
+    host_secs: f64,
+}
+
+/// Busy time of all CPUs so far (user, nice, system, irq, softirq, steal), in ticks, from
+/// the first line of /proc/stat.
+fn host_busy_ticks() -> u64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum()
+}
+
+/// `curl` downloads 1 GiB over TLS from an upstream the policy allows at host level, so the
+/// connection is spliced on its ClientHello: directly, through a daemon that splices in the
+/// kernel, and through one that copies in user space (`kernel_splice: false`, the path of
+/// every earlier release). Alternating rounds; medians.
+fn splice(root: &Path, runs: usize) -> anyhow::Result<()> {
+    build_release()?;
+    let bins = root.join("target/release");
+    let kernel = Env::start(&bins, Opts::default())?;
+    let copy = Env::start(
+        &bins,
+        Opts {
+            kernel_splice: false,
+            tag: "c",
+            ..Opts::default()
+        },
+    )?;
+    let curl = which("curl").context("curl is needed for the splice benchmark")?;
+    let fetch = |env: &Env, enrolled: bool| -> anyhow::Result<Transfer> {
+        let mut cmd = env.command(&curl, enrolled);
+        cmd.args(["-sS", "--noproxy", "*", "-o", "/dev/null", "-w"])
+            .arg("%{speed_download} %{size_download}")
+            .arg("--cacert")
+            .arg(env.dir.join("spliced-ca.pem"))
+            .arg(format!("https://{}/zeros/{SPLICE_BYTES}", env.spliced));
+        eprintln!("xtask: {}", display(&cmd));
+        let (before, host_before) = (env.daemon_cpu().0, host_busy_ticks());
+        let out = cmd.output().context("running curl")?;
+        let (after, host_after) = (env.daemon_cpu().0, host_busy_ticks());
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut fields = text.split_whitespace();
+        let speed: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let size: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if !out.status.success() || size != SPLICE_BYTES {
+            bail!(
+                "the download failed ({} of {SPLICE_BYTES} bytes): {text}{}",
+                size,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Transfer {
+            bytes_per_sec: speed,
+            daemon_secs: after.saturating_sub(before) as f64 / ticks_per_second(),
+            host_secs: host_after.saturating_sub(host_before) as f64 / ticks_per_second(),
+        })
+    };
+    let runs = runs.max(1);
+    let (mut direct, mut spliced, mut copied) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        direct.push(fetch(&kernel, false)?);
+        spliced.push(fetch(&kernel, true)?);
+        copied.push(fetch(&copy, true)?);
+    }
+    let speed = |v: &[Transfer]| median(v.iter().map(|t| t.bytes_per_sec).collect());
+    let cpu = |v: &[Transfer]| median(v.iter().map(|t| t.daemon_secs).collect());
+    let mib = |b: f64| b / f64::from(1u32 << 20);
+    let (d, k, c) = (speed(&direct), speed(&spliced), speed(&copied));
+    let (k_cpu, c_cpu) = (cpu(&spliced), cpu(&copied));
+    let host = |v: &[Transfer]| median(v.iter().map(|t| t.host_secs).collect());
+    let (d_host, k_host, c_host) = (host(&direct), host(&spliced), host(&copied));
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let cpu_share = if c_cpu > 0.0 { k_cpu / c_cpu } else { 0.0 };
+    let section = format!(
+        "## Splice\n\n\
+         Measured {} with `sudo -E cargo xtask bench --only splice` on {}. `curl` downloads \
+         1 GiB over TLS (a shared zero chunk, so the upstream costs only its TLS) from \
+         `enforcer-upstream` on 127.0.0.7, which the policy allows at host level: the \
+         connection is judged on its ClientHello and spliced, never decrypted. Direct, \
+         through a daemon that splices in the kernel (sockhash + `sk_skb` verdict, the \
+         default), and through one that copies in user space (`kernel_splice: false`, as \
+         before); {runs} alternating rounds, medians. Daemon CPU is the daemon process's \
+         user and system time over the transfer (`/proc/PID/stat`); the kernel's own work \
+         (softirq, the sockmap's sender) is not the daemon's.\n\n\
+         | | MiB/s | ratio to direct | daemon CPU for 1 GiB | all CPUs' busy time for 1 GiB | goal | |\n\
+         |---|---:|---:|---:|---:|---|---|\n\
+         | direct | {:.0} | 1.00 | | {:.2} s | | |\n\
+         | spliced in the kernel | {:.0} | {:.2} | {:.0} ms | {:.2} s | ≥ 0.9× direct | {} |\n\
+         | copied in user space | {:.0} | {:.2} | {:.0} ms | {:.2} s | | |\n\n\
+         Daemon CPU, kernel splice / user-space copy: {:.3} (goal ≤ 0.05: {}).\n",
+        today(),
+        machine(),
+        mib(d),
+        d_host,
+        mib(k),
+        k / d,
+        k_cpu * 1e3,
+        k_host,
+        verdict(k / d >= 0.9),
+        mib(c),
+        c / d,
+        c_cpu * 1e3,
+        c_host,
+        cpu_share,
+        verdict(cpu_share <= 0.05),
+    );
+    drop(copy);
+    drop(kernel);
+    eprintln!("{section}");
+    write_section(&root.join("BENCHMARKS.md"), "Splice", &section)?;
+    eprintln!("xtask: wrote the Splice section of BENCHMARKS.md");
     Ok(())
 }
 
@@ -127,7 +260,13 @@ const BENCH_SECRET: &str = "sk-bench-0123456789abcdefghijklmnopqrstuvwxyz";
 fn masked_throughput(root: &Path, secs: u64, runs: usize) -> anyhow::Result<String> {
     let wrk = ensure_wrk()?;
     build_release()?;
-    let env = Env::start(&root.join("target/release"), true)?;
+    let env = Env::start(
+        &root.join("target/release"),
+        Opts {
+            credential: true,
+            ..Opts::default()
+        },
+    )?;
     let out = Command::new(&env.enforcer)
         .arg("--config")
         .arg(&env.config)
@@ -309,6 +448,34 @@ fn kill(root: &Path) -> anyhow::Result<()> {
     eprintln!("{section}");
     write_section(&root.join("BENCHMARKS.md"), "Kill switch", &section)?;
     eprintln!("xtask: wrote the Kill switch section of BENCHMARKS.md");
+
+    eprintln!("xtask: {} 100 0", bin.display());
+    let out = Command::new(&bin)
+        .args(["100", "0"])
+        .env("ENFORCER_BIN", root.join("target/release/enforcer"))
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the kill-switch benchmark without streams failed ({})",
+            out.status
+        );
+    }
+    let body = String::from_utf8(out.stdout).context("the kill-switch benchmark's output")?;
+    let section = format!(
+        "{}\n\nMeasured {} with `sudo -E cargo xtask bench --only kill` on {}.\n",
+        body.trim_end(),
+        today(),
+        machine()
+    );
+    eprintln!("{section}");
+    write_section(
+        &root.join("BENCHMARKS.md"),
+        "Kill switch, no streams open",
+        &section,
+    )?;
+    eprintln!("xtask: wrote the Kill switch, no streams open section of BENCHMARKS.md");
     Ok(())
 }
 
@@ -329,27 +496,43 @@ fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
     let oha = ensure_oha()?;
     build_release()?;
     let bins = root.join("target/release");
-    let env = Env::start(&bins, false)?;
+    let env = Env::start(&bins, Opts::default())?;
     eprintln!("xtask: bench environment ready in {}", env.dir.display());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let haproxy = Peer::haproxy(&env.dir, &env.plain, threads)?;
+    let nginx = Peer::nginx(&env.dir, &env.plain, threads)?;
 
     let plain = format!("http://{}/v1/bench", env.plain);
     let tls = format!("https://{}/v1/bench", env.tls);
     let mut results = Vec::new();
+    let mut peers = Vec::new();
     let runs = runs.max(1);
     for (label, url) in [("plain HTTP/1.1", &plain), ("HTTPS", &tls)] {
-        // Direct and enrolled alternate, so a noisy neighbour hits both alike; the median of
-        // the runs is reported.
+        // Every path of a round runs once, one after the other, so a noisy neighbour hits
+        // them alike; the median of the rounds is reported.
         let (mut direct_rps, mut proxied_rps) = (Vec::new(), Vec::new());
         let (mut direct_lat, mut proxied_lat) = (Vec::new(), Vec::new());
-        // Plain HTTP also goes through the bare relay, the cost of one more hop alone.
-        let relay_url = (url == &plain).then(|| format!("http://{}/v1/bench", env.relay));
+        // Plain HTTP also goes through the bare relay (the cost of one more hop alone) and the
+        // reverse proxies a user would otherwise pick.
+        let is_plain = url == &plain;
+        let relay_url = is_plain.then(|| format!("http://{}/v1/bench", env.relay));
         let (mut relay_rps, mut relay_lat) = (Vec::new(), Vec::new());
+        let mut peer_rps: Vec<Vec<Thru>> = vec![Vec::new(); 2];
         for _ in 0..runs {
             direct_rps.push(env.wrk(&wrk, url, secs, false, &[])?);
-            proxied_rps.push(env.wrk(&wrk, url, secs, true, &[])?);
-            if let Some(r) = &relay_url {
-                relay_rps.push(env.wrk(&wrk, r, secs, false, &[])?.rps);
+            if is_plain {
+                for (i, peer) in [&haproxy, &nginx].into_iter().enumerate() {
+                    let peer_url = format!("http://{}/v1/bench", peer.addr);
+                    let cpu = || (peer.cpu(), 0);
+                    peer_rps[i].push(env.wrk_measuring(&wrk, &peer_url, secs, false, &[], &cpu)?);
+                }
             }
+            if let Some(r) = &relay_url {
+                let relay = PathBuf::from(format!("/proc/{}/stat", env.relay_pid));
+                let cpu = || (proc_ticks(&relay), 0);
+                relay_rps.push(env.wrk_measuring(&wrk, r, secs, false, &[], &cpu)?);
+            }
+            proxied_rps.push(env.wrk(&wrk, url, secs, true, &[])?);
         }
         for _ in 0..runs {
             direct_lat.push(env.oha(&oha, url, secs, false)?);
@@ -358,27 +541,255 @@ fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
                 relay_lat.push(env.oha(&oha, r, secs, false)?);
             }
         }
+        let rps_of = |v: &[Thru]| median(v.iter().map(|t| t.rps).collect());
+        let cpu_of = |v: &[Thru]| median(v.iter().map(|t| t.daemon_us).collect());
+        if is_plain {
+            for (i, peer) in [&haproxy, &nginx].into_iter().enumerate() {
+                peers.push(PeerRow {
+                    label: peer.name,
+                    rps: rps_of(&peer_rps[i]),
+                    cpu_us: cpu_of(&peer_rps[i]),
+                });
+            }
+            peers.push(PeerRow {
+                label: "bare TCP relay (`enforcer-upstream relay`)",
+                rps: rps_of(&relay_rps),
+                cpu_us: cpu_of(&relay_rps),
+            });
+        }
         let proxied: Vec<Thru> = proxied_rps;
         results.push(Row {
             label,
-            direct_rps: median(direct_rps.iter().map(|t: &Thru| t.rps).collect()),
-            proxied_rps: median(proxied.iter().map(|t| t.rps).collect()),
-            daemon_us: median(proxied.iter().map(|t| t.daemon_us).collect()),
+            direct_rps: rps_of(&direct_rps),
+            proxied_rps: rps_of(&proxied),
+            daemon_us: cpu_of(&proxied),
             audit_us: median(proxied.iter().map(|t| t.audit_us).collect()),
             direct_lat: Latency::median(&direct_lat),
             proxied_lat: Latency::median(&proxied_lat),
-            relay: relay_url.map(|_| (median(relay_rps), Latency::median(&relay_lat))),
+            relay: relay_url.map(|_| (rps_of(&relay_rps), Latency::median(&relay_lat))),
         });
     }
+    drop(haproxy);
+    drop(nginx);
     let (requests, completions) = env.audit_counts();
     if requests == 0 {
         bail!("the enrolled runs left no request records: they did not go through the proxy");
     }
-    let section = render(&results, secs, runs, requests, completions);
+    // The bench proves nothing was skipped to win: every request was audited and the chain
+    // verifies.
+    let verify = Command::new(&env.enforcer)
+        .arg("--config")
+        .arg(&env.config)
+        .args(["audit", "verify"])
+        .output()
+        .context("running `enforcer audit verify`")?;
+    let verified = String::from_utf8_lossy(&verify.stdout).trim().to_owned();
+    if !verify.status.success() {
+        bail!(
+            "`enforcer audit verify` failed on the bench's log: {verified}{}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+    let section = render(
+        &results,
+        &peers,
+        threads,
+        secs,
+        runs,
+        (requests, completions),
+        &verified,
+    );
     eprintln!("{section}");
     write_section(&root.join("BENCHMARKS.md"), "Proxy", &section)?;
     eprintln!("xtask: wrote the Proxy section of BENCHMARKS.md");
     Ok(())
+}
+
+/// A reverse proxy's (or the relay's) plain HTTP/1.1 throughput and CPU per request.
+struct PeerRow {
+    label: &'static str,
+    rps: f64,
+    cpu_us: f64,
+}
+
+/// A Debian package's program, installed when missing.
+fn ensure_apt(package: &str, program: &str) -> anyhow::Result<PathBuf> {
+    let found = || {
+        which(program).or_else(|| {
+            ["/usr/sbin", "/usr/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(program))
+                .find(|p| p.is_file())
+        })
+    };
+    if let Some(p) = found() {
+        return Ok(p);
+    }
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!("{program} is missing and this is not a Debian system; install {package}");
+    }
+    eprintln!("xtask: installing {package} (apt-get install -y {package})");
+    let install = || {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", package])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    install()
+        .or_else(|_| {
+            run_cmd(Command::new("apt-get").arg("update"))?;
+            install()
+        })
+        .with_context(|| {
+            format!("installing {package} failed; run `apt-get install -y {package}`")
+        })?;
+    // Debian starts the service it installs; the bench runs its own instance.
+    let _ = Command::new("systemctl")
+        .args(["disable", "--now", package])
+        .output();
+    found().with_context(|| format!("{program} still not found after installing {package}"))
+}
+
+/// A reverse proxy the bench compares enforcer with, run with the configuration the bench
+/// writes, on loopback in front of the plain upstream.
+struct Peer {
+    name: &'static str,
+    /// Where wrk connects.
+    addr: String,
+    /// Whose CPU counts: the process, and for nginx its workers.
+    pid: u32,
+    child: Child,
+}
+
+impl Peer {
+    /// HAProxy with `nbthread` equal to the daemon's proxy threads and a Host check (a
+    /// request for another host gets a 403), keep-alive to the upstream.
+    fn haproxy(dir: &Path, upstream: &str, threads: usize) -> anyhow::Result<Peer> {
+        let bin = ensure_apt("haproxy", "haproxy")?;
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "global\n  nbthread {threads}\n  maxconn 20000\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
+             timeout server 30s\n  option http-keep-alive\n\
+             frontend bench\n  bind {addr}\n  acl known_host hdr(host) -i {addr}\n  \
+             http-request deny if !known_host\n  default_backend upstream\n\
+             backend upstream\n  http-reuse always\n  server up {upstream} maxconn 64\n"
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config)?;
+        let child = Command::new(&bin)
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("haproxy.log"))?)
+            .spawn()
+            .context("starting haproxy")?;
+        let pid = child.id();
+        let peer = Peer {
+            name: "HAProxy",
+            addr,
+            pid,
+            child,
+        };
+        peer.wait_listening()?;
+        Ok(peer)
+    }
+
+    /// nginx as a reverse proxy with `workers` worker processes and keep-alive to the
+    /// upstream.
+    fn nginx(dir: &Path, upstream: &str, workers: usize) -> anyhow::Result<Peer> {
+        let bin = ensure_apt("nginx", "nginx")?;
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let d = dir.display();
+        let config = format!(
+            "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {d}/nginx.pid;\n\
+             error_log {d}/nginx-error.log warn;\n\
+             events {{ worker_connections 20000; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-body;\n  \
+             proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fcgi;\n  \
+             uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n  \
+             upstream up {{ server {upstream}; keepalive 64; }}\n  \
+             server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://up;\n      \
+             proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config)?;
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("nginx.log"))?)
+            .spawn()
+            .context("starting nginx")?;
+        let pid = child.id();
+        let peer = Peer {
+            name: "nginx",
+            addr,
+            pid,
+            child,
+        };
+        peer.wait_listening()?;
+        Ok(peer)
+    }
+
+    fn wait_listening(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {}", self.name, self.addr);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// CPU ticks of the process and its children (nginx's workers).
+    fn cpu(&self) -> u64 {
+        let mut total = proc_ticks(&PathBuf::from(format!("/proc/{}/stat", self.pid)));
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = entry.path().join("stat");
+            let Ok(text) = std::fs::read_to_string(&stat) else {
+                continue;
+            };
+            let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+            // Field 4 is the parent's pid.
+            if rest.split_whitespace().nth(1) == Some(self.pid.to_string().as_str()) {
+                total += proc_ticks(&stat);
+            }
+        }
+        total
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// User plus system ticks of one `/proc/.../stat` file (0 when unreadable).
+fn proc_ticks(stat: &Path) -> u64 {
+    let text = std::fs::read_to_string(stat).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 (state): utime is
+    // field 14, stime field 15.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| {
+        f.get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
 }
 
 /// Debian's wrk, installed when missing.
@@ -477,19 +888,46 @@ struct Env {
     tls: String,
     /// A bare TCP relay to `plain` (`enforcer-upstream relay`), the reference hop.
     relay: String,
+    relay_pid: u32,
+    /// An HTTPS upstream the policy allows at host level: spliced, never decrypted.
+    spliced: String,
     children: Vec<Child>,
+}
+
+/// How a bench daemon is configured.
+#[derive(Clone, Copy)]
+struct Opts {
+    /// The bench agent gets a credential bound to the HTTPS upstream.
+    credential: bool,
+    /// `kernel_splice` in the daemon's configuration.
+    kernel_splice: bool,
+    /// Tells apart two environments running at once.
+    tag: &'static str,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            credential: false,
+            kernel_splice: true,
+            tag: "a",
+        }
+    }
 }
 
 impl Env {
     /// `credential`: the bench agent gets a credential bound to the HTTPS upstream (secret
     /// file `bench-secret`), for the masking benchmark.
-    fn start(bins: &Path, credential: bool) -> anyhow::Result<Env> {
-        clean_stale();
+    fn start(bins: &Path, opts: Opts) -> anyhow::Result<Env> {
+        if opts.tag == "a" {
+            clean_stale();
+        }
         let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("enforcer-bench-{pid}"));
+        let tag = opts.tag;
+        let dir = std::env::temp_dir().join(format!("enforcer-bench-{pid}-{tag}"));
         std::fs::create_dir_all(&dir)?;
-        let agent = format!("bench{pid}");
-        let bpffs = PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-{pid}"));
+        let agent = format!("bench{pid}{tag}");
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-{pid}-{tag}"));
         let mut env = Env {
             dir: dir.clone(),
             enforcer: bins.join("enforcer"),
@@ -500,6 +938,8 @@ impl Env {
             plain: String::new(),
             tls: String::new(),
             relay: String::new(),
+            relay_pid: 0,
+            spliced: String::new(),
             children: Vec::new(),
         };
         let upstream = bins.join("enforcer-upstream");
@@ -511,20 +951,28 @@ impl Env {
             "127.0.0.1:0",
             env.plain.as_str(),
         ]))?;
+        env.relay_pid = env.children.last().map_or(0, Child::id);
         env.tls = env.spawn_upstream(
             Command::new(&upstream)
                 .args(["https", "127.0.0.6:0", "1"])
                 .arg(&ca)
                 .arg("127.0.0.6"),
         )?;
+        env.spliced = env.spawn_upstream(
+            Command::new(&upstream)
+                .args(["https", "127.0.0.7:0", "1"])
+                .arg(dir.join("spliced-ca.pem"))
+                .arg("127.0.0.7"),
+        )?;
         let policy = format!(
             "rules:\n\
              \x20 - name: plain\n    allow: {{ method: [GET], url: \"http://{}/v1/**\" }}\n\
-             \x20 - name: tls\n    allow: {{ method: [GET], url: \"https://{}/v1/**\" }}\n",
-            env.plain, env.tls
+             \x20 - name: tls\n    allow: {{ method: [GET], url: \"https://{}/v1/**\" }}\n\
+             \x20 - name: spliced\n    allow: {{ url: \"{}\" }}\n",
+            env.plain, env.tls, env.spliced
         );
         std::fs::write(dir.join("bench.yaml"), policy)?;
-        let credentials = if credential {
+        let credentials = if opts.credential {
             use std::os::unix::fs::PermissionsExt as _;
             let secret = dir.join("bench-secret");
             std::fs::write(&secret, format!("{BENCH_SECRET}\n"))?;
@@ -539,7 +987,7 @@ impl Env {
         };
         let config = format!(
             "state_dir: state\nruntime_dir: run\nbpffs_dir: {}\nproxy_port: {}\ndns_port: {}\n\
-             allow_unprivileged_ports: true\n\
+             allow_unprivileged_ports: true\nkernel_splice: {}\n\
              audit_log: audit/audit.jsonl\nmetrics_listen: 127.0.0.1:{}\n\
              dns:\n  upstream: [127.0.0.53]\n\
              tls:\n  extra_upstream_roots: [{}]\n\
@@ -547,6 +995,7 @@ impl Env {
             bpffs.display(),
             free_port()?,
             free_port()?,
+            opts.kernel_splice,
             free_port()?,
             ca.display()
         );
@@ -615,7 +1064,7 @@ impl Env {
         }
     }
 
-    /// Requests per second with keep-alive.
+    /// Requests per second with keep-alive, and the daemon's CPU per request.
     fn wrk(
         &self,
         wrk: &Path,
@@ -623,6 +1072,20 @@ impl Env {
         secs: u64,
         enrolled: bool,
         extra: &[&str],
+    ) -> anyhow::Result<Thru> {
+        self.wrk_measuring(wrk, url, secs, enrolled, extra, &|| self.daemon_cpu())
+    }
+
+    /// Requests per second with keep-alive, with the CPU per request of what `cpu` reads
+    /// (total ticks, and a part of them).
+    fn wrk_measuring(
+        &self,
+        wrk: &Path,
+        url: &str,
+        secs: u64,
+        enrolled: bool,
+        extra: &[&str],
+        cpu: &dyn Fn() -> (u64, u64),
     ) -> anyhow::Result<Thru> {
         // Warm-up: connections, leaf certificates, upstream pools.
         let _ = self
@@ -636,9 +1099,9 @@ impl Env {
             .args(extra)
             .arg(url);
         eprintln!("xtask: {}", display(&cmd));
-        let before = self.daemon_cpu();
+        let before = cpu();
         let out = cmd.output().context("running wrk")?;
-        let after = self.daemon_cpu();
+        let after = cpu();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() || text.contains("Non-2xx") || text.contains("Socket errors") {
             bail!(
@@ -667,19 +1130,7 @@ impl Env {
 
     /// CPU ticks of the daemon, and of its audit-writer thread.
     fn daemon_cpu(&self) -> (u64, u64) {
-        let ticks = |stat: &Path| -> u64 {
-            let text = std::fs::read_to_string(stat).unwrap_or_default();
-            // Fields after the command name (which may hold spaces), from field 3 (state):
-            // utime is field 14, stime field 15.
-            let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let field = |n: usize| {
-                f.get(n - 3)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            field(14) + field(15)
-        };
+        let ticks = proc_ticks;
         let proc = PathBuf::from(format!("/proc/{}", self.daemon_pid));
         let total = ticks(&proc.join("stat"));
         let audit = std::fs::read_dir(proc.join("task"))
@@ -797,7 +1248,10 @@ fn clean_stale() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("enforcer-bench-") else {
+        let Some((pid, tag)) = name
+            .strip_prefix("enforcer-bench-")
+            .and_then(|rest| rest.split_once('-'))
+        else {
             continue;
         };
         if Path::new("/proc").join(pid).exists() {
@@ -805,14 +1259,14 @@ fn clean_stale() {
         }
         eprintln!("xtask: cleaning up after an interrupted bench run ({name})");
         if let Some(cg) =
-            cgroup2_mount().map(|m| m.join("enforcer.slice").join(format!("bench{pid}")))
+            cgroup2_mount().map(|m| m.join("enforcer.slice").join(format!("bench{pid}{tag}")))
         {
             let _ = std::fs::write(cg.join("cgroup.kill"), "1");
             std::thread::sleep(Duration::from_millis(100));
             let _ = std::fs::remove_dir(&cg);
         }
         let _ = std::fs::remove_dir_all(entry.path());
-        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("enforcer-bench-{pid}")));
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&name));
     }
 }
 
@@ -862,7 +1316,15 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: usize) -> String {
+fn render(
+    rows: &[Row],
+    peers: &[PeerRow],
+    threads: usize,
+    secs: u64,
+    runs: usize,
+    (requests, completions): (usize, usize),
+    verified: &str,
+) -> String {
     let date = today();
     let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
     let mut s = String::new();
@@ -875,9 +1337,54 @@ fn render(rows: &[Row], secs: u64, runs: usize, requests: usize, completions: us
          intercepted in `tls.mode: auto`), with the audit log on ({requests} request and \
          {completions} completion records in this run). Same client and arguments direct and \
          enrolled (`enforcer exec`), alternating; each figure is the median of {runs} runs of \
-         {secs} s (each after a 1 s warm-up), {CONNECTIONS} keep-alive connections.\n\n",
+         {secs} s (each after a 1 s warm-up), {CONNECTIONS} keep-alive connections. \
+         `enforcer audit verify` on the run's log: {verified}\n\n\
+         Ratios measured on one machine in one run are the figures that hold; absolute \
+         requests per second vary between runs and machines.\n\n",
         machine()
     ));
+    if let (Some(plain), Some(haproxy)) = (rows.first(), peers.first()) {
+        s.push_str(&format!(
+            "Plain HTTP/1.1 against the proxies a user would otherwise pick, in front of the \
+             same upstream, `wrk -t1 -c{CONNECTIONS} -d{secs}s` (1 s warm-up), one round \
+             running every path in turn. HAProxy 2-thread (`nbthread {threads}`, a Host \
+             check: any other Host gets a 403, keep-alive to the upstream); nginx as a \
+             reverse proxy with {threads} workers and `keepalive 64` to the upstream. CPU \
+             per request is the proxy's user and system time over the run \
+             (`/proc/PID/stat`, nginx's workers included) divided by the requests wrk \
+             counted.\n\n\
+             | path | rps | ratio to direct | ratio to HAProxy | CPU per request | CPU vs HAProxy |\n\
+             |---|---:|---:|---:|---:|---:|\n\
+             | direct | {:.0} | 1.00 | | | |\n",
+            plain.direct_rps
+        ));
+        let line = |label: &str, rps: f64, cpu: f64| {
+            format!(
+                "| {label} | {rps:.0} | {:.2} | {:.2} | {cpu:.1} µs | {:.1}× |\n",
+                rps / plain.direct_rps,
+                rps / haproxy.rps,
+                cpu / haproxy.cpu_us
+            )
+        };
+        for p in peers {
+            s.push_str(&line(p.label, p.rps, p.cpu_us));
+        }
+        s.push_str(&line(
+            "**enforcer** (method+path rule, signed audit)",
+            plain.proxied_rps,
+            plain.daemon_us,
+        ));
+        let (r, c) = (
+            plain.proxied_rps / haproxy.rps,
+            plain.daemon_us / haproxy.cpu_us,
+        );
+        s.push_str(&format!(
+            "\nGoal: ≥ 1.0× HAProxy's rps ({r:.2}: {}) and no more CPU per request than \
+             HAProxy ({c:.1}×: {}).\n\n",
+            verdict(r >= 1.0),
+            verdict(c <= 1.0)
+        ));
+    }
     s.push_str(&format!(
         "Throughput: `wrk -t1 -c{CONNECTIONS} -d{secs}s`.\n\n\
          | | direct rps | through enforcer rps | ratio | goal | | daemon CPU per request (audit writer) |\n\

@@ -6,7 +6,7 @@
 //!   configuration (state under `.enforcer-run/`, listeners on loopback, agent `demo`).
 //! - `cargo xtask test`: fmt, clippy `-D warnings`, unit tests, the privileged end-to-end
 //!   tests and `policy check` of every shipped policy.
-//! - `cargo xtask bench [--secs N] [--runs N] [--only policy|proxy|kill]`: the policy-engine,
+//! - `cargo xtask bench [--secs N] [--runs N] [--only policy|credentials|proxy|splice|kill]`: the policy-engine,
 //!   proxy and kill-switch benchmarks (root, but for `--only policy`; installs wrk and oha
 //!   when missing), each written to its section of `BENCHMARKS.md`.
 

@@ -47,6 +47,9 @@ use crate::{
     sys::tcp,
 };
 
+/// `SO_RCVBUF` and `SO_SNDBUF` of spliced sockets.
+const SPLICE_BUFFER: usize = 4 << 20;
+
 /// What ended a spliced connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
@@ -116,6 +119,13 @@ impl Splicer {
         let setup = || -> io::Result<(u64, u64, u64, u64)> {
             tcp::set_rcvlowat(a.as_fd(), i32::MAX)?;
             tcp::set_rcvlowat(b.as_fd(), i32::MAX)?;
+            // The verdict takes skbs off the receive queue without a `recvmsg`, so the kernel
+            // never grows the receive window (autotuning runs in `recvmsg`); and the kernel's
+            // sender, finding a full send buffer, retries a scheduler tick later rather than
+            // when space frees. Buffers that fill a fast path at once avoid both; memory is
+            // charged only while bytes wait.
+            tcp::set_buffers(a.as_fd(), SPLICE_BUFFER)?;
+            tcp::set_buffers(b.as_fd(), SPLICE_BUFFER)?;
             Ok((
                 tcp::cookie(a.as_fd())?,
                 tcp::cookie(b.as_fd())?,

@@ -93,6 +93,16 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// `SO_RCVBUFFORCE` and `SO_SNDBUFFORCE` (past `net.core.rmem_max` and `wmem_max`; needs
+/// CAP_NET_ADMIN): the kernel doubles each for bookkeeping, and a set size turns that
+/// buffer's autotuning off.
+pub fn set_buffers(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(&fd, sockopt::RcvBufForce, &bytes)?;
+    setsockopt(&fd, sockopt::SndBufForce, &bytes)?;
+    Ok(())
+}
+
 /// Sends a FIN after what is queued (`shutdown(SHUT_WR)`).
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write)

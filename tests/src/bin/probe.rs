@@ -32,6 +32,8 @@
 //! probe dns-flood SERVER N SUFFIX  N A queries for distinct names `q<i>.SUFFIX` on one UDP
 //!                            socket, each waiting for its reply (1 s); print
 //!                            "replies R of N"
+//! probe refused-udp ADDR    print "ready", connect a UDP socket to ADDR (port 53) every 20 µs
+//!                            until EPERM; print "refused T" (CLOCK_MONOTONIC ns)
 //! probe blob-up ADDR N       to a `Blob` upstream: send N blob bytes, half-close, print
 //!                            "sent N SHA reply COUNT SHA"
 //! probe blob-down ADDR N     from a `Blob` upstream: read N blob bytes (N = 0: without end,
@@ -87,6 +89,7 @@ fn run(args: &[String]) -> i32 {
         Some("ws") => ws(&args[1], &args[2], &args[3]),
         Some("mptcp") => mptcp(&args[1], &args[2]),
         Some("bound") => bound(&args[1], &args[2]),
+        Some("refused-udp") => refused_udp(&args[1]),
         Some("blob-up") => blob_up(&args[1], args[2].parse().unwrap_or(0)),
         Some("blob-down") => blob_down(&args[1], args[2].parse().unwrap_or(0)),
         Some("delay") => {
@@ -1060,4 +1063,27 @@ fn blob_down(addr: &str, n: u64) -> i32 {
     }
     println!("got {count} {}", hex::encode(hash.finalize()));
     0
+}
+
+/// `refused-udp ADDR`: prints "ready", then connects a UDP socket to ADDR (a DNS port, which
+/// the kernel hook rewrites to the resolver without a packet) every 20 µs until the connect
+/// fails with EPERM; prints "refused T" (CLOCK_MONOTONIC ns). Nothing reaches the daemon, so
+/// the kill switch is timed without loading it.
+fn refused_udp(addr: &str) -> i32 {
+    let addr = or_fail!(resolve(addr));
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let socket = or_fail!(UdpSocket::bind("0.0.0.0:0"));
+    while std::time::Instant::now() < deadline {
+        match socket.connect(addr) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                println!("refused {}", enforcer_tests::monotonic_ns());
+                return 0;
+            }
+            _ => std::thread::sleep(Duration::from_micros(20)),
+        }
+    }
+    println!("error never refused");
+    1
 }
