@@ -309,6 +309,7 @@ pub async fn run(
         agents = %registry.names_list(),
         "enforcer daemon ready"
     );
+    sys::release_startup_memory();
     // Only now: eBPF attached, proxy, resolver and admin listening. A daemon that can no
     // longer read its own maps is not healthy: the watchdog then lets systemd restart it.
     let watched = kernel.clone();

@@ -34,6 +34,15 @@ pub enum SysError {
     },
 }
 
+/// Returns the memory that start-up freed to the operating system. The daemon's start parses
+/// the kernel's BTF and the trust roots, tens of MiB that are freed at once, and mimalloc
+/// keeps freed pages of a thread that then stays idle (the starting thread does) resident
+/// for good: 100 MiB idle instead of about 30.
+pub fn release_startup_memory() {
+    // SAFETY: mi_collect has no preconditions; it only frees what is unused.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 /// Every proxied connection holds two descriptors: lifts the soft open-file limit to the hard
 /// one (a failure is logged: the daemon still works, with fewer connections).
 pub fn raise_fd_limit() {

@@ -49,12 +49,15 @@ pub enum Part {
     Credentials,
     Proxy,
     Splice,
+    Memory,
     Kill,
 }
 
 pub fn run(root: &Path, secs: u64, runs: usize, only: Option<Part>) -> anyhow::Result<()> {
     let wanted = |p: Part| only.is_none_or(|o| o == p);
-    if (wanted(Part::Proxy) || wanted(Part::Splice) || wanted(Part::Kill)) && !is_root() {
+    if (wanted(Part::Proxy) || wanted(Part::Splice) || wanted(Part::Memory) || wanted(Part::Kill))
+        && !is_root()
+    {
         bail!(
             "the proxy and kill-switch benchmarks start the daemon (eBPF): run \
              `sudo -E cargo xtask bench`, or `cargo xtask bench --only policy`"
@@ -72,9 +75,113 @@ pub fn run(root: &Path, secs: u64, runs: usize, only: Option<Part>) -> anyhow::R
     if wanted(Part::Splice) {
         splice(root, runs)?;
     }
+    if wanted(Part::Memory) {
+        memory(root)?;
+    }
     if wanted(Part::Kill) {
         kill(root)?;
     }
+    Ok(())
+}
+
+/// Resident memory of a process, in bytes (`VmRSS` of /proc/PID/status).
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Idle keep-alive connections the memory benchmark holds: 10,000, or fewer when the
+/// descriptor hard limit (two per connection in the daemon) cannot hold them.
+fn idle_connections() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let budget = (lim.rlim_max.saturating_sub(2048) / 2) as usize;
+    budget.min(10_000) / 1000 * 1000
+}
+
+/// The daemon's resident memory: idle after start with 3 agents, and per idle keep-alive
+/// connection with thousands open, plain HTTP and intercepted HTTPS (a fresh daemon each).
+fn memory(root: &Path) -> anyhow::Result<()> {
+    build_release()?;
+    let bins = root.join("target/release");
+    let probe = bins.join("enforcer-probe");
+    let n = idle_connections();
+    let opts = Opts {
+        extra_agents: 2,
+        uncapped: true,
+        ..Opts::default()
+    };
+    let hold = |env: &Env, mode: &str, addr: &str, host: &str| -> anyhow::Result<(u64, u64)> {
+        std::thread::sleep(Duration::from_secs(2));
+        let before = rss(env.daemon_pid);
+        let mut cmd = env.command(&probe, true);
+        cmd.args([mode, &n.to_string(), addr, host])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        eprintln!("xtask: {}", display(&cmd));
+        let mut child = cmd.spawn().context("starting the probe")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("probe stdout")?).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            bail!("the probe did not hold {n} connections: {line}");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let after = rss(env.daemon_pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok((before, after))
+    };
+    let env = Env::start(&bins, opts)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = rss(env.daemon_pid);
+    let (plain_before, plain_after) = hold(&env, "streams", &env.plain, &env.plain)?;
+    drop(env);
+    let env = Env::start(&bins, opts)?;
+    let (tls_before, tls_after) = hold(&env, "tls-streams", &env.tls, &env.tls)?;
+    drop(env);
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1024.0 / n as f64;
+    let (plain, tls) = (per(plain_after, plain_before), per(tls_after, tls_before));
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let section = format!(
+        "## Memory\n\n\
+         Measured {} with `sudo -E cargo xtask bench --only memory` on {}. The daemon's \
+         resident memory (`VmRSS`), with 3 agents configured. Idle: 1 s after it is ready. Per \
+         connection: {n} idle keep-alive connections of one agent, each with one request \
+         answered, opened by `enforcer-probe` enrolled (plain HTTP/1.1 to the bench upstream; \
+         HTTPS intercepted with a leaf from the local CA), RSS 2 s after the last opened \
+         minus RSS 2 s after start, divided by {n}; a fresh daemon for each.{}\n\n\
+         | | measured | goal | |\n|---|---:|---|---|\n\
+         | idle, 3 agents | {:.1} MiB | ≤ 20 MiB | {} |\n\
+         | per idle keep-alive connection, plain HTTP | {plain:.1} KiB | ≤ 64 KiB | {} |\n\
+         | per idle keep-alive connection, intercepted HTTPS | {tls:.1} KiB | ≤ 96 KiB | {} |\n",
+        today(),
+        machine(),
+        if n < 10_000 {
+            format!(
+                " ({n}, not 10,000: this machine's descriptor hard limit cannot hold two \
+                 descriptors per connection for 10,000)"
+            )
+        } else {
+            String::new()
+        },
+        mib(idle),
+        verdict(mib(idle) <= 20.0),
+        verdict(plain <= 64.0),
+        verdict(tls <= 96.0),
+    );
+    eprintln!("{section}");
+    write_section(&root.join("BENCHMARKS.md"), "Memory", &section)?;
+    eprintln!("xtask: wrote the Memory section of BENCHMARKS.md");
     Ok(())
 }
 
@@ -569,6 +676,24 @@ fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
             relay: relay_url.map(|_| (rps_of(&relay_rps), Latency::median(&relay_lat))),
         });
     }
+    // New connections per second: every request on a new connection (`Connection: close`);
+    // over HTTPS each is a new TLS handshake with the proxy's cached leaf.
+    let close = ["-H", "Connection: close"];
+    let haproxy_url = format!("http://{}/v1/bench", haproxy.addr);
+    let haproxy_cpu = || (haproxy.cpu(), 0);
+    let mut rates: [Vec<Thru>; 5] = Default::default();
+    for _ in 0..runs {
+        rates[0].push(env.wrk(&wrk, &plain, secs, false, &close)?);
+        rates[1].push(env.wrk_measuring(&wrk, &haproxy_url, secs, false, &close, &haproxy_cpu)?);
+        rates[2].push(env.wrk(&wrk, &plain, secs, true, &close)?);
+        rates[3].push(env.wrk(&wrk, &tls, secs, false, &close)?);
+        rates[4].push(env.wrk(&wrk, &tls, secs, true, &close)?);
+    }
+    let rate = |v: &[Thru]| ConnRate {
+        per_sec: median(v.iter().map(|t| t.rps).collect()),
+        cpu_us: median(v.iter().map(|t| t.daemon_us).collect()),
+    };
+    let conn_rates: Vec<ConnRate> = rates.iter().map(|v| rate(v)).collect();
     drop(haproxy);
     drop(nginx);
     let (requests, completions) = env.audit_counts();
@@ -590,19 +715,26 @@ fn proxy(root: &Path, secs: u64, runs: usize) -> anyhow::Result<()> {
             String::from_utf8_lossy(&verify.stderr)
         );
     }
-    let section = render(
-        &results,
-        &peers,
+    let section = render(&Report {
+        rows: &results,
+        peers: &peers,
+        rates: &conn_rates,
         threads,
         secs,
         runs,
-        (requests, completions),
-        &verified,
-    );
+        records: (requests, completions),
+        verified: &verified,
+    });
     eprintln!("{section}");
     write_section(&root.join("BENCHMARKS.md"), "Proxy", &section)?;
     eprintln!("xtask: wrote the Proxy section of BENCHMARKS.md");
     Ok(())
+}
+
+/// New connections per second, and the CPU per connection of what was measured.
+struct ConnRate {
+    per_sec: f64,
+    cpu_us: f64,
 }
 
 /// A reverse proxy's (or the relay's) plain HTTP/1.1 throughput and CPU per request.
@@ -903,6 +1035,10 @@ struct Opts {
     kernel_splice: bool,
     /// Tells apart two environments running at once.
     tag: &'static str,
+    /// Agents besides the bench agent, with the same policy (idle, for the memory figure).
+    extra_agents: usize,
+    /// No cap on one agent's connections (the memory benchmark holds thousands).
+    uncapped: bool,
 }
 
 impl Default for Opts {
@@ -911,6 +1047,8 @@ impl Default for Opts {
             credential: false,
             kernel_splice: true,
             tag: "a",
+            extra_agents: 0,
+            uncapped: false,
         }
     }
 }
@@ -968,8 +1106,9 @@ impl Env {
             "rules:\n\
              \x20 - name: plain\n    allow: {{ method: [GET], url: \"http://{}/v1/**\" }}\n\
              \x20 - name: tls\n    allow: {{ method: [GET], url: \"https://{}/v1/**\" }}\n\
-             \x20 - name: spliced\n    allow: {{ url: \"{}\" }}\n",
-            env.plain, env.tls, env.spliced
+             \x20 - name: spliced\n    allow: {{ url: \"{}\" }}\n\
+             \x20 - name: plain-root\n    allow: {{ method: [GET], url: \"http://{}/\" }}\n",
+            env.plain, env.tls, env.spliced, env.plain
         );
         std::fs::write(dir.join("bench.yaml"), policy)?;
         let credentials = if opts.credential {
@@ -991,13 +1130,21 @@ impl Env {
              audit_log: audit/audit.jsonl\nmetrics_listen: 127.0.0.1:{}\n\
              dns:\n  upstream: [127.0.0.53]\n\
              tls:\n  extra_upstream_roots: [{}]\n\
-             agents:\n  - name: {agent}\n    policy: bench.yaml\n{credentials}",
+             {}agents:\n  - name: {agent}\n    policy: bench.yaml\n{credentials}{}",
             bpffs.display(),
             free_port()?,
             free_port()?,
             opts.kernel_splice,
             free_port()?,
-            ca.display()
+            ca.display(),
+            if opts.uncapped {
+                "max_connections_per_agent: 0\nmax_pending_per_agent: 0\n"
+            } else {
+                ""
+            },
+            (1..=opts.extra_agents)
+                .map(|i| format!("  - name: {agent}x{i}\n    policy: bench.yaml\n"))
+                .collect::<String>(),
         );
         std::fs::write(&env.config, config)?;
         let log = std::fs::File::create(dir.join("daemon.log"))?;
@@ -1229,10 +1376,22 @@ impl Drop for Env {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if let Some(cg) = cgroup2_mount().map(|m| m.join("enforcer.slice").join(&self.agent)) {
-            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+        if let Some(slice) = cgroup2_mount().map(|m| m.join("enforcer.slice")) {
+            // The bench agent's cgroup and those of its extra agents (`<agent>x<i>`).
+            let mine: Vec<PathBuf> = std::fs::read_dir(&slice)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&self.agent))
+                .map(|e| e.path())
+                .collect();
+            for cg in &mine {
+                let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            }
             std::thread::sleep(Duration::from_millis(100));
-            let _ = std::fs::remove_dir(&cg);
+            for cg in &mine {
+                let _ = std::fs::remove_dir(cg);
+            }
         }
         let _ = std::fs::remove_dir_all(&self.bpffs);
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -1316,15 +1475,31 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-fn render(
-    rows: &[Row],
-    peers: &[PeerRow],
+/// Everything the Proxy section reports.
+struct Report<'a> {
+    rows: &'a [Row],
+    peers: &'a [PeerRow],
+    rates: &'a [ConnRate],
     threads: usize,
     secs: u64,
     runs: usize,
-    (requests, completions): (usize, usize),
-    verified: &str,
-) -> String {
+    /// Request and completion records in the audit log.
+    records: (usize, usize),
+    /// What `enforcer audit verify` printed.
+    verified: &'a str,
+}
+
+fn render(report: &Report<'_>) -> String {
+    let Report {
+        rows,
+        peers,
+        rates,
+        threads,
+        secs,
+        runs,
+        records: (requests, completions),
+        verified,
+    } = *report;
     let date = today();
     let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
     let mut s = String::new();
@@ -1413,6 +1588,40 @@ fn render(
                 rps / row.direct_rps,
             ));
         }
+    }
+    if let [direct, haproxy, enforcer, tls_direct, tls_enforcer] = rates {
+        let per_core = |r: &ConnRate| {
+            if r.cpu_us > 0.0 { 1e6 / r.cpu_us } else { 0.0 }
+        };
+        let (plain_ratio, handshakes) =
+            (enforcer.per_sec / haproxy.per_sec, per_core(tls_enforcer));
+        s.push_str(&format!(
+            "\nConnection rate: `wrk -t1 -c{CONNECTIONS} -d{secs}s -H 'Connection: close'`, \
+             so every request opens a connection (over HTTPS, a TLS handshake with the proxy, \
+             whose leaf for the host is cached after the first). CPU per connection is the \
+             proxy's; handshakes per core is 1 s of the daemon's CPU divided by its CPU per \
+             connection.\n\n\
+             | | connections/s | ratio | CPU per connection | per core of the proxy's CPU | goal | |\n\
+             |---|---:|---:|---:|---:|---|---|\n\
+             | plain, direct | {:.0} | | | | | |\n\
+             | plain, HAProxy | {:.0} | 1.00 | {:.1} µs | {:.0}/s | | |\n\
+             | plain, enforcer | {:.0} | {plain_ratio:.2} | {:.1} µs | {:.0}/s | ≥ 0.8× HAProxy | {} |\n\
+             | HTTPS, direct TLS | {:.0} | | | | | |\n\
+             | HTTPS, intercepted by enforcer | {:.0} | {:.2} of direct | {:.1} µs | {handshakes:.0}/s | ≥ 1,000 handshakes/s per core | {} |\n",
+            direct.per_sec,
+            haproxy.per_sec,
+            haproxy.cpu_us,
+            per_core(haproxy),
+            enforcer.per_sec,
+            enforcer.cpu_us,
+            per_core(enforcer),
+            verdict(plain_ratio >= 0.8),
+            tls_direct.per_sec,
+            tls_enforcer.per_sec,
+            tls_enforcer.per_sec / tls_direct.per_sec,
+            tls_enforcer.cpu_us,
+            verdict(handshakes >= 1000.0),
+        ));
     }
     s.push_str(&format!(
         "\nLatency at a fixed {RATE} requests/s: `oha -q {RATE} --latency-correction \

@@ -10,6 +10,7 @@
 //! 2. both ends' records, then both sockets, go into the maps;
 //! 3. `SO_RCVLOWAT` back to 1 runs each socket's data-ready callback, now the verdict's, on
 //!    what was held, in order.
+//!
 //! Everything after the bytes user space already read (the peeked prefix, which the caller
 //! has written upstream) therefore goes through the verdict. A byte the verdict cannot place
 //! is counted as dropped, and the connection is reset rather than left corrupt.
@@ -18,7 +19,7 @@
 //! A FIN from one side must reach the other only after every byte before it. When a socket
 //! reports its peer's FIN (`EPOLLRDHUP`), this waits until the verdict has processed all it
 //! received (`tcpi_bytes_received` = what user space read + what the verdict sent or dropped
-//! + 1 for the FIN) and the other socket has taken all of it into its send queue (acked +
+//! plus 1 for the FIN) and the other socket has taken all of it into its send queue (acked +
 //! queued, from a base read at the start), then shuts the other socket's write side.
 //!
 //! The sockets are watched by one thread with its own epoll set that asks only for hang-ups
@@ -232,7 +233,7 @@ pub struct Session<'a> {
     splicer: &'a Splicer,
     ends: [Side; 2],
     prefix: u64,
-    events: mpsc::UnboundedReceiver<(usize, EpollFlags)>,
+    events: Events,
     tokens: [u64; 2],
 }
 
@@ -352,10 +353,16 @@ impl Session<'_> {
     }
 }
 
+/// What the watcher reports for a pair: which side (0 the agent's, 1 the upstream's), and
+/// its epoll flags.
+type Events = mpsc::UnboundedReceiver<(usize, EpollFlags)>;
+type Reporter = mpsc::UnboundedSender<(usize, EpollFlags)>;
+
 /// One thread, one epoll set asking only for hang-ups and errors of spliced sockets.
 struct Watcher {
     epoll: Epoll,
-    subscribers: Mutex<HashMap<u64, (usize, mpsc::UnboundedSender<(usize, EpollFlags)>)>>,
+    /// Epoll token → side and the pair's sender.
+    subscribers: Mutex<HashMap<u64, (usize, Reporter)>>,
     next: AtomicU64,
 }
 
@@ -399,12 +406,7 @@ impl Watcher {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn watch(
-        &self,
-        a: BorrowedFd<'_>,
-        b: BorrowedFd<'_>,
-    ) -> io::Result<(mpsc::UnboundedReceiver<(usize, EpollFlags)>, [u64; 2])> {
+    fn watch(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<(Events, [u64; 2])> {
         let (tx, rx) = mpsc::unbounded_channel();
         let base = self.next.fetch_add(2, Ordering::Relaxed);
         let tokens = [base, base + 1];

@@ -32,6 +32,9 @@
 //! probe dns-flood SERVER N SUFFIX  N A queries for distinct names `q<i>.SUFFIX` on one UDP
 //!                            socket, each waiting for its reply (1 s); print
 //!                            "replies R of N"
+//! probe tls-streams N ADDR HOST  open N keep-alive TLS connections (trusting SSL_CERT_FILE),
+//!                            one GET answered on each; print "ready" and hold them until
+//!                            stdin closes
 //! probe refused-udp ADDR    print "ready", connect a UDP socket to ADDR (port 53) every 20 µs
 //!                            until EPERM; print "refused T" (CLOCK_MONOTONIC ns)
 //! probe blob-up ADDR N       to a `Blob` upstream: send N blob bytes, half-close, print
@@ -90,6 +93,7 @@ fn run(args: &[String]) -> i32 {
         Some("mptcp") => mptcp(&args[1], &args[2]),
         Some("bound") => bound(&args[1], &args[2]),
         Some("refused-udp") => refused_udp(&args[1]),
+        Some("tls-streams") => tls_streams(args[1].parse().unwrap_or(1), &args[2], &args[3]),
         Some("blob-up") => blob_up(&args[1], args[2].parse().unwrap_or(0)),
         Some("blob-down") => blob_down(&args[1], args[2].parse().unwrap_or(0)),
         Some("delay") => {
@@ -1086,4 +1090,66 @@ fn refused_udp(addr: &str) -> i32 {
     }
     println!("error never refused");
     1
+}
+
+fn raise_nofile() {
+    // SAFETY: plain get/setrlimit on our own process.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+fn tls_streams(n: usize, addr: &str, host: &str) -> i32 {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    raise_nofile();
+    let addr = or_fail!(resolve(addr));
+    let bundle = or_fail!(std::env::var("SSL_CERT_FILE"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in or_fail!(CertificateDer::pem_file_iter(&bundle)).flatten() {
+        let _ = roots.add(cert);
+    }
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    // HOST may carry a port (for the Host header); the TLS name is without it.
+    let tls_name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let name = or_fail!(ServerName::try_from(tls_name.to_owned()));
+    let req = format!("GET /v1/bench HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let tcp = match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("error connect {i}: {e}");
+                return 1;
+            }
+        };
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let conn = or_fail!(rustls::ClientConnection::new(config.clone(), name.clone()));
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut first = [0u8; 512];
+        if let Err(e) = tls.write_all(req.as_bytes()) {
+            println!("error write {i}: {e}");
+            return 1;
+        }
+        if !matches!(tls.read(&mut first), Ok(k) if k > 0) {
+            println!("error no response {i}");
+            return 1;
+        }
+        conns.push(tls);
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(conns);
+    0
 }

@@ -16,6 +16,17 @@ use std::{io::Write as _, net::SocketAddr};
 use enforcer_tests::web::{TestCa, WebUpstream};
 
 fn main() {
+    // The memory benchmark holds 10,000 connections open through the proxy.
+    // SAFETY: plain get/setrlimit on our own process.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || -> ! {
         eprintln!(
