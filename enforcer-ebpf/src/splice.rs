@@ -21,7 +21,7 @@ use crate::{
 pub fn verdict(ctx: &SkBuffContext) -> u32 {
     // SAFETY: plain helper call on a valid skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(end) = SPLICE_ENDS.get_ptr_mut(&cookie) else {
+    let Some(end) = SPLICE_ENDS.get_ptr_mut(cookie) else {
         return sk_action::SK_PASS;
     };
     let len = u64::from(ctx.len());

@@ -371,13 +371,8 @@ impl Ca {
     /// literal), from the cache or minted now.
     pub fn leaf(&self, name: &str) -> Result<Arc<CertifiedKey>, CaError> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((key, minted)) = cache.get(&name)
-                && minted.elapsed() < LEAF_REFRESH
-            {
-                return Ok(key.clone());
-            }
+        if let Some(key) = self.cached_normalized(&name) {
+            return Ok(key);
         }
         let key = Arc::new(self.mint(&name)?);
         self.cache
@@ -385,6 +380,19 @@ impl Ca {
             .unwrap_or_else(|e| e.into_inner())
             .put(name, (key.clone(), Instant::now()));
         Ok(key)
+    }
+
+    /// The leaf for `name` when the cache holds a fresh one; never mints.
+    pub fn cached(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.cached_normalized(&name.trim_end_matches('.').to_ascii_lowercase())
+    }
+
+    fn cached_normalized(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(name)
+            .filter(|(_, minted)| minted.elapsed() < LEAF_REFRESH)
+            .map(|(key, _)| key.clone())
     }
 
     fn mint(&self, name: &str) -> Result<CertifiedKey, CaError> {

@@ -671,6 +671,7 @@ impl Connection {
             .parse::<IpAddr>()
             .is_err()
             .then_some(verdict.host.as_str());
+        self.ctx.tls.prepare_leaf(sni, dst_ip).await;
         let Some(config) = self.ctx.tls.server_config(sni, dst_ip) else {
             return;
         };
@@ -762,6 +763,7 @@ impl Connection {
         let agent = &self.caller.agent;
         let host = sni.clone().unwrap_or_else(|| self.dst.ip().to_string());
         let dst_ip = crate::addr::canonical(self.dst.ip());
+        self.ctx.tls.prepare_leaf(sni.as_deref(), dst_ip).await;
         let Some(config) = self.ctx.tls.server_config(sni.as_deref(), dst_ip) else {
             let reason = format!("cannot mint a certificate to intercept TLS for {host}");
             tracing::error!(agent = %agent.name, dst = %self.dst, "{reason}");

@@ -283,6 +283,23 @@ impl TlsContext {
     pub fn ca(&self) -> Option<&Arc<Ca>> {
         self.ca.as_ref()
     }
+
+    /// Mints the leaf an intercepted handshake for `sni` (or, without one, the destination
+    /// address) will need, on the blocking pool, when the cache has none: a mint signs a
+    /// certificate, which would stall every other connection of the proxy thread the
+    /// handshake runs on. With the leaf cached, the handshake's certificate lookup is a hit.
+    /// A failure is left for the handshake to report.
+    pub async fn prepare_leaf(&self, sni: Option<&str>, dst: IpAddr) {
+        let Some(ca) = &self.ca else {
+            return;
+        };
+        let name = sni.map_or_else(|| dst.to_string(), str::to_owned);
+        if ca.cached(&name).is_some() {
+            return;
+        }
+        let ca = ca.clone();
+        let _ = tokio::task::spawn_blocking(move || ca.leaf(&name)).await;
+    }
 }
 
 fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<ServerConfig>, TlsError> {
@@ -396,6 +413,25 @@ mod tests {
             c.server_config(Some("a.test"), "127.0.0.9".parse().unwrap())
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_leaf_is_minted_off_the_calling_thread_before_the_handshake_needs_it() {
+        let (c, _d) = ctx(TlsMode::Intercept, &[], true);
+        let ca = c.ca().unwrap().clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(ca.cached("new.test").is_none());
+        rt.block_on(c.prepare_leaf(Some("New.Test."), "127.0.0.9".parse().unwrap()));
+        let minted = ca.cached("new.test").expect("minted by prepare_leaf");
+        // The handshake's lookup is a hit on the same leaf, and so is a second prepare.
+        assert!(Arc::ptr_eq(&minted, &ca.leaf("new.test").unwrap()));
+        rt.block_on(c.prepare_leaf(Some("new.test"), "127.0.0.9".parse().unwrap()));
+        assert!(Arc::ptr_eq(&minted, &ca.cached("new.test").unwrap()));
+        // Without SNI, the address's leaf.
+        rt.block_on(c.prepare_leaf(None, "127.0.0.9".parse().unwrap()));
+        assert!(ca.cached("127.0.0.9").is_some());
     }
 
     #[test]
